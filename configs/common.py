@@ -1,0 +1,54 @@
+"""Defaults shared by the configs: the DINO ViT-S/16 recipe (Caron et al. 2021, App. B)."""
+import ml_collections
+
+from dino_jax.models import VIT_SIZES
+
+
+def vit(size: str, patch_size: int, **overrides) -> dict:
+  width, depth, heads, mlp_dim = VIT_SIZES[size]
+  return dict(dict(patch_size=patch_size, width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim),
+              **overrides)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 1024  # global, over all devices and processes
+  c.epochs = 100.0
+  c.log_every_steps = 50
+  c.progress_bar = True
+
+  c.data = dict(source="tfds", name="imagenet2012", path="", data_dir="", image_size=256,
+                train_split="train")
+  c.model = dict(vit("small", 16), ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
+                 pos_embed_grid=14)
+  c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, share_ibot_head=False)
+  c.aug = dict(global_size=224, local_size=96, num_local=8, global_scale=(0.4, 1.0),
+               local_scale=(0.05, 0.4), jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1),
+               grayscale_prob=0.2, blur_sigma=(0.1, 2.0), solarize_prob=0.2)
+  c.mask = dict(mask_prob=0.5, mask_ratio=(0.1, 0.5))
+  c.loss = dict(dino_weight=1.0, ibot_weight=0.0, koleo_weight=0.0, student_temp=0.1,
+                teacher_temp=(0.04, 0.04), teacher_temp_warmup_epochs=0, centering="centering",
+                center_momentum=0.9)
+  c.optim = dict(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=(0.04, 0.4),
+                 betas=(0.9, 0.999), clip_grad=3.0, layer_decay=1.0, patch_embed_lr_mult=1.0,
+                 freeze_last_layer_epochs=1, teacher_momentum=(0.996, 1.0))
+  c.eval = dict(knn_every_steps=0, knn_k=20, knn_temperature=0.07, batch_size=256,
+                train_split="train", test_split="validation")
+  c.checkpoint = dict(every_steps=1000, keep=3)
+  return c
+
+
+def make_tiny(c: ml_collections.ConfigDict) -> None:
+  """Shrinks any config to a seconds-long CPU run for tests (the same code paths)."""
+  c.model.update(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, pos_embed_grid=4,
+                 num_registers=min(c.model.num_registers, 2))
+  c.head.update(out_dim=64, hidden_dim=64, bottleneck_dim=16)
+  c.aug.update(global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5))
+  c.data.image_size = 20
+  c.batch_size = 16
+  c.epochs = 0.02
+  c.eval.batch_size = 64
+  c.checkpoint.every_steps = 2
+  c.log_every_steps = 1
+  c.progress_bar = False

@@ -1,0 +1,164 @@
+"""DINO multi-crop augmentation as pure JAX functions (run on device, jitted, sharded).
+
+Caron et al. 2021, Sec. 3.1 and App. A: two global crops and N local crops, each with
+random resized crop, horizontal flip, color jitter (p=0.8; brightness 0.4, contrast 0.4,
+saturation 0.2, hue 0.1), grayscale (p=0.2), gaussian blur (p=1.0 / 0.1 on the two global
+crops, 0.5 on locals; sigma in [0.1, 2]) and solarization (p=0.2, second global crop).
+
+Differences from torchvision, on purpose: jitter ops run in a fixed order (not a random
+permutation), and crops are taken from the fixed-size source image the host provides.
+Every random choice comes from one key, so a step's views are reproducible.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+IMAGENET_MEAN = jnp.array([0.485, 0.456, 0.406])
+IMAGENET_STD = jnp.array([0.229, 0.224, 0.225])
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+  size: int
+  scale: tuple[float, float]
+  blur_prob: float
+  solarize_prob: float
+
+
+def random_resized_crop(key, image, size, scale, ratio=(3 / 4, 4 / 3)):
+  """Crop a random area fraction in `scale` with aspect ratio in `ratio`; resize to size².
+
+  Bilinear with antialiasing; crops larger than the image are clipped to it.
+  """
+  h, w = image.shape[:2]
+  k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
+  area = jax.random.uniform(k_area, minval=scale[0], maxval=scale[1]) * h * w
+  log_r = jax.random.uniform(k_ratio, minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
+  aspect = jnp.exp(log_r)
+  crop_w = jnp.minimum(jnp.sqrt(area * aspect), w)
+  crop_h = jnp.minimum(jnp.sqrt(area / aspect), h)
+  y0 = jax.random.uniform(k_y) * (h - crop_h)
+  x0 = jax.random.uniform(k_x) * (w - crop_w)
+  scale_yx = jnp.stack([size / crop_h, size / crop_w])
+  return jax.image.scale_and_translate(
+      image, (size, size, image.shape[2]), (0, 1), scale_yx,
+      -jnp.stack([y0, x0]) * scale_yx, method="linear", antialias=True)
+
+
+def grayscale(image):
+  gray = image @ jnp.array([0.299, 0.587, 0.114])
+  return jnp.broadcast_to(gray[..., None], image.shape)
+
+
+def _blend(a, b, factor):
+  return jnp.clip(factor * a + (1 - factor) * b, 0.0, 1.0)
+
+
+def _rgb_to_hsv(rgb):
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  maxc, minc = jnp.max(rgb, -1), jnp.min(rgb, -1)
+  delta = maxc - minc
+  safe = jnp.where(delta > 0, delta, 1.0)
+  h = jnp.where(maxc == r, (g - b) / safe, jnp.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+  h = jnp.where(delta > 0, (h / 6.0) % 1.0, 0.0)
+  s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
+  return h, s, maxc
+
+
+def _hsv_to_rgb(h, s, v):
+  i = jnp.floor(h * 6.0)
+  f = h * 6.0 - i
+  p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+  i = i.astype(jnp.int32) % 6
+  r = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [v, q, p, p, t], v)
+  g = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [t, v, v, q, p], p)
+  b = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [p, p, t, v, v], q)
+  return jnp.stack([r, g, b], -1)
+
+
+def color_jitter(key, image, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+  """Brightness, contrast, saturation (blends, as torchvision) then a hue rotation."""
+  kb, kc, ks, kh = jax.random.split(key, 4)
+  u = lambda k, m: jax.random.uniform(k, minval=1 - m, maxval=1 + m)
+  image = _blend(image, 0.0, u(kb, brightness))
+  image = _blend(image, jnp.mean(grayscale(image)[..., 0]), u(kc, contrast))
+  image = _blend(image, grayscale(image), u(ks, saturation))
+  h, s, v = _rgb_to_hsv(image)
+  h = (h + jax.random.uniform(kh, minval=-hue, maxval=hue)) % 1.0
+  return _hsv_to_rgb(h, s, v)
+
+
+def gaussian_blur(key, image, sigma_range=(0.1, 2.0)):
+  """Separable gaussian blur, sigma ~ U(sigma_range) pixels, kernel radius 3*max sigma."""
+  sigma = jax.random.uniform(key, minval=sigma_range[0], maxval=sigma_range[1])
+  radius = int(3 * sigma_range[1] + 0.5)
+  x = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  kernel = jnp.exp(-0.5 * (x / sigma) ** 2)
+  kernel = kernel / jnp.sum(kernel)
+  c = image.shape[-1]
+  x = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")[None]
+  for shape in ((-1, 1, 1, 1), (1, -1, 1, 1)):  # vertical then horizontal pass, per channel
+    x = jax.lax.conv_general_dilated(
+        x, jnp.tile(kernel.reshape(shape), (1, 1, 1, c)), (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+  return x[0]
+
+
+def solarize(image, threshold=0.5):
+  return jnp.where(image >= threshold, 1.0 - image, image)
+
+
+def augment_view(key, image, spec: ViewSpec, cfg: ml_collections.ConfigDict):
+  """One DINO view of a float [H, W, 3] image in [0, 1], normalized with ImageNet stats."""
+  keys = jax.random.split(key, 9)
+  x = random_resized_crop(keys[0], image, spec.size, tuple(spec.scale))
+  x = jnp.where(jax.random.bernoulli(keys[1], 0.5), x[:, ::-1], x)
+  x = jnp.where(jax.random.bernoulli(keys[2], cfg.jitter_prob),
+                color_jitter(keys[3], x, *cfg.jitter), x)
+  x = jnp.where(jax.random.bernoulli(keys[4], cfg.grayscale_prob), grayscale(x), x)
+  if spec.blur_prob > 0:
+    x = jnp.where(jax.random.bernoulli(keys[5], spec.blur_prob),
+                  gaussian_blur(keys[6], x, tuple(cfg.blur_sigma)), x)
+  if spec.solarize_prob > 0:
+    x = jnp.where(jax.random.bernoulli(keys[7], spec.solarize_prob), solarize(x), x)
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def view_specs(cfg: ml_collections.ConfigDict):
+  """The (global, local) view specs of the DINO recipe from the `aug` config."""
+  g, l = cfg.global_size, cfg.local_size
+  globals_ = [ViewSpec(g, tuple(cfg.global_scale), 1.0, 0.0),
+              ViewSpec(g, tuple(cfg.global_scale), 0.1, cfg.solarize_prob)]
+  locals_ = [ViewSpec(l, tuple(cfg.local_scale), 0.5, 0.0)] * cfg.num_local
+  return globals_, locals_
+
+
+def multicrop(key, images, cfg: ml_collections.ConfigDict):
+  """Global and local views of a uint8 [B, H, W, 3] batch.
+
+  Returns:
+    dict with "global" [B, 2, G, G, 3] and "local" [B, N, L, L, 3] float32 views.
+  """
+  images = images.astype(jnp.float32) / 255.0
+  globals_, locals_ = view_specs(cfg)
+  keys = jax.random.split(key, (images.shape[0], len(globals_) + len(locals_)))
+
+  def views(specs, offset):
+    per_view = [jax.vmap(lambda k, im, s=s: augment_view(k, im, s, cfg))(keys[:, offset + i], images)
+                for i, s in enumerate(specs)]
+    return jnp.stack(per_view, axis=1)
+
+  out = {"global": views(globals_, 0)}
+  if locals_:
+    out["local"] = views(locals_, len(globals_))
+  return out
+
+
+def preprocess_eval(images, size: int):
+  """Evaluation view: uint8 [B, S, S, 3] resized to size² and normalized (no randomness)."""
+  x = images.astype(jnp.float32) / 255.0
+  if x.shape[1:3] != (size, size):
+    x = jax.image.resize(x, (x.shape[0], size, size, 3), method="linear", antialias=True)
+  return (x - IMAGENET_MEAN) / IMAGENET_STD

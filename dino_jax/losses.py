@@ -1,0 +1,102 @@
+"""Self-distillation losses of DINO (Caron et al. 2021), iBOT (Zhou et al. 2022) and DINOv2.
+
+All functions are pure and operate on global arrays: under `jax.jit` with a sharded batch
+the batch reductions (Sinkhorn-Knopp sums, batch means) are global across devices.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def centered_softmax(teacher_logits, center, temp):
+  """DINO Eq. (1)/Sec. 3.1 teacher target: P_t = softmax((g_t(x) - c) / tau_t)."""
+  return jax.nn.softmax((teacher_logits - center) / temp, axis=-1)
+
+
+def sinkhorn_knopp(teacher_logits, temp, num_iters=3, weights=None):
+  """Sinkhorn-Knopp teacher targets (SwAV, Caron et al. 2020, Eq. 3; used by DINOv2).
+
+  Finds Q = diag(u) exp(S / temp) diag(v) over the [n, K] score matrix S whose prototype
+  (column) sums are 1/K and sample (row) sums are 1/n, then rescales rows to sum to 1.
+  `weights` ([n] in {0, 1}) excludes padding rows from the normalization.
+
+  Args:
+    teacher_logits: [n, K] scores.
+    temp: teacher temperature.
+    num_iters: number of alternating normalizations.
+    weights: optional [n] row validity.
+  Returns:
+    [n, K] targets; each valid row sums to 1, invalid rows are 0.
+  """
+  logits = teacher_logits.astype(jnp.float32) / temp
+  q = jnp.exp(logits - jnp.max(logits))
+  if weights is None:
+    weights = jnp.ones(q.shape[0], q.dtype)
+  q = q * weights[:, None]
+  n = jnp.sum(weights)
+  k = q.shape[1]
+  q = q / jnp.sum(q)
+  for _ in range(num_iters):
+    q = q / jnp.sum(q, axis=0, keepdims=True) / k  # each prototype gets mass 1/K
+    q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) * weights[:, None] / n
+  return q * n
+
+
+def dino_loss(student_logits, teacher_probs, student_temp):
+  """DINO Eq. (2): mean over pairs (t, s), s != t, of H(P_t, P_s) = -sum P_t log P_s.
+
+  Args:
+    student_logits: [B, S, K] student head outputs for all S views (globals first).
+    teacher_probs: [B, T, K] teacher targets for the T global views.
+    student_temp: student temperature tau_s.
+  Returns:
+    scalar loss averaged over the batch and the T*S - T view pairs.
+  """
+  log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+  ce = -jnp.einsum("btk,bsk->bts", teacher_probs, log_p)  # [B, T, S]
+  t, s = ce.shape[1:]
+  pair = 1.0 - jnp.eye(t, s)  # the same view is not paired with itself
+  return jnp.sum(jnp.mean(ce, axis=0) * pair) / jnp.sum(pair)
+
+
+def ibot_patch_loss(student_patch_logits, teacher_patch_probs, token_weights, num_images,
+                    student_temp):
+  """iBOT Eq. (3) as in DINOv2: masked-token cross-entropy, each image weighted equally.
+
+  L = -1/num_images * sum_m w_m sum_k P_t[m, k] log P_s[m, k], where w_m = 1 / (number of
+  masked tokens of the image token m belongs to), and 0 for padding tokens.
+
+  Args:
+    student_patch_logits: [M, K] student logits of the masked tokens (padded to M).
+    teacher_patch_probs: [M, K] teacher targets for the same tokens (unmasked input).
+    token_weights: [M] per-token weights as above.
+    num_images: number of student global-crop images in the batch (masked or not).
+    student_temp: student temperature.
+  """
+  log_p = jax.nn.log_softmax(student_patch_logits.astype(jnp.float32) / student_temp, axis=-1)
+  ce = -jnp.sum(teacher_patch_probs * log_p, axis=-1)
+  return jnp.sum(ce * token_weights) / num_images
+
+
+def koleo_loss(features, eps=1e-8):
+  """KoLeo regularizer (Sablayrolles et al. 2019, DINOv2 Sec. 4):
+
+  L = -1/n sum_i log(min_{j != i} ||x_i - x_j||) on l2-normalized features x.
+  """
+  x = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+  sim = x @ x.T
+  sim = jnp.where(jnp.eye(x.shape[0], dtype=bool), -jnp.inf, sim)
+  nearest = x[jnp.argmax(sim, axis=-1)]
+  dist = jnp.linalg.norm(x - nearest, axis=-1)
+  return -jnp.mean(jnp.log(dist + eps))
+
+
+def entropy(probs):
+  """Mean Shannon entropy (nats) of the rows of `probs`."""
+  return -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))
+
+
+def kl_to_mean(probs):
+  """Mean KL(P_t(x) || E_x P_t(x)): 0 when every input gets the same target (collapse)."""
+  mean = jnp.mean(probs, axis=0, keepdims=True)
+  ratio = jnp.log(jnp.maximum(probs, 1e-30)) - jnp.log(jnp.maximum(mean, 1e-30))
+  return jnp.mean(jnp.sum(probs * ratio, axis=-1))

@@ -1,0 +1,193 @@
+"""Vision Transformer backbone and DINO projection head (Flax linen).
+
+The ViT follows Dosovitskiy et al. 2021 with the DINOv2 options (Oquab et al. 2023):
+register tokens (Darcet et al. 2024), LayerScale (Touvron et al. 2021), SwiGLU FFN,
+stochastic depth, a mask token for iBOT, and a learned position embedding stored at a
+base grid and resized to the input's grid so that global and local crops share weights.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+VIT_SIZES = {  # name: (width, depth, heads, mlp_dim)
+    "tiny": (192, 12, 3, 768),
+    "small": (384, 12, 6, 1536),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+    "giant": (1536, 40, 24, 4096),  # DINOv2 ViT-g/14 uses SwiGLU with this hidden size
+}
+
+
+def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """Bicubic resize of a [1, h, w, D] position embedding to `grid`."""
+  if pos_embed.shape[1:3] == tuple(grid):
+    return pos_embed
+  shape = (pos_embed.shape[0], *grid, pos_embed.shape[-1])
+  return jax.image.resize(pos_embed, shape, method="bicubic", antialias=False)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
+
+
+class SwiGLU(nn.Module):
+  """SwiGLU FFN (Shazeer 2020): W3(silu(W1 x) * W2 x)."""
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x12 = nn.Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x)
+    x1, x2 = jnp.split(x12, 2, axis=-1)
+    return nn.Dense(d, dtype=self.dtype, name="w3")(nn.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * gamma
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the residual branch per sample (Huang et al. 2016)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * mask / keep
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + ls(attn(ln(x))), x + ls(ffn(ln(x)))."""
+  num_heads: int
+  mlp_dim: int
+  ffn: str = "mlp"
+  layerscale: Optional[float] = None
+  drop_path: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    d = x.shape[-1]
+    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+    qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype, name="qkv")(h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    h = jax.nn.dot_product_attention(q, k, v)
+    h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="proj")(h)
+    if self.layerscale is not None:
+      h = LayerScale(self.layerscale, name="ls1")(h)
+    x = x + DropPath(self.drop_path)(h, deterministic)
+    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+    ffn = SwiGLU if self.ffn == "swiglu" else Mlp
+    h = ffn(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
+    if self.layerscale is not None:
+      h = LayerScale(self.layerscale, name="ls2")(h)
+    return x + DropPath(self.drop_path)(h, deterministic)
+
+
+class ViT(nn.Module):
+  """ViT returning the normalized CLS token, patch tokens and register tokens.
+
+  `mask` ([B, N] bool, True = masked) replaces those patch embeddings by the learned
+  mask token before the position embedding is added, as in iBOT / DINOv2.
+  """
+  patch_size: int = 16
+  width: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_dim: int = 1536
+  ffn: str = "mlp"
+  num_registers: int = 0
+  layerscale: Optional[float] = None
+  drop_path_rate: float = 0.0
+  pos_embed_grid: int = 14  # the grid the position embedding is stored at
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, mask=None, deterministic: bool = True):
+    b = images.shape[0]
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
+                dtype=self.dtype, name="patch_embed")(images)
+    grid = x.shape[1:3]
+    x = x.reshape(b, -1, self.width)
+    if mask is not None:
+      mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, self.width))
+      x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
+    pos = self.param("pos_embed", nn.initializers.normal(0.02),
+                     (1, self.pos_embed_grid, self.pos_embed_grid, self.width))
+    x = x + resize_pos_embed(pos, grid).reshape(1, -1, self.width).astype(x.dtype)
+    cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))
+    prefix = [jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype)]
+    if self.num_registers:
+      reg = self.param("register_tokens", nn.initializers.normal(1e-6),
+                       (1, self.num_registers, self.width))
+      prefix.append(jnp.broadcast_to(reg, (b, self.num_registers, self.width)).astype(x.dtype))
+    x = jnp.concatenate(prefix + [x], axis=1)
+    for i in range(self.depth):
+      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+      x = Block(self.num_heads, self.mlp_dim, self.ffn, self.layerscale, rate, self.dtype,
+                name=f"block{i}")(x, deterministic)
+    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x).astype(jnp.float32)
+    n_prefix = 1 + self.num_registers
+    return {"cls": x[:, 0], "registers": x[:, 1:n_prefix], "patch": x[:, n_prefix:]}
+
+
+class DINOHead(nn.Module):
+  """MLP -> bottleneck -> l2-normalize -> weight-normalized linear to K prototypes.
+
+  The last layer is W = V / ||V|| column-wise (weight norm with the gain fixed to 1,
+  DINO's `norm_last_layer=True`), so logits are cosine similarities to prototypes.
+  """
+  out_dim: int = 65536
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  num_layers: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.truncated_normal(0.02)
+    for i in range(self.num_layers - 1):
+      x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name=f"mlp{i}")(x), approximate=False)
+    x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"mlp{self.num_layers - 1}")(x)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    v = self.param("last_layer", init, (self.bottleneck_dim, self.out_dim))
+    w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+    return x @ w
+
+
+class DINOModel(nn.Module):
+  """Backbone plus DINO head, and the iBOT head scoring selected patch tokens.
+
+  `patch_index` ([M] int) picks rows of the flattened [B*N, D] patch tokens (the masked
+  ones, padded to a static M); their logits come from `ibot_head`, or from the DINO head
+  when `ibot_head` is None (DINOv2's shared-head option).
+  """
+  backbone: ViT
+  head: DINOHead
+  ibot_head: Optional[DINOHead] = None
+
+  def __call__(self, images, mask=None, patch_index=None, deterministic: bool = True):
+    feats = self.backbone(images, mask=mask, deterministic=deterministic)
+    out = {"cls": feats["cls"], "cls_logits": self.head(feats["cls"])}
+    if patch_index is not None:
+      tokens = feats["patch"].reshape(-1, feats["patch"].shape[-1])[patch_index]
+      out["patch_logits"] = (self.ibot_head or self.head)(tokens)
+    return out

@@ -1,0 +1,418 @@
+"""DINO / DINOv2 self-supervised pretraining: one sharded, resumable trainer.
+
+  python -m dino_jax.train --config configs/demo_fashion_mnist.py --workdir /tmp/run \
+      [--config.key=value ...]
+
+Sections: model and state, the train step, views of a step, evaluation, checkpoints,
+the loop, command line. Everything a run does is in its config.
+"""
+import functools
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from dino_jax import augment
+from dino_jax import data
+from dino_jax import knn
+from dino_jax import losses
+from dino_jax import masking
+from dino_jax import models
+from dino_jax import optim
+from dino_jax.errors import UsageError
+
+# ---------------------------------------------------------------------------------------
+# Model and state.
+# ---------------------------------------------------------------------------------------
+
+
+def make_backbone(cfg: ml_collections.ConfigDict) -> models.ViT:
+  m = cfg.model
+  return models.ViT(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+                    mlp_dim=m.mlp_dim, ffn=m.ffn, num_registers=m.num_registers,
+                    layerscale=m.layerscale, drop_path_rate=m.drop_path_rate,
+                    pos_embed_grid=m.pos_embed_grid)
+
+
+def make_model(cfg: ml_collections.ConfigDict) -> models.DINOModel:
+  h = cfg.head
+  head = lambda: models.DINOHead(h.out_dim, h.hidden_dim, h.bottleneck_dim, h.num_layers)
+  separate_ibot = cfg.loss.ibot_weight > 0 and not h.share_ibot_head
+  return models.DINOModel(make_backbone(cfg), head(), head() if separate_ibot else None)
+
+
+def init_state(cfg, model, tx) -> dict:
+  """The train state pytree: step, rng, student params, optimizer, teacher EMA, centers."""
+  rng = jax.random.PRNGKey(cfg.seed)
+  a = cfg.aug
+  dummy = jnp.zeros((1, a.global_size, a.global_size, 3))
+  use_mask = cfg.loss.ibot_weight > 0
+  params = model.init(rng, dummy, mask=jnp.zeros((1, (a.global_size // cfg.model.patch_size) ** 2), bool)
+                      if use_mask else None, patch_index=jnp.zeros((1,), jnp.int32) if use_mask else None)["params"]
+  center = jnp.zeros((cfg.head.out_dim,), jnp.float32)
+  return {
+      "step": jnp.zeros([], jnp.int32),
+      "rng": jax.random.fold_in(rng, 1),
+      "params": params,
+      "opt_state": tx.init(params),
+      "teacher": optim.ema(0.0).init(params),
+      "center": optim.ema(0.0).init(center),
+      "ibot_center": optim.ema(0.0).init(center),
+  }
+
+
+# ---------------------------------------------------------------------------------------
+# The train step.
+# ---------------------------------------------------------------------------------------
+
+
+def teacher_targets(logits, center_state, temp, cfg, weights=None):
+  """Teacher probabilities: centering + sharpening (DINO) or Sinkhorn-Knopp (DINOv2)."""
+  if cfg.loss.centering == "sinkhorn":
+    return sinkhorn_knopp_rows(logits, temp, weights)
+  return losses.centered_softmax(logits, center_state.value, temp)
+
+
+def sinkhorn_knopp_rows(logits, temp, weights):
+  shape = logits.shape
+  flat = logits.reshape(-1, shape[-1])
+  return losses.sinkhorn_knopp(flat, temp, 3, weights).reshape(shape)
+
+
+def update_center(center_state, logits, momentum, cfg, weights=None):
+  """EMA of the batch-mean teacher logits (only used with centering, not Sinkhorn)."""
+  if cfg.loss.centering == "sinkhorn":
+    return center_state
+  flat = logits.reshape(-1, logits.shape[-1])
+  if weights is None:
+    batch_mean = jnp.mean(flat, axis=0)
+  else:
+    batch_mean = jnp.sum(flat * weights[:, None], axis=0) / jnp.maximum(jnp.sum(weights), 1.0)
+  return optim.ema(momentum).update(batch_mean, center_state)[1]
+
+
+def masked_token_index(masks, max_tokens):
+  """Flat indices of masked tokens padded to a static count, with DINOv2's per-token weight
+  1 / (masked tokens in its image), 0 for padding."""
+  n_images, n_patches = masks.shape
+  (index,) = jnp.nonzero(masks.reshape(-1), size=max_tokens, fill_value=0)
+  valid = jnp.arange(max_tokens) < jnp.sum(masks)
+  per_image = jnp.sum(masks, axis=-1)
+  weights = jnp.where(valid, 1.0 / jnp.maximum(per_image[index // n_patches], 1), 0.0)
+  return index, weights, valid.astype(jnp.float32)
+
+
+def train_step(state, batch, *, model, tx, schedules, cfg):
+  """One DINO/iBOT/KoLeo update of the student, then the teacher EMA and the centers.
+
+  batch: "global" [B, 2, G, G, 3], "local" [B, N, L, L, 3] views and, with iBOT, "masks"
+  [B, 2, num_patches] bool for the student's global crops.
+  """
+  step = state["step"]
+  rng_global, rng_local = jax.random.split(jax.random.fold_in(state["rng"], step))
+  temp = schedules["teacher_temp"](step)
+  glob = batch["global"]
+  b, n_global = glob.shape[:2]
+  glob = glob.reshape((-1,) + glob.shape[2:])
+  use_ibot = cfg.loss.ibot_weight > 0
+  mask = index = None
+  if use_ibot:
+    mask = batch["masks"].reshape(b * n_global, -1)
+    max_tokens = masking.max_masked_tokens(b * n_global, mask.shape[1], cfg.mask)
+    index, token_weights, valid = masked_token_index(mask, max_tokens)
+
+  teacher = model.apply({"params": state["teacher"].value}, glob, patch_index=index)
+  teacher = jax.lax.stop_gradient(teacher)
+  t_logits = teacher["cls_logits"].reshape(b, n_global, -1)
+  t_probs = teacher_targets(t_logits, state["center"], temp, cfg)
+  if use_ibot:
+    t_patch_probs = teacher_targets(teacher["patch_logits"], state["ibot_center"], temp, cfg, valid)
+
+  def loss_fn(params):
+    student = model.apply({"params": params}, glob, mask=mask, patch_index=index,
+                          deterministic=False, rngs={"dropout": rng_global})
+    s_logits = student["cls_logits"].reshape(b, n_global, -1)
+    if "local" in batch:
+      loc = batch["local"]
+      s_local = model.apply({"params": params}, loc.reshape((-1,) + loc.shape[2:]),
+                            deterministic=False, rngs={"dropout": rng_local})
+      s_logits = jnp.concatenate([s_logits, s_local["cls_logits"].reshape(b, loc.shape[1], -1)], 1)
+    terms = {"dino_loss": losses.dino_loss(s_logits, t_probs, cfg.loss.student_temp)}
+    if use_ibot:
+      terms["ibot_loss"] = losses.ibot_patch_loss(student["patch_logits"], t_patch_probs, token_weights,
+                                                  b * n_global, cfg.loss.student_temp)
+    if cfg.loss.koleo_weight > 0:
+      cls = student["cls"].reshape(b, n_global, -1)
+      terms["koleo_loss"] = sum(losses.koleo_loss(cls[:, i]) for i in range(n_global))
+    total = sum(cfg.loss[name.replace("_loss", "_weight")] * v for name, v in terms.items())
+    return total, terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  momentum = schedules["momentum"](step)
+  _, teacher_state = optim.ema(momentum).update(params, state["teacher"])
+  new_state = dict(state, step=step + 1, params=params, opt_state=opt_state, teacher=teacher_state,
+                   center=update_center(state["center"], t_logits, cfg.loss.center_momentum, cfg))
+  if use_ibot:
+    new_state["ibot_center"] = update_center(state["ibot_center"], teacher["patch_logits"],
+                                             cfg.loss.center_momentum, cfg, valid)
+  t_flat = t_probs.reshape(-1, t_probs.shape[-1])
+  metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads), lr=schedules["lr"](step),
+                 weight_decay=schedules["weight_decay"](step), momentum=momentum, teacher_temp=temp,
+                 teacher_entropy=losses.entropy(t_flat), teacher_kl_to_mean=losses.kl_to_mean(t_flat))
+  return new_state, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Views of a step: multi-crop on device, iBOT masks on the host.
+# ---------------------------------------------------------------------------------------
+
+
+def step_masks(cfg, step: int, num_images: int) -> np.ndarray:
+  """[num_images, 2, patches] iBOT masks of this process for `step` (seeded by step)."""
+  grid = (cfg.aug.global_size // cfg.model.patch_size,) * 2
+  rng = np.random.default_rng([cfg.seed, step, jax.process_index()])
+  return masking.batch_masks(rng, num_images * 2, grid, cfg.mask).reshape(num_images, 2, -1)
+
+
+def make_views(key_data, step, images, *, cfg):
+  """Multi-crop views of a uint8 image batch; the key depends only on (seed, step)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+  return augment.multicrop(key, images, cfg.aug)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: weighted k-NN on teacher CLS features.
+# ---------------------------------------------------------------------------------------
+
+
+def extract_features(backbone, params, source, cfg, mesh) -> np.ndarray:
+  """CLS features of every image of `source`, batches sharded over the mesh."""
+  batch = cfg.eval.batch_size
+  sharding = NamedSharding(mesh, P("data"))
+
+  @functools.partial(jax.jit, in_shardings=(None, sharding), out_shardings=sharding)
+  def features(params, images):
+    x = augment.preprocess_eval(images, cfg.aug.global_size)
+    return backbone.apply({"params": params}, x)["cls"]
+
+  out = []
+  for i in range(0, len(source), batch):
+    images, _ = data.read_batch(source, np.arange(i, min(i + batch, len(source))))
+    n = len(images)
+    images = np.pad(images, ((0, batch - n),) + ((0, 0),) * 3)
+    out.append(np.asarray(features(params, images))[:n])
+  return np.concatenate(out)
+
+
+def knn_eval(backbone, params, sources, cfg, mesh) -> float:
+  """DINO's k-NN top-1 of `params` with the train split as memory and test as queries."""
+  train_src, test_src = sources
+  train_f = extract_features(backbone, params, train_src, cfg, mesh)
+  test_f = extract_features(backbone, params, test_src, cfg, mesh)
+  return knn.knn_accuracy(train_f, train_src.labels, test_f, test_src.labels, train_src.num_classes,
+                          cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+def raw_pixel_knn(sources, cfg) -> float:
+  """The same k-NN on raw pixels: the floor a learned representation should beat."""
+  train_src, test_src = sources
+  flat = lambda s: s.get(np.arange(len(s)))[0].reshape(len(s), -1).astype(np.float32) / 255.0
+  return knn.knn_accuracy(flat(train_src), train_src.labels, flat(test_src), test_src.labels,
+                          train_src.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
+                                         save_interval_steps=cfg.checkpoint.every_steps,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
+  """The latest checkpoint restored with `state`'s shapes and shardings, else `state`."""
+  step = mngr.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except (ValueError, KeyError) as e:
+    raise UsageError(f"checkpoint {mngr.directory}/{step} does not match this config "
+                     f"({str(e).splitlines()[0][:200]})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------
+
+
+class MetricWriter:
+  """Scalars to <workdir>/metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if self.active:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict):
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.flush()
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.active:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def data_mesh() -> jax.sharding.Mesh:
+  """All devices on one "data" axis; shardings are propagated by XLA (Auto axis type)."""
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def check_config(cfg, num_devices: int):
+  if cfg.batch_size % num_devices:
+    raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {num_devices} devices")
+  if cfg.loss.centering not in ("centering", "sinkhorn"):
+    raise UsageError(f"loss.centering must be 'centering' or 'sinkhorn', not {cfg.loss.centering!r}")
+  for size in (cfg.aug.global_size, cfg.aug.local_size):
+    if size % cfg.model.patch_size:
+      raise UsageError(f"crop size {size} is not a multiple of patch size {cfg.model.patch_size}")
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final state and k-NN results.
+
+  `max_steps` stops early (after that many total steps) without changing any schedule:
+  the way tests and users simulate an interrupted run.
+  """
+  mesh = data_mesh()
+  check_config(cfg, jax.device_count())
+  train_src = data.make_source(cfg.data, cfg.data.train_split)
+  eval_srcs = None
+  if cfg.eval.knn_every_steps >= 0 and getattr(train_src, "num_classes", None):
+    eval_srcs = (data.make_source(cfg.data, cfg.eval.train_split), data.make_source(cfg.data, cfg.eval.test_split))
+  steps_per_epoch = max(len(train_src) // cfg.batch_size, 1)
+  total_steps = int(cfg.epochs * steps_per_epoch)
+  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  (pathlib.Path(workdir) / "config.json").write_text(cfg.to_json(indent=2))
+
+  schedules = optim.make_schedules(cfg, steps_per_epoch)
+  tx = optim.make_optimizer(cfg, schedules, steps_per_epoch)
+  model = make_model(cfg)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  state = jax.jit(functools.partial(init_state, cfg, model, tx), out_shardings=replicated)()
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  mngr = checkpoint_manager(workdir, cfg)
+  state = restore_or_keep(mngr, state)
+  start_step = int(state["step"])
+
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedules=schedules, cfg=cfg),
+                    in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, replicated), donate_argnums=0)
+  views_fn = jax.jit(functools.partial(make_views, cfg=cfg), in_shardings=(replicated, None, batch_sharding),
+                     out_shardings=batch_sharding)
+  aug_key = jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2))
+  to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
+
+  writer = MetricWriter(workdir)
+  backbone = make_backbone(cfg)
+  end_step = total_steps if max_steps is None else min(max_steps, total_steps)
+  batches = data.train_batches(train_src, cfg.batch_size, cfg.seed, start_step,
+                               jax.process_index(), jax.process_count())
+  bar = tqdm.tqdm(total=end_step, initial=start_step, desc="train", unit="step",
+                  disable=jax.process_index() != 0 or not cfg.progress_bar, dynamic_ncols=True)
+  results = {}
+  for step, images in batches:
+    if step >= end_step:
+      break
+    batch = dict(views_fn(aug_key, step, to_global(images)))
+    if cfg.loss.ibot_weight > 0:
+      batch["masks"] = to_global(step_masks(cfg, step, len(images)))
+    state, metrics = step_fn(state, batch)
+    bar.update(1)
+    done = step + 1
+    if done % cfg.log_every_steps == 0 or done == end_step:
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"non-finite loss at step {done}")
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+      writer.write(done, metrics)
+    mngr.save(done, args=ocp.args.StandardSave(state), force=done == end_step)
+    if eval_srcs and cfg.eval.knn_every_steps > 0 and done % cfg.eval.knn_every_steps == 0 and done < end_step:
+      acc = knn_eval(backbone, state["teacher"].value["backbone"], eval_srcs, cfg, mesh)
+      writer.write(done, {"knn_top1": acc})
+      logging.info("step %d: k-NN top-1 %.4f", done, acc)
+  bar.close()
+  mngr.wait_until_finished()
+
+  if eval_srcs and end_step == total_steps:
+    results["knn_top1_teacher"] = knn_eval(backbone, state["teacher"].value["backbone"], eval_srcs, cfg, mesh)
+    init_params = jax.jit(functools.partial(init_state, cfg, model, tx))()["params"]
+    results["knn_top1_random_init"] = knn_eval(backbone, init_params["backbone"], eval_srcs, cfg, mesh)
+    results["knn_top1_raw_pixels"] = raw_pixel_knn(eval_srcs, cfg)
+    writer.write(end_step, results)
+  writer.close()
+  mngr.close()
+  return {"state": state, "results": results}
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo_fashion_mnist.py[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+
+
+def main(argv):
+  del argv
+  if _WORKDIR.value is None or _CONFIG.value is None:
+    raise app.UsageError("--config and --workdir are required")
+  t0 = time.time()
+  try:
+    out = train(_CONFIG.value, _WORKDIR.value)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  res = out["results"]
+  if res:
+    print(f"\nk-NN top-1 (k={_CONFIG.value.eval.knn_k}, T={_CONFIG.value.eval.knn_temperature}) "
+          f"on {_CONFIG.value.eval.test_split}:")
+    print(f"  trained teacher   {res['knn_top1_teacher']:.4f}")
+    print(f"  random init       {res['knn_top1_random_init']:.4f}")
+    print(f"  raw pixels        {res['knn_top1_raw_pixels']:.4f}")
+  print(f"done in {time.time() - t0:.0f} s; workdir {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
