@@ -28,11 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
                grayscale_prob=0.2, blur_sigma=(0.1, 2.0), solarize_prob=0.2)
   c.mask = dict(mask_prob=0.5, mask_ratio=(0.1, 0.5))
   c.loss = dict(dino_weight=1.0, ibot_weight=0.0, koleo_weight=0.0, student_temp=0.1,
-                teacher_temp=(0.04, 0.04), teacher_temp_warmup_epochs=0, centering="centering",
+                teacher_temp=(0.04, 0.04), teacher_temp_warmup_epochs=0.0, centering="centering",
                 center_momentum=0.9)
-  c.optim = dict(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=(0.04, 0.4),
+  c.optim = dict(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10.0, weight_decay=(0.04, 0.4),
                  betas=(0.9, 0.999), clip_grad=3.0, layer_decay=1.0, patch_embed_lr_mult=1.0,
-                 freeze_last_layer_epochs=1, teacher_momentum=(0.996, 1.0))
+                 freeze_last_layer_epochs=1.0, teacher_momentum=(0.996, 1.0))
   c.eval = dict(knn_every_steps=0, knn_k=20, knn_temperature=0.07, batch_size=256,
                 train_split="train", test_split="validation")
   c.checkpoint = dict(every_steps=1000, keep=3)
@@ -52,3 +52,23 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   c.checkpoint.every_steps = 2
   c.log_every_steps = 1
   c.progress_bar = False
+
+
+def dinov2_config(size: str) -> ml_collections.ConfigDict:
+  """DINOv2 recipe (Oquab et al. 2023, App. B/Table 16): iBOT + Sinkhorn-Knopp + KoLeo,
+  LayerScale, layer-wise lr decay, patch 14, 98 px local crops, global scale (0.32, 1)."""
+  c = base_config()
+  c.model = dict(vit(size, 14), ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
+                 layerscale=1e-5, drop_path_rate={"small": 0.1, "base": 0.1}.get(size, 0.4),
+                 pos_embed_grid=37)  # 518 px / 14: DINOv2's released position-embedding grid
+  c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=384 if size == "giant" else 256,
+                num_layers=3, share_ibot_head=False)
+  c.aug.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), local_size=98)
+  c.loss.update(ibot_weight=1.0, koleo_weight=0.1, teacher_temp=(0.04, 0.07),
+                teacher_temp_warmup_epochs=30.0, centering="sinkhorn")
+  c.optim.update(base_lr=2e-3 / 4, min_lr=1e-6, warmup_epochs=10.0, layer_decay=0.9,
+                 patch_embed_lr_mult=0.2, teacher_momentum=(0.994, 1.0), clip_grad=3.0)
+  c.batch_size = 2048
+  c.epochs = 100.0
+  c.eval.knn_every_steps = 0
+  return c

@@ -23,8 +23,8 @@ def get_config(arg=None):
                     local_scale=(0.1, 0.4), blur_sigma=(0.1, 0.5))
   config.batch_size = 128
   config.epochs = 20.0
-  config.optim.update(base_lr=5e-4, warmup_epochs=2, freeze_last_layer_epochs=1)
-  config.loss.update(teacher_temp_warmup_epochs=5)
+  config.optim.update(base_lr=5e-4, warmup_epochs=2.0, freeze_last_layer_epochs=1.0)
+  config.loss.update(teacher_temp_warmup_epochs=5.0)
   config.checkpoint.every_steps = 200
   config.log_every_steps = 20
 

@@ -119,6 +119,8 @@ def make_source(cfg, split: str):
   if cfg.source == "tfds":
     return TfdsSource(cfg.name, split, cfg.image_size, cfg.get("data_dir") or None)
   if cfg.source == "folder":
+    if not cfg.path:
+      raise UsageError("data.path must name an image folder when data.source is 'folder'")
     return FolderSource(os.path.join(cfg.path, split) if split else cfg.path, cfg.image_size)
   raise UsageError(f"data.source must be fashion_mnist_demo, tfds or folder, not {cfg.source!r}")
 

@@ -47,7 +47,11 @@ def max_masked_tokens(num_images: int, num_patches: int, cfg) -> int:
 
 def batch_masks(rng: np.random.Generator, num_images: int, grid: tuple[int, int], cfg) -> np.ndarray:
   """DINOv2 collate: a `mask_prob` fraction of images is masked, with ratios stratified
-  over `mask_ratio`, the rest not at all. Returns [num_images, h*w] bool."""
+  over `mask_ratio`, the rest not at all. Returns [num_images, h*w] bool.
+
+  As in DINOv2, an image whose target is under 3 patches (tiny grids) stays unmasked: the
+  smallest rectangle block_mask places has 3 cells.
+  """
   n_patches = grid[0] * grid[1]
   n_masked_images = int(num_images * cfg.mask_prob)
   bounds = np.linspace(*cfg.mask_ratio, n_masked_images + 1)

@@ -16,12 +16,22 @@ import optax
 
 def cosine(start: float, end: float, steps: int) -> optax.Schedule:
   """Half-cosine from `start` at step 0 to `end` at `steps`, constant afterwards."""
-  return optax.cosine_decay_schedule(start, max(steps, 1), alpha=end / start)
+  decay = optax.cosine_decay_schedule(1.0, max(steps, 1))  # 1 -> 0
+  return lambda step: end + (start - end) * decay(step)
+
+
+def linear_warmup(start: float, end: float, steps: int) -> optax.Schedule:
+  """Linear from `start` to `end` over `steps`, then `end` (at once when steps is 0)."""
+  return optax.linear_schedule(start, end, steps) if steps > 0 else optax.constant_schedule(end)
+
+
+def total_steps(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  return int(round(cfg.epochs * steps_per_epoch))
 
 
 def make_schedules(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, optax.Schedule]:
   """lr, weight decay, teacher momentum and teacher temperature as functions of the step."""
-  total = int(cfg.epochs * steps_per_epoch)
+  total = total_steps(cfg, steps_per_epoch)
   o, l = cfg.optim, cfg.loss
   peak_lr = o.base_lr * cfg.batch_size / 256
   warmup = int(o.warmup_epochs * steps_per_epoch)
@@ -29,7 +39,7 @@ def make_schedules(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> dict
       "lr": optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total, warmup + 1), o.min_lr),
       "weight_decay": cosine(*o.weight_decay, total),
       "momentum": cosine(*o.teacher_momentum, total),
-      "teacher_temp": optax.linear_schedule(*l.teacher_temp, int(l.teacher_temp_warmup_epochs * steps_per_epoch)),
+      "teacher_temp": linear_warmup(*l.teacher_temp, int(l.teacher_temp_warmup_epochs * steps_per_epoch)),
   }
 
 

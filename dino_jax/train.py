@@ -12,6 +12,7 @@ import os
 import pathlib
 import sys
 import time
+from typing import Callable, NamedTuple
 
 from absl import app
 from absl import flags
@@ -172,7 +173,7 @@ def train_step(state, batch, *, model, tx, schedules, cfg):
     new_state["ibot_center"] = update_center(state["ibot_center"], teacher["patch_logits"],
                                              cfg.loss.center_momentum, cfg, valid)
   t_flat = t_probs.reshape(-1, t_probs.shape[-1])
-  metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads), lr=schedules["lr"](step),
+  metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedules["lr"](step),
                  weight_decay=schedules["weight_decay"](step), momentum=momentum, teacher_temp=temp,
                  teacher_entropy=losses.entropy(t_flat), teacher_kl_to_mean=losses.kl_to_mean(t_flat))
   return new_state, metrics
@@ -293,9 +294,11 @@ class MetricWriter:
       self.tb.close()
 
 
-def data_mesh() -> jax.sharding.Mesh:
-  """All devices on one "data" axis; shardings are propagated by XLA (Auto axis type)."""
-  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+  """`devices` (default all) on one "data" axis; XLA propagates shardings (Auto axes)."""
+  devices = devices or jax.devices()
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
 
 
 def check_config(cfg, num_devices: int):
@@ -308,23 +311,18 @@ def check_config(cfg, num_devices: int):
       raise UsageError(f"crop size {size} is not a multiple of patch size {cfg.model.patch_size}")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final state and k-NN results.
+class Trainer(NamedTuple):
+  """What a run needs on a mesh: initial state and the jitted, sharded functions."""
+  state: dict
+  train_step: Callable  # (state, batch) -> (state, metrics)
+  make_views: Callable  # (key_data, step, uint8 images) -> {"global", "local"} views
+  model: models.DINOModel
+  batch_sharding: NamedSharding
 
-  `max_steps` stops early (after that many total steps) without changing any schedule:
-  the way tests and users simulate an interrupted run.
-  """
-  mesh = data_mesh()
-  check_config(cfg, jax.device_count())
-  train_src = data.make_source(cfg.data, cfg.data.train_split)
-  eval_srcs = None
-  if cfg.eval.knn_every_steps >= 0 and getattr(train_src, "num_classes", None):
-    eval_srcs = (data.make_source(cfg.data, cfg.eval.train_split), data.make_source(cfg.data, cfg.eval.test_split))
-  steps_per_epoch = max(len(train_src) // cfg.batch_size, 1)
-  total_steps = int(cfg.epochs * steps_per_epoch)
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-  (pathlib.Path(workdir) / "config.json").write_text(cfg.to_json(indent=2))
 
+def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int) -> Trainer:
+  """Initial state (replicated) and the train step jitted with the batch sharded on "data"."""
+  check_config(cfg, mesh.size)
   schedules = optim.make_schedules(cfg, steps_per_epoch)
   tx = optim.make_optimizer(cfg, schedules, steps_per_epoch)
   model = make_model(cfg)
@@ -332,17 +330,40 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
   batch_sharding = NamedSharding(mesh, P("data"))
   state = jax.jit(functools.partial(init_state, cfg, model, tx), out_shardings=replicated)()
   state_sharding = jax.tree.map(lambda _: replicated, state)
-  mngr = checkpoint_manager(workdir, cfg)
-  state = restore_or_keep(mngr, state)
-  start_step = int(state["step"])
-
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedules=schedules, cfg=cfg),
                     in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, replicated), donate_argnums=0)
   views_fn = jax.jit(functools.partial(make_views, cfg=cfg), in_shardings=(replicated, None, batch_sharding),
                      out_shardings=batch_sharding)
-  aug_key = jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2))
-  to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
+  return Trainer(state, step_fn, views_fn, model, batch_sharding)
+
+
+def augmentation_key(cfg) -> jax.Array:
+  return jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2))
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final state and k-NN results.
+
+  `max_steps` stops early (after that many total steps) without changing any schedule:
+  the way tests and users simulate an interrupted run.
+  """
+  mesh = data_mesh()
+  train_src = data.make_source(cfg.data, cfg.data.train_split)
+  eval_srcs = None
+  if cfg.eval.knn_every_steps >= 0 and getattr(train_src, "num_classes", None):
+    eval_srcs = (data.make_source(cfg.data, cfg.eval.train_split), data.make_source(cfg.data, cfg.eval.test_split))
+  steps_per_epoch = max(len(train_src) // cfg.batch_size, 1)
+  total_steps = optim.total_steps(cfg, steps_per_epoch)
+  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  (pathlib.Path(workdir) / "config.json").write_text(cfg.to_json(indent=2))
+
+  trainer = build(cfg, mesh, steps_per_epoch)
+  mngr = checkpoint_manager(workdir, cfg)
+  state = restore_or_keep(mngr, trainer.state)
+  start_step = int(state["step"])
+  aug_key = augmentation_key(cfg)
+  to_global = lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x)
 
   writer = MetricWriter(workdir)
   backbone = make_backbone(cfg)
@@ -355,10 +376,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
   for step, images in batches:
     if step >= end_step:
       break
-    batch = dict(views_fn(aug_key, step, to_global(images)))
+    batch = dict(trainer.make_views(aug_key, step, to_global(images)))
     if cfg.loss.ibot_weight > 0:
       batch["masks"] = to_global(step_masks(cfg, step, len(images)))
-    state, metrics = step_fn(state, batch)
+    state, metrics = trainer.train_step(state, batch)
     bar.update(1)
     done = step + 1
     if done % cfg.log_every_steps == 0 or done == end_step:
@@ -371,13 +392,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
     if eval_srcs and cfg.eval.knn_every_steps > 0 and done % cfg.eval.knn_every_steps == 0 and done < end_step:
       acc = knn_eval(backbone, state["teacher"].value["backbone"], eval_srcs, cfg, mesh)
       writer.write(done, {"knn_top1": acc})
-      logging.info("step %d: k-NN top-1 %.4f", done, acc)
+      bar.write(f"step {done}: k-NN top-1 {acc:.4f}")
   bar.close()
   mngr.wait_until_finished()
 
   if eval_srcs and end_step == total_steps:
     results["knn_top1_teacher"] = knn_eval(backbone, state["teacher"].value["backbone"], eval_srcs, cfg, mesh)
-    init_params = jax.jit(functools.partial(init_state, cfg, model, tx))()["params"]
+    init_params = build(cfg, mesh, steps_per_epoch).state["params"]
     results["knn_top1_random_init"] = knn_eval(backbone, init_params["backbone"], eval_srcs, cfg, mesh)
     results["knn_top1_raw_pixels"] = raw_pixel_knn(eval_srcs, cfg)
     writer.write(end_step, results)
@@ -392,22 +413,48 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo_fashion_mnist.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
+                                 "(one process per host on TPU pods / SLURM; settings auto-detected).")
+
+
+def fail(message: str):
+  """Exits with status 2 after printing `message` as a single `error:` line."""
+  print("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()),
+        file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl flag parsing with bad flags and config overrides reported as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except KeyError as e:
+    fail(f"unknown config key {e.args[0] if e.args else e}")
+  except (flags.Error, TypeError, ValueError) as e:
+    fail(str(e))
 
 
 def main(argv):
   del argv
   if _WORKDIR.value is None or _CONFIG.value is None:
-    raise app.UsageError("--config and --workdir are required")
+    fail("--config and --workdir are required")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   t0 = time.time()
   try:
-    out = train(_CONFIG.value, _WORKDIR.value)
+    cfg = _CONFIG.value
+    cfg.get("seed")  # a config file that failed to load raises here
+  except OSError as e:
+    fail(str(e))
+  try:
+    out = train(cfg, _WORKDIR.value)
   except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(e))
   res = out["results"]
   if res:
-    print(f"\nk-NN top-1 (k={_CONFIG.value.eval.knn_k}, T={_CONFIG.value.eval.knn_temperature}) "
-          f"on {_CONFIG.value.eval.test_split}:")
+    print(f"\nk-NN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) on {cfg.eval.test_split}:")
     print(f"  trained teacher   {res['knn_top1_teacher']:.4f}")
     print(f"  random init       {res['knn_top1_random_init']:.4f}")
     print(f"  raw pixels        {res['knn_top1_raw_pixels']:.4f}")
@@ -415,4 +462,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,234 @@
+"""ViT backbone and DINO head (dino_jax.models), at width 32, depth 2."""
+import functools
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dino_jax import models
+
+WIDTH, DEPTH, HEADS, PATCH, GRID = 32, 2, 2, 4, 4
+
+
+def _vit(**kw):
+  return models.ViT(**dict(dict(patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS,
+                                mlp_dim=64, pos_embed_grid=GRID), **kw))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model, key, x, mask=None):
+  return model.init(key, x, mask=mask)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, x, mask=None):
+  return model.apply({"params": params}, x, mask=mask)
+
+
+def _images(key, b, size):
+  return jax.random.normal(key, (b, size, size, 3))
+
+
+@pytest.fixture(scope="module")
+def vit_with_params():
+  model = _vit(num_registers=2)
+  mask = jnp.zeros((1, GRID * GRID), bool)
+  params = _init(model, jax.random.key(0), _images(jax.random.key(1), 1, 16), mask=mask)
+  return model, params
+
+
+def test_resize_pos_embed_identity_at_same_grid():
+  pos = jax.random.normal(jax.random.key(0), (1, 4, 4, 8))
+  np.testing.assert_array_equal(models.resize_pos_embed(pos, (4, 4)), pos)
+
+
+def test_resize_pos_embed_keeps_constant_field():
+  pos = jnp.broadcast_to(jnp.arange(1.0, 9.0), (1, 4, 4, 8))
+  out = models.resize_pos_embed(pos, (7, 6))
+  assert out.shape == (1, 7, 6, 8)
+  np.testing.assert_allclose(out, jnp.broadcast_to(jnp.arange(1.0, 9.0), (1, 7, 6, 8)), rtol=1e-5)
+
+
+def test_resize_pos_embed_interpolates_between_values():
+  # A field varying along one axis stays within its range and keeps its ordering.
+  ramp = jnp.broadcast_to(jnp.arange(4.0)[None, :, None, None], (1, 4, 4, 1))
+  out = np.asarray(models.resize_pos_embed(ramp, (8, 8)))[0, :, 0, 0]
+  assert np.all(np.diff(out) > 0)
+  assert out.min() >= -0.25 and out.max() <= 3.25
+
+
+def test_vit_param_names_and_shapes(vit_with_params):
+  _, params = vit_with_params
+  assert params["pos_embed"].shape == (1, GRID, GRID, WIDTH)
+  assert params["cls_token"].shape == (1, 1, WIDTH)
+  assert params["register_tokens"].shape == (1, 2, WIDTH)
+  assert params["mask_token"].shape == (1, 1, WIDTH)
+  assert params["patch_embed"]["kernel"].shape == (PATCH, PATCH, 3, WIDTH)
+  assert set(k for k in params if k.startswith("block")) == {"block0", "block1"}
+  assert params["block0"]["mlp"]["fc1"]["kernel"].shape == (WIDTH, 64)
+
+
+@pytest.mark.parametrize("size", [16, 24])
+def test_vit_runs_at_several_resolutions_with_same_params(vit_with_params, size):
+  model, params = vit_with_params
+  out = _apply(model, params, _images(jax.random.key(2), 2, size))
+  n = (size // PATCH) ** 2
+  assert out["cls"].shape == (2, WIDTH)
+  assert out["patch"].shape == (2, n, WIDTH)
+  assert out["registers"].shape == (2, 2, WIDTH)
+  for v in out.values():
+    assert v.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(v)))
+
+
+def test_vit_without_registers_has_empty_register_output():
+  model = _vit()
+  x = _images(jax.random.key(3), 2, 16)
+  params = _init(model, jax.random.key(0), x)
+  assert "register_tokens" not in params and "mask_token" not in params
+  out = _apply(model, params, x)
+  assert out["registers"].shape == (2, 0, WIDTH)
+  assert out["patch"].shape == (2, 16, WIDTH)
+
+
+def test_vit_depends_on_image_and_resized_pos_embed(vit_with_params):
+  model, params = vit_with_params
+  x = _images(jax.random.key(4), 2, 24)
+  out = _apply(model, params, x)
+  # Different images give different outputs.
+  assert not np.allclose(out["cls"][0], out["cls"][1], atol=1e-4)
+  # The 24 px path uses the resized position embedding: changing pos_embed changes it.
+  p2 = flax.core.copy(params, {"pos_embed": params["pos_embed"] + jax.random.normal(
+      jax.random.key(11), params["pos_embed"].shape)})
+  out2 = _apply(model, p2, x)
+  assert not np.allclose(out["patch"], out2["patch"], atol=1e-4)
+
+
+def test_full_mask_makes_output_independent_of_image(vit_with_params):
+  model, params = vit_with_params
+  # A nonzero mask token, so that the test does not rely on its zero initialization.
+  params = flax.core.copy(params, {"mask_token": jax.random.normal(jax.random.key(5), (1, 1, WIDTH))})
+  a, b = _images(jax.random.key(6), 2, 16), 3.0 * _images(jax.random.key(7), 2, 16)
+  full = jnp.ones((2, GRID * GRID), bool)
+  out_a = _apply(model, params, a, mask=full)
+  out_b = _apply(model, params, b, mask=full)
+  for k in ("cls", "patch", "registers"):
+    np.testing.assert_allclose(out_a[k], out_b[k], atol=1e-5)
+  # Without the mask, the outputs differ; with a partial mask, unmasked content matters.
+  plain_a = _apply(model, params, a)
+  plain_b = _apply(model, params, b)
+  assert not np.allclose(plain_a["cls"], plain_b["cls"], atol=1e-3)
+  partial = full.at[:, 0].set(False)
+  part_a = _apply(model, params, a, mask=partial)
+  part_b = _apply(model, params, b, mask=partial)
+  assert not np.allclose(part_a["cls"], part_b["cls"], atol=1e-4)
+
+
+def test_mask_replaces_only_masked_patches(vit_with_params):
+  model, params = vit_with_params
+  x = _images(jax.random.key(8), 2, 16)
+  none = jnp.zeros((2, GRID * GRID), bool)
+  np.testing.assert_allclose(_apply(model, params, x, mask=none)["patch"],
+                             _apply(model, params, x)["patch"], atol=1e-6)
+
+
+def test_dino_head_logits_are_cosine_similarities():
+  head = models.DINOHead(out_dim=10, hidden_dim=16, bottleneck_dim=8, num_layers=3)
+  x = jax.random.normal(jax.random.key(0), (5, WIDTH))
+  params = head.init(jax.random.key(1), x)["params"]
+  # Scale the prototypes unevenly: weight norm must remove it.
+  v = params["last_layer"] * jnp.linspace(0.1, 10.0, 10)[None, :]
+  params = flax.core.copy(params, {"last_layer": v})
+  logits, inter = head.apply({"params": params}, x, capture_intermediates=True)
+  assert logits.shape == (5, 10)
+  assert np.all(np.abs(np.asarray(logits)) <= 1.0 + 1e-5)
+  z = np.asarray(inter["intermediates"]["mlp2"]["__call__"][0], np.float64)  # bottleneck output
+  assert z.shape == (5, 8)
+  zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+  vn = np.asarray(v, np.float64) / np.linalg.norm(np.asarray(v, np.float64), axis=0, keepdims=True)
+  expected = np.array([[zn[i] @ vn[:, j] for j in range(10)] for i in range(5)])
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dino_head_param_shapes():
+  head = models.DINOHead(out_dim=10, hidden_dim=16, bottleneck_dim=8, num_layers=3)
+  params = head.init(jax.random.key(1), jnp.zeros((1, WIDTH)))["params"]
+  assert params["mlp0"]["kernel"].shape == (WIDTH, 16)
+  assert params["mlp1"]["kernel"].shape == (16, 16)
+  assert params["mlp2"]["kernel"].shape == (16, 8)
+  assert params["last_layer"].shape == (8, 10)
+
+
+def test_swiglu_and_layerscale_variant():
+  model = _vit(ffn="swiglu", layerscale=1e-5)
+  x = _images(jax.random.key(9), 2, 16)
+  params = _init(model, jax.random.key(0), x)
+  blk = params["block0"]
+  assert set(blk["mlp"]) == {"w12", "w3"}
+  assert blk["mlp"]["w12"]["kernel"].shape == (WIDTH, 2 * 64)
+  assert blk["mlp"]["w3"]["kernel"].shape == (64, WIDTH)
+  for ls in ("ls1", "ls2"):
+    assert blk[ls]["gamma"].shape == (WIDTH,)
+    np.testing.assert_allclose(blk[ls]["gamma"], 1e-5)
+  out = _apply(model, params, x)
+  assert out["cls"].shape == (2, WIDTH) and out["patch"].shape == (2, 16, WIDTH)
+  assert np.all(np.isfinite(np.asarray(out["patch"])))
+
+  # With every LayerScale gamma = 0 the residual branches vanish: the output is the final
+  # LayerNorm of the embeddings, whatever the blocks' weights.
+  zero = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.zeros_like(v) if "gamma" in jax.tree_util.keystr(path) else v, params)
+  out = _apply(model, zero, x)
+  emb = jax.lax.conv_general_dilated(x, params["patch_embed"]["kernel"], (PATCH, PATCH), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  emb = emb.reshape(2, -1, WIDTH) + params["patch_embed"]["bias"] + params["pos_embed"].reshape(1, -1, WIDTH)
+  emb = np.asarray(emb, np.float64)
+  mu, var = emb.mean(-1, keepdims=True), emb.var(-1, keepdims=True)
+  normed = ((emb - mu) / np.sqrt(var + 1e-6) * np.asarray(params["norm"]["scale"])
+            + np.asarray(params["norm"]["bias"]))
+  np.testing.assert_allclose(out["patch"], normed, rtol=1e-4, atol=1e-4)
+
+
+def test_swiglu_matches_formula():
+  mod = models.SwiGLU(hidden=6)
+  x = jax.random.normal(jax.random.key(0), (3, 4))
+  p = mod.init(jax.random.key(1), x)["params"]
+  w12, b12 = np.asarray(p["w12"]["kernel"]), np.asarray(p["w12"]["bias"])
+  w3, b3 = np.asarray(p["w3"]["kernel"]), np.asarray(p["w3"]["bias"])
+  h = np.asarray(x) @ w12 + b12
+  x1, x2 = h[:, :6], h[:, 6:]
+  silu = x1 / (1 + np.exp(-x1))
+  np.testing.assert_allclose(mod.apply({"params": p}, x), (silu * x2) @ w3 + b3, rtol=1e-5, atol=1e-6)
+
+
+def _np_layernorm(x, p, eps=1e-6):
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+
+def test_block_matches_numpy():
+  blk = models.Block(num_heads=2, mlp_dim=12, layerscale=0.5)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  p = blk.init(jax.random.key(1), x)["params"]
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), p)
+  p["qkv"]["bias"] = np.random.default_rng(0).normal(size=p["qkv"]["bias"].shape) * 0.1
+  got = blk.apply({"params": jax.tree.map(jnp.asarray, p)}, x)
+  xs = np.asarray(x, np.float64)
+  gelu = np.vectorize(lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))))
+  h = _np_layernorm(xs, p["norm1"])
+  qkv = np.einsum("bnd,dthe->bnthe", h, p["qkv"]["kernel"]) + p["qkv"]["bias"]
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [b, n, heads, hd]
+  att = np.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(q.shape[-1])
+  att = np.exp(att - att.max(-1, keepdims=True))
+  att /= att.sum(-1, keepdims=True)
+  o = np.einsum("bhqk,bkhe->bqhe", att, v)
+  o = np.einsum("bqhe,hed->bqd", o, p["proj"]["kernel"]) + p["proj"]["bias"]
+  xs = xs + o * p["ls1"]["gamma"]
+  h = _np_layernorm(xs, p["norm2"])
+  h = gelu(h @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"])
+  h = h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+  expected = xs + h * p["ls2"]["gamma"]
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

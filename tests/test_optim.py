@@ -1,0 +1,206 @@
+"""Schedules, EMA, layer-wise lr decay, last-layer freeze and weight-decay mask."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import demo_fashion_mnist
+from dino_jax import optim
+
+STEPS_PER_EPOCH = 10
+
+
+def _cfg():
+  cfg = demo_fashion_mnist.get_config("tiny")
+  cfg.epochs = 10.0
+  cfg.optim.warmup_epochs = 2
+  cfg.optim.min_lr = 1e-6
+  cfg.loss.teacher_temp = (0.04, 0.07)
+  cfg.loss.teacher_temp_warmup_epochs = 3
+  return cfg
+
+
+def test_lr_schedule_endpoints():
+  cfg = _cfg()
+  lr = optim.make_schedules(cfg, STEPS_PER_EPOCH)["lr"]
+  peak = cfg.optim.base_lr * cfg.batch_size / 256
+  total, warmup = 100, 20
+  assert float(lr(0)) == 0.0
+  np.testing.assert_allclose(float(lr(warmup // 2)), peak / 2, rtol=1e-5)  # linear warmup
+  np.testing.assert_allclose(float(lr(warmup)), peak, rtol=1e-5)
+  values = np.array([float(lr(i)) for i in range(total + 1)])
+  assert values.argmax() == warmup
+  assert np.all(np.diff(values[:warmup + 1]) > 0)
+  assert np.all(np.diff(values[warmup:]) <= 1e-12)  # cosine decay afterwards
+  np.testing.assert_allclose(values[-1], cfg.optim.min_lr, rtol=1e-3)
+  np.testing.assert_allclose(float(lr(total + 50)), cfg.optim.min_lr, rtol=1e-3)
+  # Halfway through the cosine: (peak + min) / 2.
+  np.testing.assert_allclose(float(lr(warmup + (total - warmup) // 2)),
+                             (peak + cfg.optim.min_lr) / 2, rtol=1e-4)
+
+
+def test_lr_peak_scales_with_batch_size():
+  cfg = _cfg()
+  cfg.batch_size = 512
+  lr = optim.make_schedules(cfg, STEPS_PER_EPOCH)["lr"]
+  np.testing.assert_allclose(float(lr(20)), cfg.optim.base_lr * 2, rtol=1e-5)
+
+
+def test_weight_decay_and_momentum_cosine():
+  s = optim.make_schedules(_cfg(), STEPS_PER_EPOCH)
+  wd, mom = s["weight_decay"], s["momentum"]
+  np.testing.assert_allclose(float(wd(0)), 0.04, rtol=1e-5)
+  np.testing.assert_allclose(float(wd(50)), 0.22, rtol=1e-4)
+  np.testing.assert_allclose(float(wd(100)), 0.4, rtol=1e-5)
+  np.testing.assert_allclose(float(wd(150)), 0.4, rtol=1e-5)
+  np.testing.assert_allclose(float(mom(0)), 0.996, rtol=1e-6)
+  np.testing.assert_allclose(float(mom(50)), 0.998, rtol=1e-6)
+  np.testing.assert_allclose(float(mom(100)), 1.0, rtol=1e-6)
+  w = np.array([float(wd(i)) for i in range(101)])
+  m = np.array([float(mom(i)) for i in range(101)])
+  assert np.all(np.diff(w) > -1e-7) and np.all(np.diff(m) > -1e-7)
+
+
+def test_teacher_temp_warmup_then_constant():
+  tt = optim.make_schedules(_cfg(), STEPS_PER_EPOCH)["teacher_temp"]
+  np.testing.assert_allclose(float(tt(0)), 0.04, rtol=1e-6)
+  np.testing.assert_allclose(float(tt(15)), 0.055, rtol=1e-5)  # linear
+  np.testing.assert_allclose(float(tt(30)), 0.07, rtol=1e-6)
+  np.testing.assert_allclose(float(tt(60)), 0.07, rtol=1e-6)
+  np.testing.assert_allclose(float(tt(100)), 0.07, rtol=1e-6)
+
+
+def test_ema_constant_decay_two_steps():
+  tx = optim.ema(0.9)
+  state = tx.init({"a": jnp.array([1.0, 2.0]), "b": jnp.array(0.0)})
+  avg, state = tx.update({"a": jnp.array([3.0, 2.0]), "b": jnp.array(10.0)}, state)
+  np.testing.assert_allclose(avg["a"], [0.9 * 1 + 0.1 * 3, 2.0], rtol=1e-6)
+  np.testing.assert_allclose(avg["b"], 1.0, rtol=1e-6)
+  avg, state = tx.update({"a": jnp.array([5.0, 0.0]), "b": jnp.array(10.0)}, state)
+  np.testing.assert_allclose(avg["a"], [0.9 * 1.2 + 0.1 * 5, 0.9 * 2.0], rtol=1e-6)
+  np.testing.assert_allclose(avg["b"], 0.9 * 1.0 + 1.0, rtol=1e-6)
+  assert int(state.count) == 2
+  np.testing.assert_allclose(state.value["a"], avg["a"])
+
+
+def test_ema_schedule_decay_two_steps():
+  decays = [0.5, 0.8]
+  tx = optim.ema(lambda count: jnp.asarray(decays)[count])
+  state = tx.init(jnp.array(2.0))
+  update = jax.jit(tx.update)
+  avg, state = update(jnp.array(4.0), state)
+  np.testing.assert_allclose(float(avg), 0.5 * 2 + 0.5 * 4, rtol=1e-6)  # decay(0) = 0.5
+  avg, state = update(jnp.array(8.0), state)
+  np.testing.assert_allclose(float(avg), 0.8 * 3 + 0.2 * 8, rtol=1e-6)  # decay(1) = 0.8
+
+
+def test_ema_decay_zero_copies_input():
+  tx = optim.ema(0.0)
+  avg, _ = tx.update(jnp.array([7.0]), tx.init(jnp.array([1.0])))
+  np.testing.assert_allclose(avg, [7.0])
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("backbone/block0/qkv/kernel", 0.5 ** 2),
+    ("backbone/block1/mlp/fc1/bias", 0.5 ** 1),
+    ("backbone/pos_embed", 0.5 ** 3),
+    ("backbone/cls_token", 0.5 ** 3),
+    ("backbone/register_tokens", 0.5 ** 3),
+    ("backbone/mask_token", 0.5 ** 3),
+    ("backbone/patch_embed/kernel", 0.5 ** 3 * 0.2),
+    ("backbone/patch_embed/bias", 0.5 ** 3 * 0.2),
+    ("backbone/norm/scale", 1.0),
+    ("head/mlp0/kernel", 1.0),
+    ("head/last_layer", 1.0),
+    ("ibot_head/last_layer", 1.0),
+])
+def test_layer_lr_multiplier(name, expected):
+  got = optim.layer_lr_multiplier(name, depth=2, layer_decay=0.5, patch_embed_mult=0.2)
+  np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_layer_lr_multiplier_two_digit_block():
+  got = optim.layer_lr_multiplier("backbone/block11/proj/kernel", depth=12, layer_decay=0.9,
+                                  patch_embed_mult=1.0)
+  np.testing.assert_allclose(got, 0.9 ** 1, rtol=1e-12)
+  got = optim.layer_lr_multiplier("backbone/block1/proj/kernel", depth=12, layer_decay=0.9,
+                                  patch_embed_mult=1.0)
+  np.testing.assert_allclose(got, 0.9 ** 11, rtol=1e-12)
+
+
+def test_freeze_last_layer_only_first_steps():
+  tx = optim.freeze_last_layer(2)
+  params = {"head": {"last_layer": jnp.ones((3, 4)), "mlp0": {"kernel": jnp.ones((2, 3))}},
+            "ibot_head": {"last_layer": jnp.ones((3, 4))},
+            "backbone": {"norm": {"scale": jnp.ones(3)}}}
+  grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(4):
+    out, state = update(grads, state)
+    frozen = step < 2
+    for head in ("head", "ibot_head"):
+      expect = 0.0 if frozen else 0.5
+      np.testing.assert_array_equal(out[head]["last_layer"], expect)
+    np.testing.assert_array_equal(out["head"]["mlp0"]["kernel"], 0.5)
+    np.testing.assert_array_equal(out["backbone"]["norm"]["scale"], 0.5)
+
+
+def test_make_optimizer_decay_mask_and_layer_scaling():
+  cfg = _cfg()
+  cfg.model.depth = 2
+  cfg.optim.layer_decay = 0.5
+  cfg.optim.patch_embed_lr_mult = 0.2
+  lr, wd = 0.1, 0.3
+  schedules = {"lr": optax.constant_schedule(lr), "weight_decay": optax.constant_schedule(wd)}
+  tx = optim.make_optimizer(cfg, schedules, STEPS_PER_EPOCH)
+  rng = np.random.default_rng(0)
+  f = lambda *shape: jnp.asarray(rng.uniform(0.5, 1.5, size=shape).astype(np.float32))
+  params = {
+      "backbone": {
+          "patch_embed": {"kernel": f(4, 4, 3, 8), "bias": f(8)},
+          "pos_embed": f(1, 2, 2, 8),
+          "block0": {"mlp": {"fc1": {"kernel": f(8, 16), "bias": f(16)}},
+                     "norm1": {"scale": f(8), "bias": f(8)}},
+          "block1": {"qkv": {"kernel": f(8, 3, 2, 4)}},
+          "norm": {"scale": f(8)},
+      },
+      "head": {"mlp0": {"kernel": f(8, 4), "bias": f(4)}},
+  }
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+
+  def check(path, p, n):
+    name = optim._path_name(path)
+    if p.ndim == 1:
+      np.testing.assert_array_equal(n, p, err_msg=name)
+    else:
+      mult = optim.layer_lr_multiplier(name, 2, 0.5, 0.2)
+      np.testing.assert_allclose(n, p * (1 - lr * wd * mult), rtol=1e-6, err_msg=name)
+      assert np.all(np.asarray(n) < np.asarray(p)), name
+  jax.tree_util.tree_map_with_path(check, params, new)
+  # The multipliers really differ across the tree (so the check above is not vacuous).
+  shrink = lambda a, b: float(jnp.mean(1 - b / a))
+  np.testing.assert_allclose(shrink(params["head"]["mlp0"]["kernel"], new["head"]["mlp0"]["kernel"]),
+                             lr * wd, rtol=1e-4)
+  np.testing.assert_allclose(
+      shrink(params["backbone"]["patch_embed"]["kernel"], new["backbone"]["patch_embed"]["kernel"]),
+      lr * wd * 0.125 * 0.2, rtol=1e-3)
+
+
+def test_weight_decay_schedule_starting_at_zero():
+  cfg = _cfg()
+  cfg.optim.weight_decay = (0.0, 0.1)
+  wd = optim.make_schedules(cfg, STEPS_PER_EPOCH)["weight_decay"]
+  np.testing.assert_allclose(float(wd(0)), 0.0, atol=1e-8)
+  np.testing.assert_allclose(float(wd(50)), 0.05, rtol=1e-4)
+  np.testing.assert_allclose(float(wd(100)), 0.1, rtol=1e-5)
+
+
+def test_teacher_temp_without_warmup_is_final_value():
+  cfg = _cfg()
+  cfg.loss.teacher_temp_warmup_epochs = 0
+  tt = optim.make_schedules(cfg, STEPS_PER_EPOCH)["teacher_temp"]
+  np.testing.assert_allclose([float(tt(i)) for i in (0, 10, 100)], 0.07, rtol=1e-6)

@@ -1,0 +1,241 @@
+"""Trainer tests on 8 fake CPU devices: sharding, resume, CLI, data paths and bad input."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from configs import demo_fashion_mnist
+from configs import dinov2_vits14
+from dino_jax import data
+from dino_jax import train
+from dino_jax.errors import UsageError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_STEPS_PER_EPOCH = 10000 // 16  # bundled train split / tiny batch
+
+
+def tiny(module=demo_fashion_mnist, steps=6, **overrides):
+  cfg = module.get_config("tiny")
+  cfg.data.source = "fashion_mnist_demo"
+  cfg.data.image_size = 20
+  cfg.eval.train_split, cfg.eval.test_split = "train", "test"
+  cfg.epochs = steps / TRAIN_STEPS_PER_EPOCH
+  cfg.optim.warmup_epochs = 2 / TRAIN_STEPS_PER_EPOCH  # so the weights move within a few steps
+  cfg.eval.knn_every_steps = -1
+  cfg.update_from_flattened_dict(overrides)
+  return cfg
+
+
+def assert_trees_close(a, b, atol):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def one_step(cfg, devices, steps=1):
+  """State and metrics after `steps` steps on a mesh of `devices`, from fixed real images."""
+  mesh = train.data_mesh(devices)
+  trainer = train.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH)
+  src = data.make_source(cfg.data, "train")
+  state = trainer.state
+  for step in range(steps):
+    images, _ = src.get(data.batch_indices(len(src), cfg.batch_size, step, cfg.seed))
+    batch = dict(trainer.make_views(train.augmentation_key(cfg), step, jax.device_put(images, trainer.batch_sharding)))
+    if cfg.loss.ibot_weight > 0:
+      batch["masks"] = jax.device_put(train.step_masks(cfg, step, len(images)), trainer.batch_sharding)
+    state, metrics = trainer.train_step(state, batch)
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("module", [demo_fashion_mnist, dinov2_vits14], ids=["dino", "dinov2"])
+def test_sharded_step_equals_unsharded(module):
+  cfg = tiny(module)
+  assert len(jax.devices()) == 8
+  s1, m1 = one_step(cfg, jax.devices()[:1], steps=2)
+  s8, m8 = one_step(cfg, jax.devices(), steps=2)
+  assert_trees_close(s8["params"], s1["params"], atol=1e-5)
+  assert_trees_close(s8["teacher"], s1["teacher"], atol=1e-5)
+  assert_trees_close(s8["center"], s1["center"], atol=1e-5)
+  for k in m1:
+    np.testing.assert_allclose(m8[k], m1[k], atol=1e-5, rtol=1e-5, err_msg=k)
+  expected_terms = {"dino_loss"} | ({"ibot_loss", "koleo_loss"} if module is dinov2_vits14 else set())
+  assert expected_terms <= set(m1)
+  assert all(np.isfinite(v) for v in m1.values())
+
+
+def test_step_moves_student_teacher_and_center():
+  cfg = tiny()
+  mesh = train.data_mesh()
+  init = jax.device_get(train.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH).state)
+  state, metrics = one_step(cfg, jax.devices(), steps=3)
+  assert int(state["step"]) == 3
+  moved = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  student_move = moved(state["params"], init["params"])
+  teacher_move = moved(state["teacher"].value, init["teacher"].value)
+  assert student_move > 0 and 0 < teacher_move < student_move  # the teacher is a slow EMA
+  assert float(np.abs(state["center"].value).sum()) > 0
+  # The last layer is frozen during the first epoch (the whole tiny run).
+  np.testing.assert_array_equal(state["params"]["head"]["last_layer"], init["params"]["head"]["last_layer"])
+  assert 0 < metrics["teacher_entropy"] <= np.log(cfg.head.out_dim) + 1e-5
+  assert metrics["lr"] > 0 and metrics["grad_norm"] > 0
+
+
+def final_state(workdir, cfg):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  state = train.build(cfg, train.data_mesh(), TRAIN_STEPS_PER_EPOCH).state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return mngr.latest_step(), jax.device_get(mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract)))
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+  cfg = tiny(dinov2_vits14, steps=6)
+  cfg.checkpoint.every_steps = 2
+  full = train.train(cfg, str(tmp_path / "full"))["state"]
+  first = train.train(cfg, str(tmp_path / "resumed"), max_steps=3)["state"]
+  assert int(first["step"]) == 3
+  resumed = train.train(cfg, str(tmp_path / "resumed"))["state"]
+  assert int(resumed["step"]) == 6
+  assert_trees_close(jax.device_get(resumed), jax.device_get(full), atol=1e-6)
+
+
+def run_cli(*args, workdir, **kw):
+  cmd = [sys.executable, "-m", "dino_jax.train", "--workdir", str(workdir), *args]
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
+  steps = 24
+  flags = ["--config", "configs/demo_fashion_mnist.py:tiny", f"--config.epochs={steps / TRAIN_STEPS_PER_EPOCH}",
+           f"--config.optim.warmup_epochs={2 / TRAIN_STEPS_PER_EPOCH}",
+           "--config.checkpoint.every_steps=1", "--config.eval.knn_every_steps=-1"]
+  proc = run_cli(*flags, workdir=tmp_path / "killed")
+  ckpt = tmp_path / "killed" / "checkpoints"
+  deadline = time.time() + 240
+  while not (ckpt / "3").is_dir() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  resumed = run_cli(*flags, workdir=tmp_path / "killed")
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err[-3000:]
+  cfg = tiny(steps=steps)
+  reference = train.train(cfg, str(tmp_path / "reference"))["state"]
+  step, state = final_state(tmp_path / "killed", cfg)
+  assert step == steps
+  assert_trees_close(state, jax.device_get(reference), atol=1e-6)
+
+
+def test_cli_tiny_config_end_to_end(tmp_path):
+  proc = run_cli("--config", "configs/demo_fashion_mnist.py:tiny", workdir=tmp_path)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  for line in ("trained teacher", "random init", "raw pixels"):
+    assert line in out
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows[0]["step"] == 1 and {"loss", "dino_loss", "lr", "momentum", "teacher_temp", "teacher_entropy",
+                                   "teacher_kl_to_mean", "grad_norm"} <= set(rows[0])
+  final = rows[-1]
+  assert 0.3 < final["knn_top1_raw_pixels"] <= 1 and 0 < final["knn_top1_teacher"] <= 1
+  assert any((tmp_path / "tensorboard").iterdir())
+  assert (tmp_path / "checkpoints" / "12").is_dir()
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["width"] == 32
+
+
+# ------------------------------------------------------------------------------------------
+# Data paths.
+# ------------------------------------------------------------------------------------------
+
+
+def write_image_folder(root, per_class=6, size=24):
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(["cats", "dogs"]):
+    (root / name).mkdir(parents=True)
+    for i in range(per_class):
+      pixels = rng.integers(0, 255, (size, size + 4 * c, 3), np.uint8)
+      Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def test_image_folder_source_and_training(tmp_path):
+  write_image_folder(tmp_path / "images" / "train")
+  src = data.FolderSource(str(tmp_path / "images" / "train"), 20)
+  assert len(src) == 12 and src.num_classes == 2
+  image, label = src.get(11)
+  assert image.shape == (20, 20, 3) and image.dtype == np.uint8 and label == 1
+  cfg = tiny(steps=2, **{"data.source": "folder", "data.path": str(tmp_path / "images"), "batch_size": 8,
+                                "epochs": 2.0})  # 12 images: one step an epoch
+  out = train.train(cfg, str(tmp_path / "run"))
+  assert int(out["state"]["step"]) == 2
+
+
+def test_tfds_source_with_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=24):
+    src = data.TfdsSource("mnist", "train", 20)
+    assert len(src) == 24 and src.num_classes == 10
+    image, label = src.get(3)
+    assert image.shape == (20, 20, 3) and image.dtype == np.uint8 and 0 <= label < 10
+    cfg = tiny(steps=2, **{"data.source": "tfds", "data.name": "mnist", "batch_size": 8,
+                           "epochs": 2 / 3})  # 24 images: 3 steps an epoch
+    assert int(train.train(cfg, str(tmp_path / "run"))["state"]["step"]) == 2
+
+
+def test_batches_are_a_function_of_step_only():
+  src = data.fashion_mnist_demo("test", 28)
+  first = list(zip(range(5), data.train_batches(src, 500, seed=3, start_step=0)))
+  later = next(data.train_batches(src, 500, seed=3, start_step=3))
+  assert later[0] == 3
+  np.testing.assert_array_equal(later[1], first[3][1][1])
+  epoch = np.concatenate([data.batch_indices(len(src), 500, s, 3) for s in range(4)])
+  np.testing.assert_array_equal(np.sort(epoch), np.arange(2000))  # each epoch visits every image once
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one clear error.
+# ------------------------------------------------------------------------------------------
+
+
+def test_missing_and_empty_image_folders(tmp_path):
+  with pytest.raises(UsageError, match="does not exist"):
+    data.FolderSource(str(tmp_path / "nope"), 20)
+  (tmp_path / "empty" / "a").mkdir(parents=True)
+  (tmp_path / "empty" / "a" / "notes.txt").write_text("x")
+  with pytest.raises(UsageError, match="has no images"):
+    data.FolderSource(str(tmp_path / "empty"), 20)
+
+
+def test_tfds_dataset_not_available_offline(tmp_path):
+  with pytest.raises(UsageError, match="'mnist'.*not available offline"):
+    data.TfdsSource("mnist", "train", 20, data_dir=str(tmp_path))
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  with pytest.raises(UsageError, match="batch_size 12 is not divisible by the 8 devices"):
+    train.train(tiny(batch_size=12), str(tmp_path))
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+  train.train(tiny(steps=2), str(tmp_path))
+  with pytest.raises(UsageError, match="does not match this config"):
+    train.train(tiny(steps=4, **{"model.width": 48}), str(tmp_path))
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.modle.width=3", "error: unknown config key 'modle'"),
+    ("--config.batch_size=abc", "error: flag --config.batch_size=abc"),
+    ("--config.data.source=folder", "error: data.path must name an image folder"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, flag, message):
+  proc = run_cli("--config", "configs/demo_fashion_mnist.py:tiny", flag, workdir=tmp_path)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(message), err[-2000:]
