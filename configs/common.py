@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = dict(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10.0, weight_decay=(0.04, 0.4),
                  betas=(0.9, 0.999), clip_grad=3.0, layer_decay=1.0, patch_embed_lr_mult=1.0,
                  freeze_last_layer_epochs=1.0, teacher_momentum=(0.996, 1.0))
-  c.eval = dict(knn_every_steps=0, knn_k=20, knn_temperature=0.07, batch_size=256,
+  c.eval = dict(knn_every_steps=0, knn_k=20, knn_temperature=0.07, batch_size=256, knn_baselines=False,
                 train_split="train", test_split="validation")
   c.checkpoint = dict(every_steps=1000, keep=3)
   return c
@@ -60,7 +60,7 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.model = dict(vit(size, 14), ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
                  layerscale=1e-5, drop_path_rate={"small": 0.1, "base": 0.1}.get(size, 0.4),
-                 pos_embed_grid=37)  # 518 px / 14: DINOv2's released position-embedding grid
+                 pos_embed_grid=16)  # 224 px / 14
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=384 if size == "giant" else 256,
                 num_layers=3, share_ibot_head=False)
   c.aug.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), local_size=98)

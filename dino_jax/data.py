@@ -154,23 +154,30 @@ def train_batches(source, global_batch: int, seed: int, start_step: int,
   q = queue.Queue(maxsize=prefetch)
   stop = threading.Event()
 
+  def put(item):
+    while not stop.is_set():
+      try:
+        return q.put(item, timeout=0.1)
+      except queue.Full:
+        pass
+
   def produce():
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      step = start_step
-      while not stop.is_set():
-        idx = batch_indices(len(source), global_batch, step, seed)
-        images, _ = read_batch(source, idx[process_index * local:(process_index + 1) * local], pool)
+    try:
+      with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        step = start_step
         while not stop.is_set():
-          try:
-            q.put((step, images), timeout=0.1)
-            break
-          except queue.Full:
-            pass
-        step += 1
+          idx = batch_indices(len(source), global_batch, step, seed)
+          put((step, read_batch(source, idx[process_index * local:(process_index + 1) * local], pool)[0]))
+          step += 1
+    except Exception as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+      put(e)
 
   threading.Thread(target=produce, daemon=True).start()
   try:
     while True:
-      yield q.get()
+      item = q.get()
+      if isinstance(item, Exception):
+        raise item
+      yield item
   finally:
     stop.set()

@@ -80,13 +80,14 @@ def ibot_patch_loss(student_patch_logits, teacher_patch_probs, token_weights, nu
 def koleo_loss(features, eps=1e-8):
   """KoLeo regularizer (Sablayrolles et al. 2019, DINOv2 Sec. 4):
 
-  L = -1/n sum_i log(min_{j != i} ||x_i - x_j||) on l2-normalized features x.
+  L = -1/n sum_i log(min_{j != i} ||x_i - x_j||) on l2-normalized features x; `eps` inside
+  the norm keeps the gradient finite for duplicate features (as DINOv2's PairwiseDistance).
   """
   x = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
   sim = x @ x.T
   sim = jnp.where(jnp.eye(x.shape[0], dtype=bool), -jnp.inf, sim)
   nearest = x[jnp.argmax(sim, axis=-1)]
-  dist = jnp.linalg.norm(x - nearest, axis=-1)
+  dist = jnp.linalg.norm(x - nearest + eps, axis=-1)
   return -jnp.mean(jnp.log(dist + eps))
 
 

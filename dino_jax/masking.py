@@ -40,9 +40,9 @@ def block_mask(rng: np.random.Generator, grid: tuple[int, int], num_masked: int,
   return mask
 
 
-def max_masked_tokens(num_images: int, num_patches: int, cfg) -> int:
-  """Static upper bound on masked tokens in a batch of `num_images` global crops."""
-  return int(num_images * cfg.mask_prob) * int(num_patches * cfg.mask_ratio[1])
+def max_masked_per_image(num_patches: int, cfg) -> int:
+  """Static upper bound on the masked patches of one image."""
+  return int(num_patches * cfg.mask_ratio[1])
 
 
 def batch_masks(rng: np.random.Generator, num_images: int, grid: tuple[int, int], cfg) -> np.ndarray:

@@ -176,9 +176,10 @@ class DINOHead(nn.Module):
 class DINOModel(nn.Module):
   """Backbone plus DINO head, and the iBOT head scoring selected patch tokens.
 
-  `patch_index` ([M] int) picks rows of the flattened [B*N, D] patch tokens (the masked
-  ones, padded to a static M); their logits come from `ibot_head`, or from the DINO head
-  when `ibot_head` is None (DINOv2's shared-head option).
+  `patch_index` ([B, m] int) picks m patch tokens of each image (its masked ones, padded
+  to a static m), keeping the batch axis so the gather stays sharded with the batch; their
+  logits come from `ibot_head`, or from the DINO head when `ibot_head` is None (DINOv2's
+  shared-head option).
   """
   backbone: ViT
   head: DINOHead
@@ -188,6 +189,6 @@ class DINOModel(nn.Module):
     feats = self.backbone(images, mask=mask, deterministic=deterministic)
     out = {"cls": feats["cls"], "cls_logits": self.head(feats["cls"])}
     if patch_index is not None:
-      tokens = feats["patch"].reshape(-1, feats["patch"].shape[-1])[patch_index]
+      tokens = jnp.take_along_axis(feats["patch"], patch_index[..., None], axis=1)
       out["patch_logits"] = (self.ibot_head or self.head)(tokens)
     return out

@@ -94,7 +94,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict,
   """AdamW with global-norm clipping, scheduled decoupled weight decay (not on biases and
   norms), layer-wise lr decay and the last-layer freeze."""
   o = cfg.optim
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim > 1 and not _path_name(path).endswith("bias"), params)
   multiplier = lambda name: layer_lr_multiplier(name, cfg.model.depth, o.layer_decay, o.patch_embed_lr_mult)
   return optax.chain(
       optax.clip_by_global_norm(o.clip_grad),

@@ -63,7 +63,7 @@ def init_state(cfg, model, tx) -> dict:
   dummy = jnp.zeros((1, a.global_size, a.global_size, 3))
   use_mask = cfg.loss.ibot_weight > 0
   params = model.init(rng, dummy, mask=jnp.zeros((1, (a.global_size // cfg.model.patch_size) ** 2), bool)
-                      if use_mask else None, patch_index=jnp.zeros((1,), jnp.int32) if use_mask else None)["params"]
+                      if use_mask else None, patch_index=jnp.zeros((1, 1), jnp.int32) if use_mask else None)["params"]
   center = jnp.zeros((cfg.head.out_dim,), jnp.float32)
   return {
       "step": jnp.zeros([], jnp.int32),
@@ -106,15 +106,17 @@ def update_center(center_state, logits, momentum, cfg, weights=None):
   return optim.ema(momentum).update(batch_mean, center_state)[1]
 
 
-def masked_token_index(masks, max_tokens):
-  """Flat indices of masked tokens padded to a static count, with DINOv2's per-token weight
-  1 / (masked tokens in its image), 0 for padding."""
-  n_images, n_patches = masks.shape
-  (index,) = jnp.nonzero(masks.reshape(-1), size=max_tokens, fill_value=0)
-  valid = jnp.arange(max_tokens) < jnp.sum(masks)
-  per_image = jnp.sum(masks, axis=-1)
-  weights = jnp.where(valid, 1.0 / jnp.maximum(per_image[index // n_patches], 1), 0.0)
-  return index, weights, valid.astype(jnp.float32)
+def masked_token_index(masks, max_per_image):
+  """Per image, the indices of its masked patches padded to a static `max_per_image`.
+
+  Returns [n, m] indices, flat [n*m] DINOv2 weights 1 / (masked patches of the image) with
+  0 for padding, and the flat [n*m] validity.
+  """
+  index = jnp.argsort(~masks, axis=1, stable=True)[:, :max_per_image]  # masked ones first
+  per_image = jnp.sum(masks, axis=1, keepdims=True)
+  valid = jnp.arange(max_per_image)[None, :] < per_image
+  weights = jnp.where(valid, 1.0 / jnp.maximum(per_image, 1), 0.0)
+  return index, weights.reshape(-1), valid.reshape(-1).astype(jnp.float32)
 
 
 def train_step(state, batch, *, model, tx, schedules, cfg):
@@ -133,15 +135,15 @@ def train_step(state, batch, *, model, tx, schedules, cfg):
   mask = index = None
   if use_ibot:
     mask = batch["masks"].reshape(b * n_global, -1)
-    max_tokens = masking.max_masked_tokens(b * n_global, mask.shape[1], cfg.mask)
-    index, token_weights, valid = masked_token_index(mask, max_tokens)
+    index, token_weights, valid = masked_token_index(mask, masking.max_masked_per_image(mask.shape[1], cfg.mask))
 
   teacher = model.apply({"params": state["teacher"].value}, glob, patch_index=index)
   teacher = jax.lax.stop_gradient(teacher)
   t_logits = teacher["cls_logits"].reshape(b, n_global, -1)
   t_probs = teacher_targets(t_logits, state["center"], temp, cfg)
   if use_ibot:
-    t_patch_probs = teacher_targets(teacher["patch_logits"], state["ibot_center"], temp, cfg, valid)
+    t_patch_logits = teacher["patch_logits"].reshape(-1, teacher["patch_logits"].shape[-1])
+    t_patch_probs = teacher_targets(t_patch_logits, state["ibot_center"], temp, cfg, valid)
 
   def loss_fn(params):
     student = model.apply({"params": params}, glob, mask=mask, patch_index=index,
@@ -154,7 +156,8 @@ def train_step(state, batch, *, model, tx, schedules, cfg):
       s_logits = jnp.concatenate([s_logits, s_local["cls_logits"].reshape(b, loc.shape[1], -1)], 1)
     terms = {"dino_loss": losses.dino_loss(s_logits, t_probs, cfg.loss.student_temp)}
     if use_ibot:
-      terms["ibot_loss"] = losses.ibot_patch_loss(student["patch_logits"], t_patch_probs, token_weights,
+      s_patch_logits = student["patch_logits"].reshape(t_patch_probs.shape)
+      terms["ibot_loss"] = losses.ibot_patch_loss(s_patch_logits, t_patch_probs, token_weights,
                                                   b * n_global, cfg.loss.student_temp)
     if cfg.loss.koleo_weight > 0:
       cls = student["cls"].reshape(b, n_global, -1)
@@ -170,7 +173,7 @@ def train_step(state, batch, *, model, tx, schedules, cfg):
   new_state = dict(state, step=step + 1, params=params, opt_state=opt_state, teacher=teacher_state,
                    center=update_center(state["center"], t_logits, cfg.loss.center_momentum, cfg))
   if use_ibot:
-    new_state["ibot_center"] = update_center(state["ibot_center"], teacher["patch_logits"],
+    new_state["ibot_center"] = update_center(state["ibot_center"], t_patch_logits,
                                              cfg.loss.center_momentum, cfg, valid)
   t_flat = t_probs.reshape(-1, t_probs.shape[-1])
   metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedules["lr"](step),
@@ -202,40 +205,48 @@ def make_views(key_data, step, images, *, cfg):
 # ---------------------------------------------------------------------------------------
 
 
-def extract_features(backbone, params, source, cfg, mesh) -> np.ndarray:
-  """CLS features of every image of `source`, batches sharded over the mesh."""
-  batch = cfg.eval.batch_size
-  sharding = NamedSharding(mesh, P("data"))
+def make_feature_fn(backbone: models.ViT, cfg, mesh) -> Callable:
+  """Jitted (params, uint8 images, labels) -> (features, labels), replicated to every process.
 
-  @functools.partial(jax.jit, in_shardings=(None, sharding), out_shardings=sharding)
-  def features(params, images):
+  Features are the backbone's CLS token on the evaluation view, or, with params None, the
+  raw pixels (the baseline a learned representation should beat).
+  """
+  replicated = NamedSharding(mesh, P())
+
+  @functools.partial(jax.jit, out_shardings=(replicated, replicated))
+  def features(params, images, labels):
+    if params is None:
+      return images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0, labels
     x = augment.preprocess_eval(images, cfg.aug.global_size)
-    return backbone.apply({"params": params}, x)["cls"]
+    return backbone.apply({"params": params}, x)["cls"], labels
 
-  out = []
-  for i in range(0, len(source), batch):
-    images, _ = data.read_batch(source, np.arange(i, min(i + batch, len(source))))
-    n = len(images)
-    images = np.pad(images, ((0, batch - n),) + ((0, 0),) * 3)
-    out.append(np.asarray(features(params, images))[:n])
-  return np.concatenate(out)
+  return features
 
 
-def knn_eval(backbone, params, sources, cfg, mesh) -> float:
-  """DINO's k-NN top-1 of `params` with the train split as memory and test as queries."""
+def extract_features(feature_fn, params, source, batch_size: int, sharding) -> tuple[np.ndarray, np.ndarray]:
+  """Features and labels of every image of `source`; each process decodes its slice of
+  every batch (the last batch is padded with image 0 and the padding dropped)."""
+  local = batch_size // jax.process_count()
+  start = jax.process_index() * local
+  to_global = lambda x: jax.make_array_from_process_local_data(sharding, x)
+  feats, labels = [], []
+  for i in range(0, len(source), batch_size):
+    index = np.arange(i, i + batch_size)
+    valid = index < len(source)
+    images, lab = data.read_batch(source, np.where(valid, index, 0)[start:start + local])
+    f, lab = feature_fn(params, to_global(images), to_global(lab))
+    feats.append(np.asarray(f)[valid])
+    labels.append(np.asarray(lab)[valid])
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+def knn_eval(feature_fn, params, sources, cfg, sharding) -> float:
+  """DINO's weighted k-NN top-1 with the train split as memory and the test split as queries."""
   train_src, test_src = sources
-  train_f = extract_features(backbone, params, train_src, cfg, mesh)
-  test_f = extract_features(backbone, params, test_src, cfg, mesh)
-  return knn.knn_accuracy(train_f, train_src.labels, test_f, test_src.labels, train_src.num_classes,
+  train_f, train_y = extract_features(feature_fn, params, train_src, cfg.eval.batch_size, sharding)
+  test_f, test_y = extract_features(feature_fn, params, test_src, cfg.eval.batch_size, sharding)
+  return knn.knn_accuracy(train_f, train_y, test_f, test_y, train_src.num_classes,
                           cfg.eval.knn_k, cfg.eval.knn_temperature)
-
-
-def raw_pixel_knn(sources, cfg) -> float:
-  """The same k-NN on raw pixels: the floor a learned representation should beat."""
-  train_src, test_src = sources
-  flat = lambda s: s.get(np.arange(len(s)))[0].reshape(len(s), -1).astype(np.float32) / 255.0
-  return knn.knn_accuracy(flat(train_src), train_src.labels, flat(test_src), test_src.labels,
-                          train_src.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,8 +313,10 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def check_config(cfg, num_devices: int):
-  if cfg.batch_size % num_devices:
-    raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {num_devices} devices")
+  for name in ("batch_size", "eval.batch_size"):
+    value = cfg.eval.batch_size if name == "eval.batch_size" else cfg.batch_size
+    if value % num_devices:
+      raise UsageError(f"{name} {value} is not divisible by the {num_devices} devices")
   if cfg.loss.centering not in ("centering", "sinkhorn"):
     raise UsageError(f"loss.centering must be 'centering' or 'sinkhorn', not {cfg.loss.centering!r}")
   for size in (cfg.aug.global_size, cfg.aug.local_size):
@@ -366,7 +379,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
   to_global = lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x)
 
   writer = MetricWriter(workdir)
-  backbone = make_backbone(cfg)
+  feature_fn = make_feature_fn(make_backbone(cfg), cfg, mesh)
+  evaluate = lambda params: knn_eval(feature_fn, params, eval_srcs, cfg, trainer.batch_sharding)
   end_step = total_steps if max_steps is None else min(max_steps, total_steps)
   batches = data.train_batches(train_src, cfg.batch_size, cfg.seed, start_step,
                                jax.process_index(), jax.process_count())
@@ -390,17 +404,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
       writer.write(done, metrics)
     mngr.save(done, args=ocp.args.StandardSave(state), force=done == end_step)
     if eval_srcs and cfg.eval.knn_every_steps > 0 and done % cfg.eval.knn_every_steps == 0 and done < end_step:
-      acc = knn_eval(backbone, state["teacher"].value["backbone"], eval_srcs, cfg, mesh)
+      acc = evaluate(state["teacher"].value["backbone"])
       writer.write(done, {"knn_top1": acc})
       bar.write(f"step {done}: k-NN top-1 {acc:.4f}")
   bar.close()
   mngr.wait_until_finished()
 
   if eval_srcs and end_step == total_steps:
-    results["knn_top1_teacher"] = knn_eval(backbone, state["teacher"].value["backbone"], eval_srcs, cfg, mesh)
-    init_params = build(cfg, mesh, steps_per_epoch).state["params"]
-    results["knn_top1_random_init"] = knn_eval(backbone, init_params["backbone"], eval_srcs, cfg, mesh)
-    results["knn_top1_raw_pixels"] = raw_pixel_knn(eval_srcs, cfg)
+    results["knn_top1_teacher"] = evaluate(state["teacher"].value["backbone"])
+    if cfg.eval.knn_baselines:
+      results["knn_top1_random_init"] = evaluate(build(cfg, mesh, steps_per_epoch).state["params"]["backbone"])
+      results["knn_top1_raw_pixels"] = evaluate(None)
     writer.write(end_step, results)
   writer.close()
   mngr.close()
@@ -455,9 +469,10 @@ def main(argv):
   res = out["results"]
   if res:
     print(f"\nk-NN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) on {cfg.eval.test_split}:")
-    print(f"  trained teacher   {res['knn_top1_teacher']:.4f}")
-    print(f"  random init       {res['knn_top1_random_init']:.4f}")
-    print(f"  raw pixels        {res['knn_top1_raw_pixels']:.4f}")
+    names = {"knn_top1_teacher": "trained teacher", "knn_top1_random_init": "random init",
+             "knn_top1_raw_pixels": "raw pixels"}
+    for key, value in res.items():
+      print(f"  {names[key]:<17} {value:.4f}")
   print(f"done in {time.time() - t0:.0f} s; workdir {_WORKDIR.value}")
 
 

@@ -16,6 +16,7 @@ def _cfg():
   cfg.epochs = 10.0
   cfg.optim.warmup_epochs = 2
   cfg.optim.min_lr = 1e-6
+  cfg.optim.teacher_momentum = (0.996, 1.0)
   cfg.loss.teacher_temp = (0.04, 0.07)
   cfg.loss.teacher_temp_warmup_epochs = 3
   return cfg

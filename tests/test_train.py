@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import demo_fashion_mnist
+from configs import dino_vits16
 from configs import dinov2_vits14
 from dino_jax import data
 from dino_jax import train
@@ -23,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_STEPS_PER_EPOCH = 10000 // 16  # bundled train split / tiny batch
 
 
-def tiny(module=demo_fashion_mnist, steps=6, **overrides):
+def tiny(module=dino_vits16, steps=6, **overrides):
   cfg = module.get_config("tiny")
   cfg.data.source = "fashion_mnist_demo"
   cfg.data.image_size = 20
@@ -55,7 +56,7 @@ def one_step(cfg, devices, steps=1):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("module", [demo_fashion_mnist, dinov2_vits14], ids=["dino", "dinov2"])
+@pytest.mark.parametrize("module", [dino_vits16, dinov2_vits14], ids=["dino", "dinov2"])
 def test_sharded_step_equals_unsharded(module):
   cfg = tiny(module)
   assert len(jax.devices()) == 8
@@ -127,7 +128,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
   resumed = run_cli(*flags, workdir=tmp_path / "killed")
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err[-3000:]
-  cfg = tiny(steps=steps)
+  cfg = tiny(demo_fashion_mnist, steps=steps)
   reference = train.train(cfg, str(tmp_path / "reference"))["state"]
   step, state = final_state(tmp_path / "killed", cfg)
   assert step == steps
