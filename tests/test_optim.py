@@ -164,7 +164,7 @@ def test_make_optimizer_decay_mask_and_layer_scaling():
           "pos_embed": f(1, 2, 2, 8),
           "block0": {"mlp": {"fc1": {"kernel": f(8, 16), "bias": f(16)}},
                      "norm1": {"scale": f(8), "bias": f(8)}},
-          "block1": {"qkv": {"kernel": f(8, 3, 2, 4)}},
+          "block1": {"qkv": {"kernel": f(8, 3, 2, 4), "bias": f(3, 2, 4)}},  # multi-dim bias
           "norm": {"scale": f(8)},
       },
       "head": {"mlp0": {"kernel": f(8, 4), "bias": f(4)}},
@@ -175,7 +175,7 @@ def test_make_optimizer_decay_mask_and_layer_scaling():
 
   def check(path, p, n):
     name = optim._path_name(path)
-    if p.ndim == 1:
+    if p.ndim == 1 or name.endswith("bias"):  # biases and norms are never decayed
       np.testing.assert_array_equal(n, p, err_msg=name)
     else:
       mult = optim.layer_lr_multiplier(name, 2, 0.5, 0.2)

@@ -172,9 +172,11 @@ def test_image_folder_source_and_training(tmp_path):
   image, label = src.get(11)
   assert image.shape == (20, 20, 3) and image.dtype == np.uint8 and label == 1
   cfg = tiny(steps=2, **{"data.source": "folder", "data.path": str(tmp_path / "images"), "batch_size": 8,
-                                "epochs": 2.0})  # 12 images: one step an epoch
-  out = train.train(cfg, str(tmp_path / "run"))
+                                "epochs": 2.0, "eval.knn_every_steps": 0, "eval.batch_size": 8,
+                                "eval.train_split": "train", "eval.test_split": "train"})
+  out = train.train(cfg, str(tmp_path / "run"))  # 12 images: one step an epoch
   assert int(out["state"]["step"]) == 2
+  assert 0 <= out["results"]["knn_top1_teacher"] <= 1  # k-NN on folder labels (12 = 8 + padded 4)
 
 
 def test_tfds_source_with_mock_data(tmp_path):
@@ -185,8 +187,10 @@ def test_tfds_source_with_mock_data(tmp_path):
     image, label = src.get(3)
     assert image.shape == (20, 20, 3) and image.dtype == np.uint8 and 0 <= label < 10
     cfg = tiny(steps=2, **{"data.source": "tfds", "data.name": "mnist", "batch_size": 8,
-                           "epochs": 2 / 3})  # 24 images: 3 steps an epoch
-    assert int(train.train(cfg, str(tmp_path / "run"))["state"]["step"]) == 2
+                           "epochs": 2 / 3, "eval.knn_every_steps": 0, "eval.batch_size": 16,
+                           "eval.train_split": "train", "eval.test_split": "test"})  # 24 images: 3 steps an epoch
+    out = train.train(cfg, str(tmp_path / "run"))
+    assert int(out["state"]["step"]) == 2 and 0 <= out["results"]["knn_top1_teacher"] <= 1
 
 
 def test_batches_are_a_function_of_step_only():
