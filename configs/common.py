@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.epochs = 100.0
   c.log_every_steps = 50
   c.progress_bar = True
+  c.on_nonfinite = "stop"  # or "skip": a step with non-finite loss/gradients is not applied
 
   c.data = dict(source="tfds", name="imagenet2012", path="", data_dir="", image_size=256,
                 train_split="train")

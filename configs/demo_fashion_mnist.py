@@ -27,7 +27,7 @@ def get_config(arg=None):
   # plain centering drifted towards a uniform teacher, Sinkhorn-Knopp did not.
   config.loss.update(centering="sinkhorn", koleo_weight=0.1)
   config.batch_size = 128
-  config.epochs = 10.0
+  config.epochs = 8.0
   config.optim.update(base_lr=1e-3, warmup_epochs=1.0, freeze_last_layer_epochs=1.0,
                       teacher_momentum=(0.99, 1.0))
   config.eval.knn_every_steps = 312  # every 4 epochs

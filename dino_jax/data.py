@@ -12,6 +12,7 @@ import pathlib
 import queue
 import threading
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -21,12 +22,25 @@ DEMO_FILE = pathlib.Path(__file__).parent / "demo_data" / "fashion_mnist_12k.npz
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """RGB of any PIL mode: 16/32-bit and float grayscale rescaled to 8 bits, transparency
+  composited on white, CMYK/palette/grayscale converted."""
+  if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    pixels = np.asarray(image, np.float32)
+    top = 65535.0 if pixels.max() > 255 else 255.0
+    image = Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8))
+  if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    rgba = image.convert("RGBA")
+    image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+  return image.convert("RGB")
+
+
 def to_square_rgb(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
   """Any image -> uint8 [size, size, 3]: RGB, shorter side resized to size, center crop."""
   if not isinstance(image, Image.Image):
     image = np.asarray(image)
     image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
-  image = image.convert("RGB")
+  image = _to_rgb(image)
   w, h = image.size
   s = size / min(w, h)
   nw, nh = max(size, round(w * s)), max(size, round(h * s))
@@ -88,7 +102,13 @@ class TfdsSource:
 
 
 class FolderSource:
-  """Images under a folder; the label is the index of the first-level subfolder (if any)."""
+  """Images under a folder; the label is the index of the first-level subfolder (if any).
+
+  A file that cannot be decoded (truncated, empty, not an image, a decompression bomb) is
+  skipped: the next file in sorted order stands in for it, so a step's batch stays a
+  function of the step, and the file is logged once and counted in `skipped`.
+  """
+  MAX_SUBSTITUTES = 16
 
   def __init__(self, root: str, size: int):
     root_path = pathlib.Path(root)
@@ -103,13 +123,33 @@ class FolderSource:
                            np.int32)
     self.num_classes = len(classes) or None
     self.size = size
+    self._unreadable = set()
+    self._lock = threading.Lock()
 
   def __len__(self):
     return len(self.files)
 
+  @property
+  def skipped(self) -> int:
+    """How many distinct files were found unreadable so far."""
+    return len(self._unreadable)
+
+  def _decode(self, i):
+    with Image.open(self.files[i]) as im:
+      im.draft("RGB", (self.size, self.size))  # JPEG: decode big images at reduced size
+      return to_square_rgb(im, self.size)
+
   def get(self, index):
-    with Image.open(self.files[index]) as im:
-      return to_square_rgb(im, self.size), self.labels[index]
+    for offset in range(self.MAX_SUBSTITUTES):
+      i = (int(index) + offset) % len(self.files)
+      try:
+        return self._decode(i), self.labels[i]
+      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with self._lock:
+          if i not in self._unreadable:
+            self._unreadable.add(i)
+            logging.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(e).__name__, e)
+    raise UsageError(f"{self.MAX_SUBSTITUTES} unreadable images in a row from {self.files[index]}")
 
 
 def make_source(cfg, split: str):

@@ -10,7 +10,9 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -73,6 +75,8 @@ def init_state(cfg, model, tx) -> dict:
       "teacher": optim.ema(0.0).init(params),
       "center": optim.ema(0.0).init(center),
       "ibot_center": optim.ema(0.0).init(center),
+      "nonfinite_steps": jnp.zeros([], jnp.int32),  # steps skipped for non-finite loss/grads
+      "first_nonfinite_step": jnp.full([], -1, jnp.int32),
   }
 
 
@@ -175,10 +179,22 @@ def train_step(state, batch, *, model, tx, schedules, cfg):
   if use_ibot:
     new_state["ibot_center"] = update_center(state["ibot_center"], t_patch_logits,
                                              cfg.loss.center_momentum, cfg, valid)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite step leaves the state as it was (only the counters move); the loop then
+  # stops or goes on as `on_nonfinite` says.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  new_state["step"] = step + 1
+  new_state["nonfinite_steps"] = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
+  new_state["first_nonfinite_step"] = jnp.where(
+      (state["first_nonfinite_step"] < 0) & ~finite, step + 1, state["first_nonfinite_step"])
   t_flat = t_probs.reshape(-1, t_probs.shape[-1])
-  metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedules["lr"](step),
+  cls = teacher["cls"] / jnp.linalg.norm(teacher["cls"], axis=-1, keepdims=True)
+  metrics = dict(terms, loss=loss, grad_norm=grad_norm, lr=schedules["lr"](step),
                  weight_decay=schedules["weight_decay"](step), momentum=momentum, teacher_temp=temp,
-                 teacher_entropy=losses.entropy(t_flat), teacher_kl_to_mean=losses.kl_to_mean(t_flat))
+                 teacher_entropy=losses.entropy(t_flat), teacher_kl_to_mean=losses.kl_to_mean(t_flat),
+                 teacher_feature_std=jnp.mean(jnp.std(cls, axis=0)),
+                 nonfinite_steps=new_state["nonfinite_steps"])
   return new_state, metrics
 
 
@@ -262,7 +278,13 @@ def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
 
 
 def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
-  """The latest checkpoint restored with `state`'s shapes and shardings, else `state`."""
+  """The latest checkpoint restored with `state`'s shapes and shardings, else `state`.
+
+  Orbax writes a checkpoint under a temporary name and renames it when complete, so one
+  cut short by a kill is never restored; it is reported here and left alone.
+  """
+  for unfinished in pathlib.Path(str(mngr.directory)).glob("*.orbax-checkpoint-tmp*"):
+    logging.warning("ignoring unfinished checkpoint %s (the run stopped while writing it)", unfinished)
   step = mngr.latest_step()
   if step is None:
     return state
@@ -277,6 +299,26 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
 # ---------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------
+
+
+class DivergenceError(RuntimeError):
+  """The loss or gradients became non-finite and the config says to stop."""
+
+
+stop_requested = threading.Event()  # set by SIGTERM: save at the next step boundary and exit
+
+
+def collapse_warnings(metrics: dict, num_prototypes: int) -> list[str]:
+  """Signs of the two DINO collapses (Caron et al. 2021, Sec. 5.3) in a step's metrics."""
+  out = []
+  if metrics["teacher_entropy"] > 0.99 * np.log(num_prototypes):
+    out.append(f"teacher entropy {metrics['teacher_entropy']:.3f} is near log K: near-uniform targets")
+  if metrics["teacher_kl_to_mean"] < 1e-2:
+    out.append(f"KL(teacher || mean teacher) {metrics['teacher_kl_to_mean']:.4f} is near 0: "
+               "every image gets the same target")
+  if metrics["teacher_feature_std"] < 1e-3:
+    out.append(f"teacher CLS features barely vary over the batch (std {metrics['teacher_feature_std']:.2e})")
+  return out
 
 
 class MetricWriter:
@@ -317,6 +359,8 @@ def check_config(cfg, num_devices: int):
     value = cfg.eval.batch_size if name == "eval.batch_size" else cfg.batch_size
     if value % num_devices:
       raise UsageError(f"{name} {value} is not divisible by the {num_devices} devices")
+  if cfg.on_nonfinite not in ("stop", "skip"):
+    raise UsageError(f"on_nonfinite must be 'stop' or 'skip', not {cfg.on_nonfinite!r}")
   if cfg.loss.centering not in ("centering", "sinkhorn"):
     raise UsageError(f"loss.centering must be 'centering' or 'sinkhorn', not {cfg.loss.centering!r}")
   for size in (cfg.aug.global_size, cfg.aug.local_size):
@@ -397,12 +441,28 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
     bar.update(1)
     done = step + 1
     if done % cfg.log_every_steps == 0 or done == end_step:
-      metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"non-finite loss at step {done}")
+      metrics = dict(jax.device_get(metrics), skipped_images=getattr(train_src, "skipped", 0))
+      if metrics["nonfinite_steps"] > 0 and cfg.on_nonfinite == "stop":
+        mngr.wait_until_finished()
+        bad = int(state["first_nonfinite_step"])
+        good = max([s for s in mngr.all_steps() if s < bad], default=None)
+        raise DivergenceError(
+            f"non-finite loss or gradients at step {bad} (that update was not applied); last good "
+            f"checkpoint: {f'step {good} in {mngr.directory}' if good is not None else 'none'}. "
+            "Set --config.on_nonfinite=skip to skip such steps instead.")
+      for warning in collapse_warnings(metrics, cfg.head.out_dim):
+        logging.warning("step %d: %s", done, warning)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
       writer.write(done, metrics)
-    mngr.save(done, args=ocp.args.StandardSave(state), force=done == end_step)
+    preempted = stop_requested.is_set() or mngr.reached_preemption(done)
+    mngr.save(done, args=ocp.args.StandardSave(state), force=done == end_step or preempted)
+    if preempted:
+      mngr.wait_until_finished()
+      bar.write(f"stopped at step {done} on request (SIGTERM or preemption); checkpoint saved, "
+                "rerun the same command to resume")
+      end_step = done
+      results["preempted_at"] = done
+      break
     if eval_srcs and cfg.eval.knn_every_steps > 0 and done % cfg.eval.knn_every_steps == 0 and done < end_step:
       acc = evaluate(state["teacher"].value["backbone"])
       writer.write(done, {"knn_top1": acc})
@@ -410,7 +470,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
   bar.close()
   mngr.wait_until_finished()
 
-  if eval_srcs and end_step == total_steps:
+  if eval_srcs and end_step == total_steps and "preempted_at" not in results:
     results["knn_top1_teacher"] = evaluate(state["teacher"].value["backbone"])
     if cfg.eval.knn_baselines:
       results["knn_top1_random_init"] = evaluate(build(cfg, mesh, steps_per_epoch).state["params"]["backbone"])
@@ -462,17 +522,21 @@ def main(argv):
     cfg.get("seed")  # a config file that failed to load raises here
   except OSError as e:
     fail(str(e))
+  signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
   try:
     out = train(cfg, _WORKDIR.value)
-  except UsageError as e:
+  except (UsageError, DivergenceError) as e:
     fail(str(e))
   res = out["results"]
-  if res:
+  if "knn_top1_teacher" in res:
     print(f"\nk-NN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) on {cfg.eval.test_split}:")
     names = {"knn_top1_teacher": "trained teacher", "knn_top1_random_init": "random init",
              "knn_top1_raw_pixels": "raw pixels"}
     for key, value in res.items():
       print(f"  {names[key]:<17} {value:.4f}")
+  if "preempted_at" in res:
+    print(f"stopped at step {res['preempted_at']}; workdir {_WORKDIR.value}")
+    return
   print(f"done in {time.time() - t0:.0f} s; workdir {_WORKDIR.value}")
 
 

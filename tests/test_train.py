@@ -112,26 +112,29 @@ def run_cli(*args, workdir, **kw):
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
-  steps = 24
+def test_kill_9_at_three_random_steps_then_resume_equals_uninterrupted(tmp_path):
+  steps = 30
   flags = ["--config", "configs/demo_fashion_mnist.py:tiny", f"--config.epochs={steps / TRAIN_STEPS_PER_EPOCH}",
            f"--config.optim.warmup_epochs={2 / TRAIN_STEPS_PER_EPOCH}",
            "--config.checkpoint.every_steps=1", "--config.eval.knn_every_steps=-1"]
-  proc = run_cli(*flags, workdir=tmp_path / "killed")
   ckpt = tmp_path / "killed" / "checkpoints"
-  deadline = time.time() + 240
-  while not (ckpt / "3").is_dir() and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  kill_points = sorted(np.random.default_rng().choice(np.arange(2, steps - 4), 3, replace=False))
+  for kill_at in kill_points:
+    proc = run_cli(*flags, workdir=tmp_path / "killed")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(
+        (ckpt / str(s)).is_dir() for s in range(kill_at, steps + 1)):
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed at {kill_at}"
   resumed = run_cli(*flags, workdir=tmp_path / "killed")
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err[-3000:]
   cfg = tiny(demo_fashion_mnist, steps=steps)
   reference = train.train(cfg, str(tmp_path / "reference"))["state"]
   step, state = final_state(tmp_path / "killed", cfg)
-  assert step == steps
+  assert step == steps, kill_points
   assert_trees_close(state, jax.device_get(reference), atol=1e-6)
 
 

@@ -1,0 +1,182 @@
+"""Preemption, unfinished checkpoints, broken images, non-finite steps and collapse monitors."""
+import json
+import logging
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo_fashion_mnist
+from dino_jax import data
+from dino_jax import train
+from tests.test_train import TRAIN_STEPS_PER_EPOCH, final_state, run_cli, tiny
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes(tmp_path):
+  steps = 400
+  flags = ["--config", "configs/demo_fashion_mnist.py:tiny", f"--config.epochs={steps / TRAIN_STEPS_PER_EPOCH}",
+           "--config.checkpoint.every_steps=100000", "--config.eval.knn_every_steps=-1"]
+  proc = run_cli(*flags, workdir=tmp_path)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "stopped at step" in out
+  stopped_at = int(out.split("stopped at step")[-1].split(";")[0])
+  assert 0 < stopped_at < steps
+  assert (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
+  resumed = run_cli(*flags, workdir=tmp_path)
+  _, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err[-3000:]
+  step, state = final_state(tmp_path, tiny(demo_fashion_mnist, steps=steps))
+  assert step == steps and int(state["step"]) == steps
+
+
+def test_unfinished_checkpoint_is_ignored_with_a_warning(tmp_path, caplog):
+  cfg = tiny(steps=4)
+  train.train(cfg, str(tmp_path), max_steps=2)
+  junk = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
+  junk.mkdir()
+  (junk / "half").write_bytes(b"\0" * 10)
+  with caplog.at_level(logging.WARNING):
+    state = train.train(cfg, str(tmp_path))["state"]
+  assert int(state["step"]) == 4
+  assert "ignoring unfinished checkpoint" in caplog.text and "3.orbax-checkpoint-tmp-1234" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------
+# Messy image folders.
+# ------------------------------------------------------------------------------------------
+
+RNG = np.random.default_rng(0)
+
+
+def pixels(h, w, c=3):
+  return RNG.integers(0, 255, (h, w, c) if c else (h, w), np.uint8)
+
+
+def write_odd_images(folder):
+  """Good, odd and broken files; returns how many cannot be decoded."""
+  folder.mkdir(parents=True)
+  Image.fromarray(pixels(30, 40)).save(folder / "rgb.png")
+  Image.fromarray(pixels(30, 40)).save(folder / "rgb.jpg")
+  Image.fromarray(pixels(30, 40)).convert("CMYK").save(folder / "cmyk.jpg")
+  Image.fromarray(pixels(30, 40, 4), "RGBA").save(folder / "rgba.png")
+  Image.fromarray(pixels(30, 40, 0)).save(folder / "gray.png")
+  Image.fromarray((RNG.integers(0, 65535, (30, 40))).astype(np.uint16)).save(folder / "gray16.png")
+  Image.fromarray(pixels(30, 40)).convert("P").save(folder / "palette.gif")
+  Image.fromarray(pixels(2, 3)).save(folder / "tiny.png")
+  Image.fromarray(pixels(3000, 4000)).save(folder / "huge.jpg", quality=50)
+  Image.fromarray(pixels(64, 64)).save(folder / "truncated.jpg")
+  full = (folder / "truncated.jpg").read_bytes()
+  (folder / "truncated.jpg").write_bytes(full[:len(full) // 2])
+  (folder / "empty.png").write_bytes(b"")
+  (folder / "not_an_image.jpeg").write_text("hello")
+  return 3
+
+
+def test_odd_images_decode_to_rgb(tmp_path):
+  write_odd_images(tmp_path / "train")
+  src = data.FolderSource(str(tmp_path / "train"), 20)
+  for i, f in enumerate(src.files):
+    if f.stem in ("truncated", "empty", "not_an_image"):
+      continue
+    image, _ = src.get(i)
+    assert image.shape == (20, 20, 3) and image.dtype == np.uint8, f.name
+  assert src.skipped == 0
+  gray16 = src.get(src.files.index(tmp_path / "train" / "gray16.png"))[0]
+  assert gray16.max() > 200  # 16-bit values rescaled, not clipped to white or black
+  transparent = tmp_path / "clear.png"
+  Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(transparent)
+  with Image.open(transparent) as im:
+    assert (data.to_square_rgb(im, 4) == 255).all()  # transparency shows as white
+
+
+def test_broken_images_are_skipped_counted_and_never_crash_the_run(tmp_path):
+  broken = write_odd_images(tmp_path / "images" / "train")
+  src = data.FolderSource(str(tmp_path / "images" / "train"), 20)
+  bad = src.files.index(tmp_path / "images" / "train" / "not_an_image.jpeg")
+  np.testing.assert_array_equal(src.get(bad)[0], src.get(bad + 1)[0])  # the next file stands in
+  cfg = tiny(steps=4, **{"data.source": "folder", "data.path": str(tmp_path / "images"), "batch_size": 8,
+                         "epochs": 4.0, "eval.knn_every_steps": -1})  # 13 files: one step an epoch
+  out = train.train(cfg, str(tmp_path / "run"))
+  assert int(out["state"]["step"]) == 4
+  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["skipped_images"] == broken
+
+
+def test_folder_of_only_broken_images_stops_with_one_error(tmp_path):
+  (tmp_path / "train").mkdir()
+  for i in range(20):
+    (tmp_path / "train" / f"{i}.jpg").write_bytes(b"")
+  src = data.FolderSource(str(tmp_path / "train"), 20)
+  with pytest.raises(data.UsageError, match="unreadable images in a row"):
+    src.get(0)
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite steps and collapse monitors.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nan_views_at_step_3(monkeypatch):
+  make_views = train.make_views
+
+  def poisoned(key_data, step, images, *, cfg):
+    views = make_views(key_data, step, images, cfg=cfg)
+    return {k: jnp.where(step == 3, jnp.nan, v) for k, v in views.items()}
+
+  monkeypatch.setattr(train, "make_views", poisoned)
+
+
+def test_nan_batch_stops_the_run_naming_the_step(tmp_path, nan_views_at_step_3):
+  cfg = tiny(steps=6)
+  cfg.checkpoint.every_steps = 1
+  with pytest.raises(train.DivergenceError, match=r"at step 4 .*last good checkpoint: step 3"):
+    train.train(cfg, str(tmp_path))
+
+
+def test_nan_batch_is_skipped_when_configured(tmp_path, nan_views_at_step_3):
+  cfg = tiny(steps=6, on_nonfinite="skip")
+  state = jax.device_get(train.train(cfg, str(tmp_path))["state"])
+  assert int(state["step"]) == 6 and int(state["nonfinite_steps"]) == 1
+  assert int(state["first_nonfinite_step"]) == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["nonfinite_steps"] for r in rows] == [0, 0, 0, 1, 1, 1]
+
+
+def test_nonfinite_step_leaves_the_state_unchanged():
+  cfg = tiny()
+  trainer = train.build(cfg, train.data_mesh(), TRAIN_STEPS_PER_EPOCH)
+  before = jax.device_get(trainer.state)
+  images = data.fashion_mnist_demo("train", 20).get(np.arange(16))[0]
+  batch = dict(trainer.make_views(train.augmentation_key(cfg), 0, images))
+  batch["global"] = batch["global"].at[0].set(jnp.inf)
+  after, metrics = jax.device_get(trainer.train_step(trainer.state, batch))
+  assert not np.isfinite(metrics["loss"]) and int(after["nonfinite_steps"]) == 1
+  for x, y in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"])):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_collapse_warnings():
+  healthy = {"teacher_entropy": 3.0, "teacher_kl_to_mean": 1.5, "teacher_feature_std": 0.05}
+  assert train.collapse_warnings(healthy, 1024) == []
+  uniform = dict(healthy, teacher_entropy=0.995 * np.log(1024), teacher_kl_to_mean=1e-3)
+  assert len(train.collapse_warnings(uniform, 1024)) == 2
+  one_point = dict(healthy, teacher_entropy=0.01, teacher_kl_to_mean=1e-4, teacher_feature_std=1e-5)
+  warnings = train.collapse_warnings(one_point, 1024)
+  assert len(warnings) == 2 and "same target" in warnings[0] and "barely vary" in warnings[1]
+
+
+def test_bad_on_nonfinite_value(tmp_path):
+  with pytest.raises(train.UsageError, match="on_nonfinite must be 'stop' or 'skip'"):
+    train.train(tiny(on_nonfinite="ignore"), str(tmp_path))
