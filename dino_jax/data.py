@@ -72,7 +72,7 @@ def fashion_mnist_demo(split: str, size: int) -> ArraySource:
   """The bundled subset: 10k train / 2k test Fashion-MNIST images (MIT, Zalando SE)."""
   if split not in ("train", "test"):
     raise UsageError(f"fashion_mnist_demo has splits 'train' and 'test', not {split!r}")
-  with np.load(DEMO_FILE) as d:
+  with np.load(DEMO_FILE, allow_pickle=False) as d:
     return ArraySource(d[f"{split}_images"], d[f"{split}_labels"], size)
 
 

@@ -174,7 +174,7 @@ def train_step(state, batch, *, model, tx, schedules, cfg):
   params = optax.apply_updates(state["params"], updates)
   momentum = schedules["momentum"](step)
   _, teacher_state = optim.ema(momentum).update(params, state["teacher"])
-  new_state = dict(state, step=step + 1, params=params, opt_state=opt_state, teacher=teacher_state,
+  new_state = dict(state, params=params, opt_state=opt_state, teacher=teacher_state,
                    center=update_center(state["center"], t_logits, cfg.loss.center_momentum, cfg))
   if use_ibot:
     new_state["ibot_center"] = update_center(state["ibot_center"], t_patch_logits,
