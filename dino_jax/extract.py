@@ -1,0 +1,131 @@
+"""Features from a dino_jax run: restore only the backbone from Orbax, embed images.
+
+  python -m dino_jax.extract --workdir RUN [--step N] [--student] \
+      --source folder --path /data/images --split val --out feats.npz
+
+Python:  backbone = load_backbone("RUN");  feats = backbone(uint8_images)
+The checkpoint is restored with this host's devices (any count); the optimizer state and the
+rest of the train state are not read.
+"""
+import json
+import pathlib
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from dino_jax import augment
+from dino_jax import data
+from dino_jax import train
+from dino_jax.errors import UsageError
+
+
+class Backbone:
+  """A restored ViT: call it on uint8 [B, H, W, 3] images (H, W multiples of the patch size)
+  to get {"cls": [B, D], "pooled": [B, D] (mean patch token), "patch": [B, h, w, D]}."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, params, step: int):
+    self.cfg, self.params, self.step = cfg, params, step
+    self.module = train.make_backbone(cfg)
+    self._apply = jax.jit(self._features)
+
+  def _features(self, params, images):
+    x = (images.astype(jnp.float32) / 255.0 - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
+    out = self.module.apply({"params": params}, x)
+    p = self.cfg.model.patch_size
+    patch = out["patch"].reshape(x.shape[0], x.shape[1] // p, x.shape[2] // p, -1)
+    return {"cls": out["cls"], "pooled": jnp.mean(out["patch"], axis=1), "patch": patch}
+
+  def __call__(self, images):
+    return self._apply(self.params, images)
+
+
+def load_backbone(workdir: str, step: int | None = None, student: bool = False) -> Backbone:
+  """The teacher (default) or student backbone of `workdir`'s checkpoint `step` (latest)."""
+  config_file = pathlib.Path(workdir) / "config.json"
+  if not config_file.is_file():
+    raise UsageError(f"{workdir!r} is not a dino_jax run directory (no config.json)")
+  cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  mngr = ocp.CheckpointManager(str(pathlib.Path(workdir).resolve() / "checkpoints"))
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
+                     f"(has: {sorted(mngr.all_steps()) or 'none'})")
+  module = train.make_backbone(cfg)
+  size = cfg.aug.global_size
+  abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
+  replicated = NamedSharding(train.data_mesh(), P())
+  item = {"params": {"backbone": abstract}} if student else {"teacher": {"value": {"backbone": abstract}}}
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), item)
+  restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                            partial_restore=True))
+  mngr.close()
+  params = restored["params"]["backbone"] if student else restored["teacher"]["value"]["backbone"]
+  return Backbone(cfg, params, step)
+
+
+def extract(backbone: Backbone, source, batch_size: int, image_size: int, with_patches: bool) -> dict:
+  """Features of every image of `source`, batches sharded over all devices."""
+  sharding = NamedSharding(train.data_mesh(), P("data"))
+  if batch_size % sharding.mesh.size:
+    raise UsageError(f"batch_size {batch_size} is not divisible by the {sharding.mesh.size} devices")
+  out = {"cls": [], "pooled": [], "labels": []} | ({"patch": []} if with_patches else {})
+  for i in tqdm.trange(0, len(source), batch_size, desc="extract", unit="batch"):
+    index = np.arange(i, i + batch_size)
+    valid = index < len(source)
+    images, labels = data.read_batch(source, np.where(valid, index, 0))
+    if images.shape[1] != image_size:
+      resized = jax.image.resize(images.astype(np.float32), (len(images), image_size, image_size, 3), "linear")
+      images = np.asarray(resized).round().clip(0, 255).astype(np.uint8)
+    feats = jax.device_get(backbone(jax.device_put(images, sharding)))
+    for k in out:
+      out[k].append(labels[valid] if k == "labels" else feats[k][valid])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+# --workdir (the run directory) is the flag dino_jax.train defines.
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_STUDENT = flags.DEFINE_bool("student", False, "Use the student backbone instead of the teacher.")
+_SOURCE = flags.DEFINE_enum("source", "fashion_mnist_demo", ["fashion_mnist_demo", "tfds", "folder"],
+                            "Where the images come from (as data.source in configs).")
+_NAME = flags.DEFINE_string("name", "", "TFDS dataset name (source=tfds).")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir (source=tfds).")
+_PATH = flags.DEFINE_string("path", "", "Image folder (source=folder); images under PATH/SPLIT.")
+_SPLIT = flags.DEFINE_string("split", "test", "Split (subfolder for source=folder).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input side in px (default: the run's global crop).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+_PATCHES = flags.DEFINE_bool("patches", False, "Also save patch features [N, h, w, D] (large).")
+_OUT = flags.DEFINE_string("out", None, "Output .npz with cls, pooled, labels (and patch).")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    if not flags.FLAGS.workdir or not _OUT.value:
+      raise UsageError("--workdir and --out are required")
+    backbone = load_backbone(flags.FLAGS.workdir, _STEP.value, _STUDENT.value)
+    size = _IMAGE_SIZE.value or backbone.cfg.aug.global_size
+    if size % backbone.cfg.model.patch_size:
+      raise UsageError(f"image_size {size} is not a multiple of patch size {backbone.cfg.model.patch_size}")
+    data_cfg = ml_collections.ConfigDict(dict(source=_SOURCE.value, name=_NAME.value, data_dir=_DATA_DIR.value,
+                                              path=_PATH.value, image_size=backbone.cfg.data.image_size))
+    source = data.make_source(data_cfg, _SPLIT.value)
+    feats = extract(backbone, source, _BATCH.value, size, _PATCHES.value)
+  except UsageError as e:
+    train.fail(str(e))
+  np.savez(_OUT.value, **feats, step=backbone.step)
+  print(f"{len(feats['cls'])} images from step {backbone.step}: "
+        f"{', '.join(f'{k} {v.shape}' for k, v in feats.items())} -> {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

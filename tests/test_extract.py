@@ -1,0 +1,70 @@
+"""Backbone restore from a training checkpoint and feature extraction."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dino_jax import augment
+from dino_jax import data
+from dino_jax import extract
+from dino_jax import train
+from tests.test_train import REPO, tiny
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  state = train.train(tiny(steps=3), str(workdir))["state"]
+  return workdir, jax.device_get(state)
+
+
+def in_memory_cls(cfg, params, images):
+  x = augment.preprocess_eval(images, images.shape[1])
+  return np.asarray(train.make_backbone(cfg).apply({"params": params}, x)["cls"])
+
+
+def test_restored_backbone_gives_the_in_memory_features(run):
+  workdir, state = run
+  images = data.fashion_mnist_demo("test", 16).get(np.arange(8))[0]
+  teacher = extract.load_backbone(str(workdir))
+  assert teacher.step == 3
+  feats = jax.device_get(teacher(images))
+  np.testing.assert_allclose(feats["cls"], in_memory_cls(teacher.cfg, state["teacher"].value["backbone"], images),
+                             atol=1e-5)
+  assert feats["patch"].shape == (8, 4, 4, teacher.cfg.model.width)
+  np.testing.assert_allclose(feats["pooled"], feats["patch"].mean(axis=(1, 2)), atol=1e-5)
+  student = jax.device_get(extract.load_backbone(str(workdir), student=True)(images))
+  np.testing.assert_allclose(student["cls"], in_memory_cls(teacher.cfg, state["params"]["backbone"], images),
+                             atol=1e-5)
+  assert not np.allclose(student["cls"], feats["cls"])
+
+
+def test_extract_cli_on_a_different_device_count(run, tmp_path):
+  workdir, state = run  # saved from 8 devices; restored on 2
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  out = tmp_path / "feats.npz"
+  proc = subprocess.run([sys.executable, "-m", "dino_jax.extract", "--workdir", str(workdir), "--split", "test",
+                         "--batch_size", "500", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  feats = np.load(out)
+  src = data.fashion_mnist_demo("test", 20)
+  assert feats["cls"].shape == (2000, 32) and feats["pooled"].shape == (2000, 32)
+  np.testing.assert_array_equal(feats["labels"], src.labels)
+  images = src.get(np.arange(5))[0]
+  cfg = extract.load_backbone(str(workdir)).cfg
+  np.testing.assert_allclose(feats["cls"][:5], in_memory_cls(cfg, state["teacher"].value["backbone"],
+                                                             augment_resize(images, cfg.aug.global_size)), atol=1e-4)
+
+
+def augment_resize(images, size):
+  resized = jax.image.resize(images.astype(np.float32), (len(images), size, size, 3), "linear")
+  return np.asarray(resized).round().clip(0, 255).astype(np.uint8)
+
+
+def test_not_a_run_directory(tmp_path):
+  with pytest.raises(train.UsageError, match="not a dino_jax run directory"):
+    extract.load_backbone(str(tmp_path))
