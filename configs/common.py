@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
                  betas=(0.9, 0.999), clip_grad=3.0, layer_decay=1.0, patch_embed_lr_mult=1.0,
                  freeze_last_layer_epochs=1.0, teacher_momentum=(0.996, 1.0))
   c.eval = dict(knn_every_steps=0, knn_k=20, knn_temperature=0.07, batch_size=256, knn_baselines=False,
+                linear_probe=False, linear_epochs=100,
                 train_split="train", test_split="validation")
   c.checkpoint = dict(every_steps=1000, keep=3)
   return c
@@ -50,6 +51,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   c.batch_size = 16
   c.epochs = 0.02
   c.eval.batch_size = 64
+  c.eval.linear_epochs = 10
   c.checkpoint.every_steps = 2
   c.log_every_steps = 1
   c.progress_bar = False

@@ -16,7 +16,8 @@ def get_config(arg=None):
   config.data.train_split = "train"
   config.eval.train_split = "train"
   config.eval.test_split = "test"
-  config.eval.knn_baselines = True  # also report random-init and raw-pixel k-NN at the end
+  config.eval.knn_baselines = True  # also report random-init and raw-pixel figures at the end
+  config.eval.linear_probe = True  # and a linear probe next to the k-NN
 
   # ViT with 4x4 patches of 7 px on 28 px crops: ~0.6 s a step of 128 images on 2 CPU cores.
   config.model.update(patch_size=7, width=192, depth=4, num_heads=3, mlp_dim=768, pos_embed_grid=4)

@@ -91,6 +91,9 @@ class Block(nn.Module):
     qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype, name="qkv")(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     h = jax.nn.dot_product_attention(q, k, v)
+    if self.is_mutable_collection("intermediates"):  # attention maps for inspection
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
+      self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
     h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="proj")(h)
     if self.layerscale is not None:
       h = LayerScale(self.layerscale, name="ls1")(h)

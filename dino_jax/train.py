@@ -36,6 +36,7 @@ from dino_jax import losses
 from dino_jax import masking
 from dino_jax import models
 from dino_jax import optim
+from dino_jax import probe
 from dino_jax.errors import UsageError
 
 # ---------------------------------------------------------------------------------------
@@ -256,13 +257,21 @@ def extract_features(feature_fn, params, source, batch_size: int, sharding) -> t
   return np.concatenate(feats), np.concatenate(labels)
 
 
-def knn_eval(feature_fn, params, sources, cfg, sharding) -> float:
-  """DINO's weighted k-NN top-1 with the train split as memory and the test split as queries."""
+def evaluate_features(feature_fn, params, sources, cfg, sharding) -> dict[str, float]:
+  """DINO's weighted k-NN top-1 (train split as memory, test split as queries) and, with
+  `eval.linear_probe`, the linear-probe top-1 on the same frozen features."""
   train_src, test_src = sources
   train_f, train_y = extract_features(feature_fn, params, train_src, cfg.eval.batch_size, sharding)
   test_f, test_y = extract_features(feature_fn, params, test_src, cfg.eval.batch_size, sharding)
-  return knn.knn_accuracy(train_f, train_y, test_f, test_y, train_src.num_classes,
-                          cfg.eval.knn_k, cfg.eval.knn_temperature)
+  out = {"knn_top1": knn.knn_accuracy(train_f, train_y, test_f, test_y, train_src.num_classes,
+                                      cfg.eval.knn_k, cfg.eval.knn_temperature)}
+  if cfg.eval.linear_probe:
+    out["linear_top1"] = probe.linear_probe(train_f, train_y, test_f, test_y, train_src.num_classes,
+                                            epochs=cfg.eval.linear_epochs)["test_top1"]
+  return out
+
+
+EVALUATED = {"teacher": "trained teacher", "random_init": "random init", "raw_pixels": "raw pixels"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,7 +433,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
 
   writer = MetricWriter(workdir)
   feature_fn = make_feature_fn(make_backbone(cfg), cfg, mesh)
-  evaluate = lambda params: knn_eval(feature_fn, params, eval_srcs, cfg, trainer.batch_sharding)
+  evaluate = lambda params: evaluate_features(feature_fn, params, eval_srcs, cfg, trainer.batch_sharding)
   end_step = total_steps if max_steps is None else min(max_steps, total_steps)
   batches = data.train_batches(train_src, cfg.batch_size, cfg.seed, start_step,
                                jax.process_index(), jax.process_count())
@@ -464,17 +473,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
       results["preempted_at"] = done
       break
     if eval_srcs and cfg.eval.knn_every_steps > 0 and done % cfg.eval.knn_every_steps == 0 and done < end_step:
-      acc = evaluate(state["teacher"].value["backbone"])
-      writer.write(done, {"knn_top1": acc})
-      bar.write(f"step {done}: k-NN top-1 {acc:.4f}")
+      scores = evaluate(state["teacher"].value["backbone"])
+      writer.write(done, scores)
+      bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
   bar.close()
   mngr.wait_until_finished()
 
   if eval_srcs and end_step == total_steps and "preempted_at" not in results:
-    results["knn_top1_teacher"] = evaluate(state["teacher"].value["backbone"])
+    evaluated = {"teacher": state["teacher"].value["backbone"]}
     if cfg.eval.knn_baselines:
-      results["knn_top1_random_init"] = evaluate(build(cfg, mesh, steps_per_epoch).state["params"]["backbone"])
-      results["knn_top1_raw_pixels"] = evaluate(None)
+      evaluated["random_init"] = build(cfg, mesh, steps_per_epoch).state["params"]["backbone"]
+      evaluated["raw_pixels"] = None
+    for who, params in evaluated.items():
+      results.update({f"{metric}_{who}": v for metric, v in evaluate(params).items()})
     writer.write(end_step, results)
   writer.close()
   mngr.close()
@@ -529,11 +540,12 @@ def main(argv):
     fail(str(e))
   res = out["results"]
   if "knn_top1_teacher" in res:
-    print(f"\nk-NN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) on {cfg.eval.test_split}:")
-    names = {"knn_top1_teacher": "trained teacher", "knn_top1_random_init": "random init",
-             "knn_top1_raw_pixels": "raw pixels"}
-    for key, value in res.items():
-      print(f"  {names[key]:<17} {value:.4f}")
+    metrics = [m for m in ("knn_top1", "linear_top1") if f"{m}_teacher" in res]
+    print(f"\ntop-1 on {cfg.eval.test_split} (k-NN: k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}):")
+    print(f"  {'':<17} " + " ".join(f"{m:>11}" for m in metrics))
+    for who, name in EVALUATED.items():
+      if f"knn_top1_{who}" in res:
+        print(f"  {name:<17} " + " ".join(f"{res[f'{m}_{who}']:>11.4f}" for m in metrics))
   if "preempted_at" in res:
     print(f"stopped at step {res['preempted_at']}; workdir {_WORKDIR.value}")
     return

@@ -1,0 +1,71 @@
+"""Training curves of a run as one PNG: losses, teacher statistics, evaluations, schedules.
+
+  python -m dino_jax.plot_metrics --workdir RUN [--out RUN/curves.png]
+"""
+import json
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+PANELS = {  # title: metrics drawn in it (those present in the run)
+    "losses": ("loss", "dino_loss", "ibot_loss", "koleo_loss"),
+    "teacher": ("teacher_entropy", "teacher_kl_to_mean"),
+    "evaluation (top-1)": ("knn_top1", "linear_top1", "knn_top1_teacher", "linear_top1_teacher"),
+    "schedules": ("lr", "weight_decay", "momentum", "teacher_temp"),
+}
+FIGSIZE, DPI = (12, 8), 100  # the PNG is 1200 x 800 pixels
+
+_OUT = flags.DEFINE_string("out", None, "PNG path (default: <workdir>/curves.png).")
+
+
+def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
+  """metric -> (steps, values) from <workdir>/metrics.jsonl."""
+  series = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    for k, v in row.items():
+      if k != "step":
+        series.setdefault(k, ([], []))
+        series[k][0].append(row["step"])
+        series[k][1].append(v)
+  return series
+
+
+def plot(series: dict, out: str) -> None:
+  fig, axes = plt.subplots(2, 2, figsize=FIGSIZE, dpi=DPI)
+  for ax, (title, names) in zip(axes.flat, PANELS.items()):
+    for name in names:
+      if name in series:
+        steps, values = series[name]
+        ax.plot(steps, values, marker="o" if len(steps) < 20 else None, label=name)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if title == "schedules":
+      ax.set_yscale("log")
+    if ax.lines:
+      ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=DPI)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  workdir = flags.FLAGS.workdir
+  if not workdir or not (pathlib.Path(workdir) / "metrics.jsonl").is_file():
+    print(f"error: {workdir!r} has no metrics.jsonl (pass --workdir of a dino_jax run)", file=sys.stderr)
+    sys.exit(2)
+  out = _OUT.value or str(pathlib.Path(workdir) / "curves.png")
+  plot(read_metrics(workdir), out)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "A dino_jax run directory.")
+  app.run(main)
