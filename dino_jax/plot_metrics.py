@@ -21,8 +21,6 @@ PANELS = {  # title: metrics drawn in it (those present in the run)
 }
 FIGSIZE, DPI = (12, 8), 100  # the PNG is 1200 x 800 pixels
 
-_OUT = flags.DEFINE_string("out", None, "PNG path (default: <workdir>/curves.png).")
-
 
 def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
   """metric -> (steps, values) from <workdir>/metrics.jsonl."""
@@ -61,11 +59,12 @@ def main(argv):
   if not workdir or not (pathlib.Path(workdir) / "metrics.jsonl").is_file():
     print(f"error: {workdir!r} has no metrics.jsonl (pass --workdir of a dino_jax run)", file=sys.stderr)
     sys.exit(2)
-  out = _OUT.value or str(pathlib.Path(workdir) / "curves.png")
+  out = flags.FLAGS.out or str(pathlib.Path(workdir) / "curves.png")
   plot(read_metrics(workdir), out)
   print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here: importing this module defines none
   flags.DEFINE_string("workdir", None, "A dino_jax run directory.")
+  flags.DEFINE_string("out", None, "PNG path (default: <workdir>/curves.png).")
   app.run(main)

@@ -286,6 +286,23 @@ def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
+def _shapes_by_name(tree) -> dict[str, tuple]:
+  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return {name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> None:
+  """Raises UsageError naming the differences when the checkpoint's arrays (names, shapes)
+  are not those of `state`: a run directory of another config or architecture."""
+  saved = _shapes_by_name(ocp.StandardCheckpointer().metadata(step_dir / "default").item_metadata)
+  wanted = _shapes_by_name(state)
+  diffs = [f"{k}: checkpoint {saved.get(k, 'missing')} vs config {wanted.get(k, 'missing')}"
+           for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+  if diffs:
+    raise UsageError(f"checkpoint {step_dir} does not match this config: {len(diffs)} arrays differ, "
+                     f"e.g. {'; '.join(diffs[:3])}")
+
+
 def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
   """The latest checkpoint restored with `state`'s shapes and shardings, else `state`.
 
@@ -297,12 +314,9 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
   step = mngr.latest_step()
   if step is None:
     return state
+  check_checkpoint_matches(pathlib.Path(str(mngr.directory)) / str(step), state)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError) as e:
-    raise UsageError(f"checkpoint {mngr.directory}/{step} does not match this config "
-                     f"({str(e).splitlines()[0][:200]})") from None
+  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 # ---------------------------------------------------------------------------------------
