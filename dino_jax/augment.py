@@ -156,9 +156,14 @@ def multicrop(key, images, cfg: ml_collections.ConfigDict):
   return out
 
 
+def normalize(images):
+  """Images with values in [0, 255] (uint8 or float) standardized with ImageNet statistics."""
+  return (images.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
 def preprocess_eval(images, size: int):
   """Evaluation view: uint8 [B, S, S, 3] resized to size² and normalized (no randomness)."""
-  x = images.astype(jnp.float32) / 255.0
+  x = images.astype(jnp.float32)
   if x.shape[1:3] != (size, size):
     x = jax.image.resize(x, (x.shape[0], size, size, 3), method="linear", antialias=True)
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
+  return normalize(x)

@@ -37,7 +37,7 @@ class Backbone:
     self._apply = jax.jit(self._features)
 
   def _features(self, params, images):
-    x = (images.astype(jnp.float32) / 255.0 - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
+    x = augment.normalize(images)
     out = self.module.apply({"params": params}, x)
     p = self.cfg.model.patch_size
     patch = out["patch"].reshape(x.shape[0], x.shape[1] // p, x.shape[2] // p, -1)

@@ -43,8 +43,9 @@ def make_schedules(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> dict
   }
 
 
-def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
+def path_name(path) -> str:
+  """'a/b/c' for a pytree key path (dict keys, attribute names, sequence indices)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def layer_lr_multiplier(name: str, depth: int, layer_decay: float, patch_embed_mult: float) -> float:
@@ -70,7 +71,7 @@ def scale_by_layer(multiplier: Callable[[str], float]) -> optax.GradientTransfor
   """Scales each update by `multiplier(parameter path)` (a static per-parameter factor)."""
   def update(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map_with_path(lambda p, u: u * multiplier(_path_name(p)), updates), state
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * multiplier(path_name(p)), updates), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
@@ -84,7 +85,7 @@ def freeze_last_layer(steps: int) -> optax.GradientTransformation:
     del params
     frozen = state.count < steps
     def maybe_zero(path, u):
-      return jnp.where(frozen, 0.0, u) if _path_name(path).endswith("last_layer") else u
+      return jnp.where(frozen, 0.0, u) if path_name(path).endswith("last_layer") else u
     return jax.tree_util.tree_map_with_path(maybe_zero, updates), FreezeState(state.count + 1)
   return optax.GradientTransformation(lambda params: FreezeState(jnp.zeros([], jnp.int32)), update)
 
@@ -95,7 +96,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict,
   norms), layer-wise lr decay and the last-layer freeze."""
   o = cfg.optim
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim > 1 and not _path_name(path).endswith("bias"), params)
+      lambda path, p: p.ndim > 1 and not path_name(path).endswith("bias"), params)
   multiplier = lambda name: layer_lr_multiplier(name, cfg.model.depth, o.layer_decay, o.patch_embed_lr_mult)
   return optax.chain(
       optax.clip_by_global_norm(o.clip_grad),

@@ -287,8 +287,8 @@ def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
 
 
 def _shapes_by_name(tree) -> dict[str, tuple]:
-  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-  return {name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {optim.path_name(path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> None:

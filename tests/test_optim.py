@@ -174,7 +174,7 @@ def test_make_optimizer_decay_mask_and_layer_scaling():
   new = optax.apply_updates(params, updates)
 
   def check(path, p, n):
-    name = optim._path_name(path)
+    name = optim.path_name(path)
     if p.ndim == 1 or name.endswith("bias"):  # biases and norms are never decayed
       np.testing.assert_array_equal(n, p, err_msg=name)
     else:
