@@ -1,5 +1,13 @@
 """The one error type shown to users as a single line by the command-line tools."""
+import sys
 
 
 class UsageError(ValueError):
   """Bad configuration or input data, reported as `error: <message>` without a traceback."""
+
+
+def fail(message: str):
+  """Exits with status 2 after printing `message` as a single `error:` line."""
+  print("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()),
+        file=sys.stderr)
+  sys.exit(2)

@@ -3,8 +3,6 @@
   python -m dino_jax.evaluate knn    --train train.npz --test test.npz [--feature cls] [--k 10,20,100]
   python -m dino_jax.evaluate linear --train train.npz --test test.npz [--feature cls] [--epochs 100]
 """
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -13,6 +11,7 @@ import numpy as np
 from dino_jax import knn
 from dino_jax import probe
 from dino_jax.errors import UsageError
+from dino_jax.errors import fail
 
 _TRAIN = flags.DEFINE_string("train", None, "Train split features (.npz from dino_jax.extract).")
 _TEST = flags.DEFINE_string("test", None, "Test split features (.npz from dino_jax.extract).")
@@ -45,8 +44,7 @@ def main(argv):
     train_x, train_y = load_features(_TRAIN.value, _FEATURE.value)
     test_x, test_y = load_features(_TEST.value, _FEATURE.value)
   except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(e))
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   if argv[1] == "knn":
     for k in map(int, _K.value):

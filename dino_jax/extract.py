@@ -25,26 +25,28 @@ from dino_jax import augment
 from dino_jax import data
 from dino_jax import train
 from dino_jax.errors import UsageError
+from dino_jax.errors import fail
 
 
 class Backbone:
   """A restored ViT: call it on uint8 [B, H, W, 3] images (H, W multiples of the patch size)
-  to get {"cls": [B, D], "pooled": [B, D] (mean patch token), "patch": [B, h, w, D]}."""
+  to get {"cls": [B, D], "pooled": [B, D] (mean patch token), "patch": [B, h, w, D]}; with
+  `size`, square images are first resized to size² as in the trainer's evaluation view."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, params, step: int):
     self.cfg, self.params, self.step = cfg, params, step
     self.module = train.make_backbone(cfg)
-    self._apply = jax.jit(self._features)
+    self._apply = jax.jit(self._features, static_argnums=2)
 
-  def _features(self, params, images):
-    x = augment.normalize(images)
+  def _features(self, params, images, size):
+    x = augment.normalize(images) if size is None else augment.preprocess_eval(images, size)
     out = self.module.apply({"params": params}, x)
     p = self.cfg.model.patch_size
     patch = out["patch"].reshape(x.shape[0], x.shape[1] // p, x.shape[2] // p, -1)
     return {"cls": out["cls"], "pooled": jnp.mean(out["patch"], axis=1), "patch": patch}
 
-  def __call__(self, images):
-    return self._apply(self.params, images)
+  def __call__(self, images, size: int | None = None):
+    return self._apply(self.params, images, size)
 
 
 def load_backbone(workdir: str, step: int | None = None, student: bool = False) -> Backbone:
@@ -81,10 +83,7 @@ def extract(backbone: Backbone, source, batch_size: int, image_size: int, with_p
     index = np.arange(i, i + batch_size)
     valid = index < len(source)
     images, labels = data.read_batch(source, np.where(valid, index, 0))
-    if images.shape[1] != image_size:
-      resized = jax.image.resize(images.astype(np.float32), (len(images), image_size, image_size, 3), "linear")
-      images = np.asarray(resized).round().clip(0, 255).astype(np.uint8)
-    feats = jax.device_get(backbone(jax.device_put(images, sharding)))
+    feats = jax.device_get(backbone(jax.device_put(images, sharding), image_size))
     for k in out:
       out[k].append(labels[valid] if k == "labels" else feats[k][valid])
   return {k: np.concatenate(v) for k, v in out.items()}
@@ -121,7 +120,7 @@ def main(argv):
     source = data.make_source(data_cfg, _SPLIT.value)
     feats = extract(backbone, source, _BATCH.value, size, _PATCHES.value)
   except UsageError as e:
-    train.fail(str(e))
+    fail(str(e))
   np.savez(_OUT.value, **feats, step=backbone.step)
   print(f"{len(feats['cls'])} images from step {backbone.step}: "
         f"{', '.join(f'{k} {v.shape}' for k, v in feats.items())} -> {_OUT.value}")

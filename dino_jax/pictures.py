@@ -37,6 +37,7 @@ from dino_jax import data
 from dino_jax import extract
 from dino_jax import train
 from dino_jax.errors import UsageError
+from dino_jax.errors import fail
 
 PANEL_PX = 256
 DPI = 64
@@ -299,7 +300,7 @@ class _Parser(argparse.ArgumentParser):
   """argparse whose errors are one `error:` line and exit status 2."""
 
   def error(self, message):
-    train.fail(message)
+    fail(message)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -363,7 +364,7 @@ def main(argv: list[str]):
   try:
     written = run(args)
   except UsageError as e:
-    train.fail(str(e))
+    fail(str(e))
   print("\n".join(str(path) for path in written))
 
 

@@ -4,7 +4,6 @@
 """
 import json
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
@@ -12,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from dino_jax.errors import fail  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PANELS = {  # title: metrics drawn in it (those present in the run)
     "losses": ("loss", "dino_loss", "ibot_loss", "koleo_loss"),
@@ -57,8 +58,7 @@ def main(argv):
   del argv
   workdir = flags.FLAGS.workdir
   if not workdir or not (pathlib.Path(workdir) / "metrics.jsonl").is_file():
-    print(f"error: {workdir!r} has no metrics.jsonl (pass --workdir of a dino_jax run)", file=sys.stderr)
-    sys.exit(2)
+    fail(f"{workdir!r} has no metrics.jsonl (pass --workdir of a dino_jax run)")
   out = flags.FLAGS.out or str(pathlib.Path(workdir) / "curves.png")
   plot(read_metrics(workdir), out)
   print(f"wrote {out}")

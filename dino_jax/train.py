@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 import signal
-import sys
 import threading
 import time
 from typing import Callable, NamedTuple
@@ -38,6 +37,7 @@ from dino_jax import models
 from dino_jax import optim
 from dino_jax import probe
 from dino_jax.errors import UsageError
+from dino_jax.errors import fail
 
 # ---------------------------------------------------------------------------------------
 # Model and state.
@@ -514,13 +514,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
                                  "(one process per host on TPU pods / SLURM; settings auto-detected).")
-
-
-def fail(message: str):
-  """Exits with status 2 after printing `message` as a single `error:` line."""
-  print("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()),
-        file=sys.stderr)
-  sys.exit(2)
 
 
 def parse_flags(argv):

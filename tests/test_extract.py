@@ -21,8 +21,8 @@ def run(tmp_path_factory):
   return workdir, jax.device_get(state)
 
 
-def in_memory_cls(cfg, params, images):
-  x = augment.preprocess_eval(images, images.shape[1])
+def in_memory_cls(cfg, params, images, size=None):
+  x = augment.preprocess_eval(images, size or images.shape[1])
   return np.asarray(train.make_backbone(cfg).apply({"params": params}, x)["cls"])
 
 
@@ -56,13 +56,8 @@ def test_extract_cli_on_a_different_device_count(run, tmp_path):
   np.testing.assert_array_equal(feats["labels"], src.labels)
   images = src.get(np.arange(5))[0]
   cfg = extract.load_backbone(str(workdir)).cfg
-  np.testing.assert_allclose(feats["cls"][:5], in_memory_cls(cfg, state["teacher"].value["backbone"],
-                                                             augment_resize(images, cfg.aug.global_size)), atol=1e-4)
-
-
-def augment_resize(images, size):
-  resized = jax.image.resize(images.astype(np.float32), (len(images), size, size, 3), "linear")
-  return np.asarray(resized).round().clip(0, 255).astype(np.uint8)
+  np.testing.assert_allclose(feats["cls"][:5], in_memory_cls(cfg, state["teacher"].value["backbone"], images,
+                                                             cfg.aug.global_size), atol=1e-4)
 
 
 def test_not_a_run_directory(tmp_path):
