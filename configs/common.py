@@ -22,7 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(source="tfds", name="imagenet2012", path="", data_dir="", image_size=256,
                 train_split="train")
   c.model = dict(vit("small", 16), ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
-                 pos_embed_grid=14)
+                 pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
+                 init_from="")  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, share_ibot_head=False)
   c.aug = dict(global_size=224, local_size=96, num_local=8, global_scale=(0.4, 1.0),
                local_scale=(0.05, 0.4), jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1),
@@ -63,7 +64,8 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.model = dict(vit(size, 14), ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
                  layerscale=1e-5, drop_path_rate={"small": 0.1, "base": 0.1}.get(size, 0.4),
-                 pos_embed_grid=16)  # 224 px / 14
+                 pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
+                 init_from="")
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=384 if size == "giant" else 256,
                 num_layers=3, share_ibot_head=False)
   c.aug.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), local_size=98)

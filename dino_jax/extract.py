@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 
 from dino_jax import augment
@@ -55,22 +54,8 @@ def load_backbone(workdir: str, step: int | None = None, student: bool = False) 
   if not config_file.is_file():
     raise UsageError(f"{workdir!r} is not a dino_jax run directory (no config.json)")
   cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  mngr = ocp.CheckpointManager(str(pathlib.Path(workdir).resolve() / "checkpoints"))
-  step = mngr.latest_step() if step is None else step
-  if step is None or step not in mngr.all_steps():
-    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
-                     f"(has: {sorted(mngr.all_steps()) or 'none'})")
-  module = train.make_backbone(cfg)
-  size = cfg.aug.global_size
-  abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
-  replicated = NamedSharding(train.data_mesh(), P())
-  item = {"params": {"backbone": abstract}} if student else {"teacher": {"value": {"backbone": abstract}}}
-  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), item)
-  restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                            partial_restore=True))
-  mngr.close()
-  params = restored["params"]["backbone"] if student else restored["teacher"]["value"]["backbone"]
-  return Backbone(cfg, params, step)
+  weights, step = train.restore_weights(workdir, ("backbone",), step, student)
+  return Backbone(cfg, weights["backbone"], step)
 
 
 def extract(backbone: Backbone, source, batch_size: int, image_size: int, with_patches: bool) -> dict:

@@ -10,6 +10,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 VIT_SIZES = {  # name: (width, depth, heads, mlp_dim)
     "tiny": (192, 12, 3, 768),
@@ -20,12 +21,50 @@ VIT_SIZES = {  # name: (width, depth, heads, mlp_dim)
 }
 
 
-def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
-  """Bicubic resize of a [1, h, w, D] position embedding to `grid`."""
-  if pos_embed.shape[1:3] == tuple(grid):
+def _cubic_kernel(x: np.ndarray, a: float) -> np.ndarray:
+  """Keys' cubic convolution kernel with parameter `a`."""
+  x = np.abs(x)
+  return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                  np.where(x < 2, a * (((x - 5) * x + 8) * x - 4), 0.0))
+
+
+def bicubic_weights(in_size: int, out_size: int, scale: float, antialias: bool) -> np.ndarray:
+  """[out_size, in_size] weights of PyTorch's `F.interpolate(mode="bicubic", align_corners=False,
+  scale_factor=scale)` along one axis: output pixel i samples input coordinate (i + 0.5) / scale - 0.5.
+
+  Without antialiasing: the a = -0.75 kernel at the 4 nearest inputs, edge inputs repeated.
+  With it (PIL's filter): the a = -0.5 kernel stretched by the downscale factor, weights renormalized.
+  """
+  out = np.arange(out_size, dtype=np.float64)
+  if antialias:
+    stretch = max(1.0 / scale, 1.0)
+    center, support, src = (out + 0.5) / scale, 2.0 * stretch, np.arange(in_size)
+    lo = np.maximum((center - support + 0.5).astype(int), 0)[:, None]
+    hi = np.minimum((center + support + 0.5).astype(int), in_size)[:, None]
+    w = _cubic_kernel((src[None] + 0.5 - center[:, None]) / stretch, -0.5) * ((src >= lo) & (src < hi))
+    return w / w.sum(axis=1, keepdims=True)
+  real = (out + 0.5) / scale - 0.5
+  base = np.floor(real)
+  frac = real - base
+  w = np.zeros((out_size, in_size))
+  for k in range(-1, 3):
+    np.add.at(w, (np.arange(out_size), np.clip(base + k, 0, in_size - 1).astype(int)),
+              _cubic_kernel(frac - k, -0.75))
+  return w
+
+
+def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int], offset: float = 0.0,
+                     antialias: bool = False) -> jax.Array:
+  """Bicubic resize of a [1, h, w, D] position embedding to `grid`, as DINO/DINOv2 do in
+  PyTorch: scale factor (grid + offset) / h per axis (DINO and DINOv2 use offset 0.1, DINOv2
+  with registers antialias=True and offset 0)."""
+  h, w = pos_embed.shape[1:3]
+  if (h, w) == tuple(grid):
     return pos_embed
-  shape = (pos_embed.shape[0], *grid, pos_embed.shape[-1])
-  return jax.image.resize(pos_embed, shape, method="bicubic", antialias=False)
+  rows = bicubic_weights(h, grid[0], (grid[0] + offset) / h, antialias)
+  cols = bicubic_weights(w, grid[1], (grid[1] + offset) / w, antialias)
+  return jnp.einsum("yh,xw,bhwd->byxd", rows.astype(np.float32), cols.astype(np.float32), pos_embed,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 class Mlp(nn.Module):
@@ -122,6 +161,8 @@ class ViT(nn.Module):
   layerscale: Optional[float] = None
   drop_path_rate: float = 0.0
   pos_embed_grid: int = 14  # the grid the position embedding is stored at
+  interpolate_offset: float = 0.1  # resize_pos_embed's conventions (DINO's and DINOv2's defaults)
+  interpolate_antialias: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -136,7 +177,8 @@ class ViT(nn.Module):
       x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
     pos = self.param("pos_embed", nn.initializers.normal(0.02),
                      (1, self.pos_embed_grid, self.pos_embed_grid, self.width))
-    x = x + resize_pos_embed(pos, grid).reshape(1, -1, self.width).astype(x.dtype)
+    pos = resize_pos_embed(pos, grid, self.interpolate_offset, self.interpolate_antialias)
+    x = x + pos.reshape(1, -1, self.width).astype(x.dtype)
     cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))
     prefix = [jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype)]
     if self.num_registers:

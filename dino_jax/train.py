@@ -49,7 +49,8 @@ def make_backbone(cfg: ml_collections.ConfigDict) -> models.ViT:
   return models.ViT(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                     mlp_dim=m.mlp_dim, ffn=m.ffn, num_registers=m.num_registers,
                     layerscale=m.layerscale, drop_path_rate=m.drop_path_rate,
-                    pos_embed_grid=m.pos_embed_grid)
+                    pos_embed_grid=m.pos_embed_grid, interpolate_offset=m.interpolate_offset,
+                    interpolate_antialias=m.interpolate_antialias)
 
 
 def make_model(cfg: ml_collections.ConfigDict) -> models.DINOModel:
@@ -319,6 +320,56 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = None,
+                    student: bool = False) -> tuple[dict, int]:
+  """Those of `parts` ("backbone", "head", "ibot_head") that the teacher (or student) of run
+  `workdir` has at `step` (default: the latest), as saved, replicated on this host's devices;
+  nothing else is read. Returns (weights, step)."""
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
+                     f"(has: {sorted(mngr.all_steps()) or 'none'})")
+  saved = ocp.StandardCheckpointer().metadata(pathlib.Path(str(mngr.directory)) / str(step) / "default").item_metadata
+  if not student:
+    saved = saved["teacher"]["value"]
+  elif "params" in saved:
+    saved = saved["params"]
+  else:
+    raise UsageError(f"{workdir!r} holds no student weights (a converted model holds its teacher only)")
+  replicated = NamedSharding(data_mesh(), P())
+  wanted = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[p]) for p in parts if p in saved}
+  args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), wanted)
+  nest = (lambda x: {"params": x}) if student else (lambda x: {"teacher": {"value": x}})
+  restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=nest(wanted), restore_args=nest(args),
+                                                            partial_restore=True))
+  mngr.close()
+  return (restored["params"] if student else restored["teacher"]["value"]), step
+
+
+def init_from_run(state: dict, workdir: str) -> dict:
+  """`state` whose student and teacher start from the teacher of run `workdir` (a converted
+  PyTorch model or another run): its backbone, which must fit the config (a mask token it lacks
+  keeps its fresh value), and its DINO / iBOT heads where their shapes fit (else fresh)."""
+  source, _ = restore_weights(workdir, tuple(state["params"]))
+  if "backbone" not in source:
+    raise UsageError(f"model.init_from={workdir!r}: its checkpoint has no teacher backbone")
+  params = dict(state["params"])
+  for part, theirs in source.items():
+    have, got = _shapes_by_name(params[part]), _shapes_by_name(theirs)
+    diffs = [f"{k}: {got.get(k, 'missing')} vs config {have.get(k, 'missing')}"
+             for k in sorted(have.keys() | got.keys()) if have.get(k) != got.get(k) and k != "mask_token"]
+    if diffs and part == "backbone":
+      raise UsageError(f"model.init_from={workdir!r}: its backbone does not fit this config: "
+                       f"{len(diffs)} arrays differ, e.g. {'; '.join(diffs[:3])}")
+    if diffs:
+      logging.warning("model.init_from: %s not used (shapes differ from the config: %s)", part, diffs[0])
+      continue
+    params[part] = dict(params[part]) | dict(theirs)
+  # Separate buffers for the two copies: the train step donates the whole state.
+  return dict(state, params=params, teacher=state["teacher"]._replace(value=jax.tree.map(jnp.copy, params)))
+
+
 # ---------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------
@@ -441,6 +492,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
   trainer = build(cfg, mesh, steps_per_epoch)
   mngr = checkpoint_manager(workdir, cfg)
   state = restore_or_keep(mngr, trainer.state)
+  if cfg.model.init_from and mngr.latest_step() is None:
+    state = init_from_run(state, cfg.model.init_from)
   start_step = int(state["step"])
   aug_key = augmentation_key(cfg)
   to_global = lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x)

@@ -1,0 +1,383 @@
+"""PyTorch DINO / DINOv2 weights <-> dino_jax run directories (Orbax checkpoints).
+
+  python -m dino_jax.convert --from dinov2_vits14_reg4_pretrain.pth --arch dinov2_vits14_reg --out runs/s14reg
+  python -m dino_jax.convert --export runs/demo --out demo_backbone.safetensors   # or .pth
+
+Import reads a local file (never downloads): a `.safetensors` file, or a `.pth` file through
+`torch.load(weights_only=True)` (PyTorch is needed for .pth only). It takes the official layout
+(facebookresearch/dino and dinov2: released backbones, and the teacher of training checkpoints
+with its DINO / iBOT heads) or timm's layout of the same models (`--layout timm`), and writes a
+run directory (`config.json` + Orbax step 0 holding the teacher) that `dino_jax.extract`,
+`evaluate` and `pictures` read, and that `--config.model.init_from` starts training from.
+
+The position embedding stays at its trained grid; at other image sizes it is resized the way
+the original code does (`models.resize_pos_embed`): official DINO/DINOv2 with offset 0.1,
+DINOv2 with registers and timm antialiased with offset 0. The CLS slot of the PyTorch position
+embedding is added into the CLS token (dino_jax's CLS token has no position embedding).
+
+Export writes the backbone in the official DINOv2 layout (DINO's for models without
+LayerScale), a state_dict that `load_state_dict` of the original model accepts.
+"""
+import argparse
+import dataclasses
+import pathlib
+import re
+import sys
+from typing import Callable, Optional
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from configs import common
+from dino_jax import extract
+from dino_jax import models
+from dino_jax.errors import UsageError
+from dino_jax.errors import fail
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """A ViT as the PyTorch code builds it (what `--arch` names)."""
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  ffn: str = "mlp"
+  num_registers: int = 0
+  layerscale: Optional[float] = None  # DINOv2 models have LayerScale (init 1e-5)
+
+
+def _arch(size: str, patch_size: int, **kw) -> Arch:
+  width, depth, heads, mlp_dim = models.VIT_SIZES[size]
+  return Arch(patch_size, width, depth, heads, mlp_dim, **kw)
+
+
+ARCHS = {
+    **{f"dino_vit{s[0]}{p}": _arch(s, p) for s in ("small", "base") for p in (16, 8)},
+    **{f"dinov2_vit{s[0]}14{reg}": _arch(s, 14, ffn="swiglu" if s == "giant" else "mlp",
+                                          num_registers=4 if reg else 0, layerscale=1e-5)
+       for s in ("small", "base", "large", "giant") for reg in ("", "_reg")},
+}
+
+# Position-embedding resize (offset, antialias) of each source: the original code's convention.
+INTERPOLATION = {"official": (0.1, False), "official_registers": (0.0, True), "timm": (0.0, True)}
+
+# ---------------------------------------------------------------------------------------
+# One table maps both ways: (flax path, torch key, torch->flax, flax->torch).
+# ---------------------------------------------------------------------------------------
+
+Entry = tuple[str, str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+def _same(a):
+  return a
+
+
+def _transpose(a):
+  return a.T
+
+
+def _linear(flax: str, torch: str) -> list[Entry]:
+  return [(f"{flax}/kernel", f"{torch}.weight", _transpose, _transpose),
+          (f"{flax}/bias", f"{torch}.bias", _same, _same)]
+
+
+def _layer_norm(flax: str, torch: str) -> list[Entry]:
+  return [(f"{flax}/scale", f"{torch}.weight", _same, _same), (f"{flax}/bias", f"{torch}.bias", _same, _same)]
+
+
+def backbone_table(arch: Arch, layout: str) -> list[Entry]:
+  """Every backbone tensor but the position embedding and the CLS token (see `to_flax`)."""
+  d, h = arch.width, arch.num_heads
+  table = [("patch_embed/kernel", "patch_embed.proj.weight",
+            lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
+           ("patch_embed/bias", "patch_embed.proj.bias", _same, _same)]
+  if arch.num_registers:
+    table.append(("register_tokens", "reg_token" if layout == "timm" else "register_tokens", _same, _same))
+  for i in range(arch.depth):
+    f, t = f"block{i}", f"blocks.{i}"
+    table += _layer_norm(f"{f}/norm1", f"{t}.norm1") + _layer_norm(f"{f}/norm2", f"{t}.norm2")
+    table += [  # qkv: torch [3D, D] rows (q|k|v, head, dim) <-> flax DenseGeneral [D, 3, H, D/H]
+        (f"{f}/qkv/kernel", f"{t}.attn.qkv.weight",
+         lambda w: w.T.reshape(d, 3, h, d // h), lambda k: k.reshape(d, 3 * d).T),
+        (f"{f}/qkv/bias", f"{t}.attn.qkv.bias", lambda b: b.reshape(3, h, d // h), lambda b: b.reshape(-1)),
+        (f"{f}/proj/kernel", f"{t}.attn.proj.weight", lambda w: w.T.reshape(h, d // h, d), lambda k: k.reshape(d, d).T),
+        (f"{f}/proj/bias", f"{t}.attn.proj.bias", _same, _same)]
+    if arch.ffn == "swiglu":  # official SwiGLUFFNFused w12/w3 = timm SwiGLUPacked fc1/fc2
+      names = ("fc1", "fc2") if layout == "timm" else ("w12", "w3")
+      table += _linear(f"{f}/mlp/w12", f"{t}.mlp.{names[0]}") + _linear(f"{f}/mlp/w3", f"{t}.mlp.{names[1]}")
+    else:
+      table += _linear(f"{f}/mlp/fc1", f"{t}.mlp.fc1") + _linear(f"{f}/mlp/fc2", f"{t}.mlp.fc2")
+    if arch.layerscale is not None:
+      table += [(f"{f}/ls1/gamma", f"{t}.ls1.gamma", _same, _same), (f"{f}/ls2/gamma", f"{t}.ls2.gamma", _same, _same)]
+  return table + _layer_norm("norm", "norm")
+
+
+def _expected_shapes(arch: Arch, grid: int) -> dict[str, tuple]:
+  """Flax shapes of the backbone (mask token left out: it is optional)."""
+  module = models.ViT(arch.patch_size, arch.width, arch.depth, arch.num_heads, arch.mlp_dim, arch.ffn,
+                      arch.num_registers, arch.layerscale, pos_embed_grid=grid)
+  size = grid * arch.patch_size
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3))))["params"]
+  return {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+
+
+def _path(key_path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in key_path)
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict:
+  tree = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _check(problems: list[str], what: str):
+  if problems:
+    shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+    raise UsageError(f"{what}: {len(problems)} mismatches: " + "; ".join(shown))
+
+
+def to_flax(state: dict[str, np.ndarray], arch: Arch, layout: str = "official") -> dict:
+  """The flax backbone params of a PyTorch backbone state_dict (keys without prefix).
+
+  Raises UsageError listing every missing, unexpected or wrongly shaped tensor.
+  """
+  if "pos_embed" not in state or state["pos_embed"].ndim != 3:
+    raise UsageError(f"no [1, N, D] pos_embed among the {len(state)} tensors: not a ViT backbone "
+                     f"(first keys: {', '.join(list(state)[:5])})")
+  n = state["pos_embed"].shape[1]
+  has_cls_slot = round(n ** 0.5) ** 2 != n
+  grid = round((n - has_cls_slot) ** 0.5)
+  if grid * grid != n - has_cls_slot:
+    raise UsageError(f"pos_embed has {n} positions: not a square grid (with or without a CLS slot)")
+  table = backbone_table(arch, layout)
+  known = {t for _, t, _, _ in table} | {"pos_embed", "cls_token", "mask_token"}
+  problems = [f"missing {t}" for t in sorted(known - set(state) - {"mask_token"})]
+  problems += [f"unexpected {k} {tuple(state[k].shape)}" for k in sorted(set(state) - known)]
+  _check(problems, f"the checkpoint does not match {layout} layout of the arch")
+  expected = _expected_shapes(arch, grid)
+  torch_shape = lambda f, to_t: jax.eval_shape(to_t, jax.ShapeDtypeStruct(expected[f], np.float32)).shape
+  wanted = {t: torch_shape(f, to_t) for f, t, _, to_t in table}
+  wanted |= {"pos_embed": (1, n, arch.width), "cls_token": (1, 1, arch.width), "mask_token": (1, arch.width)}
+  _check([f"{t}: {tuple(state[t].shape)} does not fit the arch's {shape}" for t, shape in wanted.items()
+          if t in state and tuple(state[t].shape) != tuple(shape)], "the checkpoint does not fit the arch")
+  flat = {f: to_f(state[t]) for f, t, to_f, _ in table}
+  flat["pos_embed"] = state["pos_embed"][:, has_cls_slot:].reshape(1, grid, grid, -1)
+  cls = state["cls_token"]
+  flat["cls_token"] = cls + state["pos_embed"][:, :1] if has_cls_slot else cls
+  if "mask_token" in state:
+    flat["mask_token"] = state["mask_token"].reshape(1, 1, -1)
+  return _nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def to_torch(params: dict, arch: Arch) -> dict[str, np.ndarray]:
+  """The official-layout PyTorch state_dict of flax backbone params (inverse of to_flax)."""
+  flat = {_path(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  state = {t: to_t(flat[f]) for f, t, _, to_t in backbone_table(arch, "official")}
+  pos = flat["pos_embed"].reshape(1, -1, arch.width)
+  state["pos_embed"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+  state["cls_token"] = flat["cls_token"]
+  if "mask_token" in flat:
+    state["mask_token"] = flat["mask_token"].reshape(1, -1)
+  return state
+
+
+def head_to_flax(state: dict[str, np.ndarray]) -> dict:
+  """A DINO head (mlp.0/2/4 Linear + weight-normed last_layer) as flax `DINOHead` params.
+
+  dino_jax's last layer is weight-normalized with the gain fixed to 1 (DINO's
+  norm_last_layer=True); a head with learned gains is refused.
+  """
+  gain = state.get("last_layer.weight_g", state.get("last_layer.parametrizations.weight.original0"))
+  direction = state.get("last_layer.weight_v", state.get("last_layer.parametrizations.weight.original1"))
+  layers = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)))
+  if gain is None or direction is None or layers != list(range(0, 2 * len(layers), 2)):
+    raise UsageError(f"not a DINO head (mlp.0/2/4 + weight-normed last_layer): {', '.join(sorted(state))}")
+  if not np.allclose(gain, 1.0):
+    raise UsageError("the head's last layer has learned weight-norm gains (norm_last_layer=False); "
+                     "dino_jax fixes them to 1: convert the backbone only (--no_head)")
+  flat = {}
+  for j, layer in enumerate(layers):
+    flat[f"mlp{j}/kernel"] = state[f"mlp.{layer}.weight"].T
+    flat[f"mlp{j}/bias"] = state[f"mlp.{layer}.bias"]
+  flat["last_layer"] = direction.T
+  return _nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+# ---------------------------------------------------------------------------------------
+# Files and run directories.
+# ---------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str, key: Optional[str] = None) -> dict[str, np.ndarray]:
+  """Tensors of a .safetensors or .pth file as float32 numpy arrays; `key` picks a nested
+  dict (default: "teacher", "model" or "state_dict", the first present)."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise UsageError(f"no file {path!r}")
+  if file.suffix == ".safetensors":
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    return {k: np.asarray(v, np.float32) for k, v in load_file(file).items()}
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UsageError("reading .pth files needs PyTorch (pip install torch); .safetensors files do not") from None
+  try:
+    obj = torch.load(file, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle errors of all kinds: the file is refused, not executed
+    raise UsageError(f"{path}: not loadable with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+  if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    nested = [k for k in (key,) if k] or [k for k in ("teacher", "model", "state_dict") if k in obj]
+    if not nested or nested[0] not in obj:
+      raise UsageError(f"{path}: no tensors at the top and no {key or 'teacher/model/state_dict'} entry "
+                       f"(has: {', '.join(map(str, obj))})")
+    obj = obj[nested[0]]
+  return {k: v.float().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+_PARTS = {"backbone": "backbone", "head": "head", "dino_head": "head", "ibot_head": "ibot_head"}
+
+
+def split_state_dict(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  """Backbone and heads of a state_dict, prefixes removed: DDP's `module.`, and in training
+  checkpoints `backbone.`, `head.` (DINO), `dino_head.` and `ibot_head.` (DINOv2). Keys of
+  DINOv2's block chunks (`blocks.<chunk>.<i>.`) become `blocks.<i>.`."""
+  parts = {"backbone": {}, "head": {}, "ibot_head": {}}
+  training = any(k.removeprefix("module.").startswith("backbone.") for k in state)
+  for key, value in state.items():
+    name = key.removeprefix("module.")
+    prefix, _, rest = name.partition(".")
+    part = _PARTS.get(prefix) if training else None
+    if part is None:  # a plain backbone file, or a key reported as unexpected
+      part, rest = "backbone", name
+    parts[part][re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", rest)] = value
+  return parts
+
+
+def run_config(arch: Arch, grid: int, interpolation: tuple[float, bool], head: Optional[dict]):
+  """A config describing the converted model (DINOv2's recipe for LayerScale models, else DINO's)."""
+  cfg = common.dinov2_config("small") if arch.layerscale is not None else common.base_config()
+  cfg.model.update(patch_size=arch.patch_size, width=arch.width, depth=arch.depth, num_heads=arch.num_heads,
+                   mlp_dim=arch.mlp_dim, ffn=arch.ffn, num_registers=arch.num_registers,
+                   layerscale=arch.layerscale, pos_embed_grid=grid, interpolate_offset=interpolation[0],
+                   interpolate_antialias=interpolation[1])
+  if head is not None:
+    cfg.head.update(out_dim=head["last_layer"].shape[1], hidden_dim=head["mlp0"]["kernel"].shape[1],
+                    bottleneck_dim=head["last_layer"].shape[0], num_layers=len(head) - 1)
+  cfg.aug.global_size, cfg.data.image_size = 224, 256  # the usual evaluation view
+  return cfg
+
+
+def write_run(out: str, cfg, teacher: dict) -> pathlib.Path:
+  """A run directory whose step 0 holds `teacher` as the teacher (what the tools restore)."""
+  workdir = pathlib.Path(out).resolve()
+  if (workdir / "checkpoints").exists():
+    raise UsageError(f"{out!r} already has checkpoints; choose a new --out")
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(cfg.to_json(indent=2))
+  mngr = ocp.CheckpointManager(str(workdir / "checkpoints"))
+  mngr.save(0, args=ocp.args.StandardSave({"teacher": {"value": teacher}}))
+  mngr.wait_until_finished()
+  mngr.close()
+  return workdir
+
+
+def import_file(path: str, arch_name: str, out: str, layout: str = "official", key: Optional[str] = None,
+                with_head: bool = True):
+  """`--from` conversion: PyTorch file -> dino_jax run directory; returns (the directory, the
+  converted parts, the run's config)."""
+  if arch_name not in ARCHS:
+    raise UsageError(f"unknown --arch {arch_name!r}; one of: {', '.join(ARCHS)}")
+  arch = ARCHS[arch_name]
+  parts = split_state_dict(read_state_dict(path, key))
+  teacher = {"backbone": to_flax(parts["backbone"], arch, layout)}
+  if with_head:
+    teacher |= {name: head_to_flax(parts[name]) for name in ("head", "ibot_head") if parts[name]}
+  if layout == "timm":
+    interpolation = INTERPOLATION["timm"]
+  else:
+    interpolation = INTERPOLATION["official_registers" if arch.num_registers else "official"]
+  grid = teacher["backbone"]["pos_embed"].shape[1]
+  cfg = run_config(arch, grid, interpolation, teacher.get("head"))
+  return write_run(out, cfg, teacher), sorted(teacher), cfg
+
+
+def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool = False) -> dict:
+  """`--export`: a run's backbone -> official-layout state_dict file (.pth or .safetensors)."""
+  backbone = extract.load_backbone(workdir, step, student)
+  m = backbone.cfg.model
+  arch = Arch(m.patch_size, m.width, m.depth, m.num_heads, m.mlp_dim, m.ffn, m.num_registers, m.layerscale)
+  state = to_torch(jax.device_get(backbone.params), arch)
+  if out.endswith(".safetensors"):
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, out)
+  elif out.endswith(".pth"):
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, out)
+  else:
+    raise UsageError(f"--out {out!r}: export writes .pth or .safetensors")
+  return {"state": state, "config": backbone.cfg, "step": backbone.step}
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse whose errors are one `error:` line and exit status 2."""
+
+  def error(self, message):
+    fail(message)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = _Parser(prog="python -m dino_jax.convert", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  what = parser.add_mutually_exclusive_group(required=True)
+  what.add_argument("--from", dest="source", metavar="FILE", help="PyTorch .pth or .safetensors to import.")
+  what.add_argument("--export", metavar="RUN", help="dino_jax run directory to export.")
+  parser.add_argument("--out", required=True, help="Run directory (import) or .pth/.safetensors file (export).")
+  parser.add_argument("--arch", choices=list(ARCHS), help="Import: the model the file holds.")
+  parser.add_argument("--layout", choices=["official", "timm"], default="official",
+                      help="Import: key layout and position-embedding resize convention of the file.")
+  parser.add_argument("--key", help="Import: entry of a training checkpoint (default teacher/model/state_dict).")
+  parser.add_argument("--no_head", action="store_true", help="Import: leave out the DINO/iBOT heads.")
+  parser.add_argument("--step", type=int, help="Export: checkpoint step (default: the latest).")
+  parser.add_argument("--student", action="store_true", help="Export: the student instead of the teacher.")
+  args = parser.parse_args(argv)
+  if args.source and not args.arch:
+    parser.error("--from needs --arch (one of: " + ", ".join(ARCHS) + ")")
+  return args
+
+
+def main(argv: list[str]):
+  args = parse_args(argv)
+  logging.set_verbosity(logging.WARNING)
+  try:
+    if args.source:
+      workdir, parts, cfg = import_file(args.source, args.arch, args.out, args.layout, args.key, not args.no_head)
+      m = cfg.model
+      print(f"{args.arch} ({args.layout} layout): {' + '.join(parts)}; pos-embed grid {m.pos_embed_grid}, "
+            f"resized with offset {m.interpolate_offset}, antialias {m.interpolate_antialias} -> {workdir}")
+    else:
+      result = export_run(args.export, args.out, args.step, args.student)
+      m = result["config"].model
+      print(f"{len(result['state'])} tensors of step {result['step']} -> {args.out} (official layout; build the "
+            f"PyTorch model with interpolate_offset={m.interpolate_offset}, "
+            f"interpolate_antialias={m.interpolate_antialias} for the same outputs at other sizes)")
+  except UsageError as e:
+    fail(str(e))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
