@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
                 train_split="train")
   c.model = dict(vit("small", 16), ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
                  pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
-                 init_from="")  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
+                 init_from="",  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
+                 dtype="float32", remat="none", attention="xla")  # speed knobs: see models.ViT
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, share_ibot_head=False)
   c.aug = dict(global_size=224, local_size=96, num_local=8, global_scale=(0.4, 1.0),
                local_scale=(0.05, 0.4), jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1),
@@ -39,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
                 linear_probe=False, linear_epochs=100,
                 train_split="train", test_split="validation")
   c.checkpoint = dict(every_steps=1000, keep=3)
+  # Devices: ("data", "fsdp") mesh; arrays of >= fsdp_min_size elements are split over "fsdp".
+  c.mesh = dict(fsdp=1, fsdp_min_size=2 ** 20)
   return c
 
 
@@ -65,7 +68,7 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
   c.model = dict(vit(size, 14), ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
                  layerscale=1e-5, drop_path_rate={"small": 0.1, "base": 0.1}.get(size, 0.4),
                  pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
-                 init_from="")
+                 init_from="", dtype="float32", remat="none", attention="xla")
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=384 if size == "giant" else 256,
                 num_layers=3, share_ibot_head=False)
   c.aug.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), local_size=98)

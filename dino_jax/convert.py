@@ -33,6 +33,8 @@ import orbax.checkpoint as ocp
 from configs import common
 from dino_jax import extract
 from dino_jax import models
+from dino_jax import optim
+from dino_jax.errors import ArgumentParser
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
 
@@ -122,11 +124,7 @@ def _expected_shapes(arch: Arch, grid: int) -> dict[str, tuple]:
                       arch.num_registers, arch.layerscale, pos_embed_grid=grid)
   size = grid * arch.patch_size
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3))))["params"]
-  return {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
-
-
-def _path(key_path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in key_path)
+  return {optim.path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
 
 
 def _nest(flat: dict[str, np.ndarray]) -> dict:
@@ -181,7 +179,7 @@ def to_flax(state: dict[str, np.ndarray], arch: Arch, layout: str = "official") 
 
 def to_torch(params: dict, arch: Arch) -> dict[str, np.ndarray]:
   """The official-layout PyTorch state_dict of flax backbone params (inverse of to_flax)."""
-  flat = {_path(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  flat = {optim.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
   state = {t: to_t(flat[f]) for f, t, _, to_t in backbone_table(arch, "official")}
   pos = flat["pos_embed"].reshape(1, -1, arch.width)
   state["pos_embed"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
@@ -333,15 +331,8 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool
 # ---------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse whose errors are one `error:` line and exit status 2."""
-
-  def error(self, message):
-    fail(message)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = _Parser(prog="python -m dino_jax.convert", description=__doc__.split("\n\n")[0],
+  parser = ArgumentParser(prog="python -m dino_jax.convert", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter)
   what = parser.add_mutually_exclusive_group(required=True)
   what.add_argument("--from", dest="source", metavar="FILE", help="PyTorch .pth or .safetensors to import.")

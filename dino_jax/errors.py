@@ -1,4 +1,5 @@
 """The one error type shown to users as a single line by the command-line tools."""
+import argparse
 import sys
 
 
@@ -11,3 +12,10 @@ def fail(message: str):
   print("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()),
         file=sys.stderr)
   sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors are one `error:` line and exit status 2 (through `fail`)."""
+
+  def error(self, message):
+    fail(message)

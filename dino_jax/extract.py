@@ -60,7 +60,7 @@ def load_backbone(workdir: str, step: int | None = None, student: bool = False) 
 
 def extract(backbone: Backbone, source, batch_size: int, image_size: int, with_patches: bool) -> dict:
   """Features of every image of `source`, batches sharded over all devices."""
-  sharding = NamedSharding(train.data_mesh(), P("data"))
+  sharding = NamedSharding(train.make_mesh(), P(train.BATCH))
   if batch_size % sharding.mesh.size:
     raise UsageError(f"batch_size {batch_size} is not divisible by the {sharding.mesh.size} devices")
   out = {"cls": [], "pooled": [], "labels": []} | ({"patch": []} if with_patches else {})

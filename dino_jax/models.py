@@ -122,6 +122,7 @@ class Block(nn.Module):
   layerscale: Optional[float] = None
   drop_path: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -129,7 +130,7 @@ class Block(nn.Module):
     h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
     qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype, name="qkv")(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    h = jax.nn.dot_product_attention(q, k, v)
+    h = jax.nn.dot_product_attention(q, k, v, implementation=None if self.attention == "xla" else self.attention)
     if self.is_mutable_collection("intermediates"):  # attention maps for inspection
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
       self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
@@ -143,6 +144,12 @@ class Block(nn.Module):
     if self.layerscale is not None:
       h = LayerScale(self.layerscale, name="ls2")(h)
     return x + DropPath(self.drop_path)(h, deterministic)
+
+
+REMAT_POLICIES = {  # what a rematerialized block keeps from its forward pass
+    "full": None,  # nothing: recompute the whole block (least memory)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmuls with weights
+}
 
 
 class ViT(nn.Module):
@@ -163,7 +170,9 @@ class ViT(nn.Module):
   pos_embed_grid: int = 14  # the grid the position embedding is stored at
   interpolate_offset: float = 0.1  # resize_pos_embed's conventions (DINO's and DINOv2's defaults)
   interpolate_antialias: bool = False
-  dtype: jnp.dtype = jnp.float32
+  dtype: jnp.dtype = jnp.float32  # compute dtype (bfloat16 for speed); parameters stay float32
+  remat: str = "none"  # rematerialize each block in the backward pass: "none", "full" or "dots"
+  attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (GPU, bf16)
 
   @nn.compact
   def __call__(self, images, mask=None, deterministic: bool = True):
@@ -186,9 +195,10 @@ class ViT(nn.Module):
                        (1, self.num_registers, self.width))
       prefix.append(jnp.broadcast_to(reg, (b, self.num_registers, self.width)).astype(x.dtype))
     x = jnp.concatenate(prefix + [x], axis=1)
+    block = Block if self.remat == "none" else nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = Block(self.num_heads, self.mlp_dim, self.ffn, self.layerscale, rate, self.dtype,
+      x = block(self.num_heads, self.mlp_dim, self.ffn, self.layerscale, rate, self.dtype, self.attention,
                 name=f"block{i}")(x, deterministic)
     x = nn.LayerNorm(epsilon=1e-6, name="norm")(x).astype(jnp.float32)
     n_prefix = 1 + self.num_registers

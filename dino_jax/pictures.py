@@ -36,6 +36,7 @@ from dino_jax import augment
 from dino_jax import data
 from dino_jax import extract
 from dino_jax import train
+from dino_jax.errors import ArgumentParser
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
 
@@ -296,16 +297,9 @@ def correspond_command(backbone, images, names, args, out: pathlib.Path) -> list
 COMMANDS = {"attention": attention_command, "pca": pca_command, "correspond": correspond_command}
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse whose errors are one `error:` line and exit status 2."""
-
-  def error(self, message):
-    fail(message)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
   """The command line, checked as far as it can be without the run."""
-  parser = _Parser(prog="python -m dino_jax.pictures", description=__doc__.split("\n\n")[0],
+  parser = ArgumentParser(prog="python -m dino_jax.pictures", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("command", choices=sorted(COMMANDS))
   parser.add_argument("--workdir", required=True, help="Run directory (as for dino_jax.train).")

@@ -50,7 +50,8 @@ def make_backbone(cfg: ml_collections.ConfigDict) -> models.ViT:
                     mlp_dim=m.mlp_dim, ffn=m.ffn, num_registers=m.num_registers,
                     layerscale=m.layerscale, drop_path_rate=m.drop_path_rate,
                     pos_embed_grid=m.pos_embed_grid, interpolate_offset=m.interpolate_offset,
-                    interpolate_antialias=m.interpolate_antialias)
+                    interpolate_antialias=m.interpolate_antialias, dtype=jnp.dtype(m.dtype), remat=m.remat,
+                    attention=m.attention)
 
 
 def make_model(cfg: ml_collections.ConfigDict) -> models.DINOModel:
@@ -125,18 +126,24 @@ def masked_token_index(masks, max_per_image):
   return index, weights.reshape(-1), valid.reshape(-1).astype(jnp.float32)
 
 
-def train_step(state, batch, *, model, tx, schedules, cfg):
+def constrain(x, sharding):
+  """Activations stay split along the batch (views of one image on one device)."""
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def train_step(state, batch, *, model, tx, schedules, cfg, batch_sharding=None):
   """One DINO/iBOT/KoLeo update of the student, then the teacher EMA and the centers.
 
   batch: "global" [B, 2, G, G, 3], "local" [B, N, L, L, 3] views and, with iBOT, "masks"
-  [B, 2, num_patches] bool for the student's global crops.
+  [B, 2, num_patches] bool for the student's global crops. `batch_sharding` (the jitted step's)
+  keeps the flattened views split along the batch.
   """
   step = state["step"]
   rng_global, rng_local = jax.random.split(jax.random.fold_in(state["rng"], step))
   temp = schedules["teacher_temp"](step)
   glob = batch["global"]
   b, n_global = glob.shape[:2]
-  glob = glob.reshape((-1,) + glob.shape[2:])
+  glob = constrain(glob.reshape((-1,) + glob.shape[2:]), batch_sharding)
   use_ibot = cfg.loss.ibot_weight > 0
   mask = index = None
   if use_ibot:
@@ -157,7 +164,7 @@ def train_step(state, batch, *, model, tx, schedules, cfg):
     s_logits = student["cls_logits"].reshape(b, n_global, -1)
     if "local" in batch:
       loc = batch["local"]
-      s_local = model.apply({"params": params}, loc.reshape((-1,) + loc.shape[2:]),
+      s_local = model.apply({"params": params}, constrain(loc.reshape((-1,) + loc.shape[2:]), batch_sharding),
                             deterministic=False, rngs={"dropout": rng_local})
       s_logits = jnp.concatenate([s_logits, s_local["cls_logits"].reshape(b, loc.shape[1], -1)], 1)
     terms = {"dino_loss": losses.dino_loss(s_logits, t_probs, cfg.loss.student_temp)}
@@ -205,11 +212,15 @@ def train_step(state, batch, *, model, tx, schedules, cfg):
 # ---------------------------------------------------------------------------------------
 
 
-def step_masks(cfg, step: int, num_images: int) -> np.ndarray:
-  """[num_images, 2, patches] iBOT masks of this process for `step` (seeded by step)."""
+def step_masks(cfg, step: int) -> np.ndarray:
+  """[local batch, 2, patches] iBOT masks for this process's images of `step`: the global
+  batch's masks come from (seed, step) and each process takes its slice, so a run's masks do
+  not depend on how many processes share the batch."""
   grid = (cfg.aug.global_size // cfg.model.patch_size,) * 2
-  rng = np.random.default_rng([cfg.seed, step, jax.process_index()])
-  return masking.batch_masks(rng, num_images * 2, grid, cfg.mask).reshape(num_images, 2, -1)
+  rng = np.random.default_rng([cfg.seed, step])
+  masks = masking.batch_masks(rng, cfg.batch_size * 2, grid, cfg.mask).reshape(cfg.batch_size, 2, -1)
+  local = cfg.batch_size // jax.process_count()
+  return masks[jax.process_index() * local:(jax.process_index() + 1) * local]
 
 
 def make_views(key_data, step, images, *, cfg):
@@ -337,7 +348,7 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
     saved = saved["params"]
   else:
     raise UsageError(f"{workdir!r} holds no student weights (a converted model holds its teacher only)")
-  replicated = NamedSharding(data_mesh(), P())
+  replicated = NamedSharding(make_mesh(), P())
   wanted = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[p]) for p in parts if p in saved}
   args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), wanted)
   nest = (lambda x: {"params": x}) if student else (lambda x: {"teacher": {"value": x}})
@@ -365,7 +376,9 @@ def init_from_run(state: dict, workdir: str) -> dict:
     if diffs:
       logging.warning("model.init_from: %s not used (shapes differ from the config: %s)", part, diffs[0])
       continue
-    params[part] = dict(params[part]) | dict(theirs)
+    placed = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), dict(theirs),
+                          {k: params[part][k] for k in theirs})  # onto this run's (FSDP) placement
+    params[part] = dict(params[part]) | placed
   # Separate buffers for the two copies: the train step donates the whole state.
   return dict(state, params=params, teacher=state["teacher"]._replace(value=jax.tree.map(jnp.copy, params)))
 
@@ -421,11 +434,35 @@ class MetricWriter:
       self.tb.close()
 
 
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-  """`devices` (default all) on one "data" axis; XLA propagates shardings (Auto axes)."""
+BATCH = ("data", "fsdp")  # the batch axis of inputs and activations is split over every device
+
+
+def make_mesh(cfg: ml_collections.ConfigDict | None = None, devices=None) -> jax.sharding.Mesh:
+  """`devices` (default all) as a ("data", "fsdp") mesh with `cfg.mesh.fsdp` of them on the
+  FSDP axis (1 without a config); XLA propagates shardings (Auto axes)."""
   devices = devices or jax.devices()
-  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+  fsdp = 1 if cfg is None else cfg.mesh.fsdp
+  if fsdp < 1 or len(devices) % fsdp:
+    raise UsageError(f"mesh.fsdp {fsdp} does not divide the {len(devices)} devices")
+  return jax.make_mesh((len(devices) // fsdp, fsdp), BATCH, axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=devices)
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
+  """The FSDP (ZeRO-3) rule: an array of at least `min_size` elements is split along its
+  largest axis that the "fsdp" axis size divides; smaller ones (all, when fsdp is 1) are
+  replicated. Parameters, their Adam moments and the teacher get the same placement."""
+  if fsdp == 1 or int(np.prod(shape)) < min_size:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[axis] % fsdp == 0:
+      return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+  return P()
+
+
+def state_shardings(abstract_state, mesh: jax.sharding.Mesh, cfg) -> dict:
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.shape["fsdp"], cfg.mesh.fsdp_min_size)),
+                      abstract_state)
 
 
 def check_config(cfg, num_devices: int):
@@ -437,6 +474,12 @@ def check_config(cfg, num_devices: int):
     raise UsageError(f"on_nonfinite must be 'stop' or 'skip', not {cfg.on_nonfinite!r}")
   if cfg.loss.centering not in ("centering", "sinkhorn"):
     raise UsageError(f"loss.centering must be 'centering' or 'sinkhorn', not {cfg.loss.centering!r}")
+  if cfg.model.remat not in ("none", *models.REMAT_POLICIES):
+    raise UsageError(f"model.remat must be one of none, {', '.join(models.REMAT_POLICIES)}, not {cfg.model.remat!r}")
+  if cfg.model.attention == "cudnn" and (jax.default_backend() != "gpu" or cfg.model.dtype == "float32"):
+    raise UsageError("model.attention=cudnn needs a GPU and model.dtype bfloat16 or float16")
+  if cfg.model.attention not in ("xla", "cudnn"):
+    raise UsageError(f"model.attention must be 'xla' or 'cudnn', not {cfg.model.attention!r}")
   for size in (cfg.aug.global_size, cfg.aug.local_size):
     if size % cfg.model.patch_size:
       raise UsageError(f"crop size {size} is not a multiple of patch size {cfg.model.patch_size}")
@@ -452,16 +495,19 @@ class Trainer(NamedTuple):
 
 
 def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int) -> Trainer:
-  """Initial state (replicated) and the train step jitted with the batch sharded on "data"."""
+  """Initial state (placed by `fsdp_spec`) and the train step jitted with the batch split
+  over all devices."""
   check_config(cfg, mesh.size)
   schedules = optim.make_schedules(cfg, steps_per_epoch)
   tx = optim.make_optimizer(cfg, schedules, steps_per_epoch)
   model = make_model(cfg)
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  state = jax.jit(functools.partial(init_state, cfg, model, tx), out_shardings=replicated)()
-  state_sharding = jax.tree.map(lambda _: replicated, state)
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedules=schedules, cfg=cfg),
+  batch_sharding = NamedSharding(mesh, P(BATCH))
+  init = functools.partial(init_state, cfg, model, tx)
+  state_sharding = state_shardings(jax.eval_shape(init), mesh, cfg)
+  state = jax.jit(init, out_shardings=state_sharding)()
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedules=schedules, cfg=cfg,
+                                      batch_sharding=batch_sharding),
                     in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, replicated), donate_argnums=0)
   views_fn = jax.jit(functools.partial(make_views, cfg=cfg), in_shardings=(replicated, None, batch_sharding),
@@ -479,7 +525,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
   `max_steps` stops early (after that many total steps) without changing any schedule:
   the way tests and users simulate an interrupted run.
   """
-  mesh = data_mesh()
+  mesh = make_mesh(cfg)
   train_src = data.make_source(cfg.data, cfg.data.train_split)
   eval_srcs = None
   if cfg.eval.knn_every_steps >= 0 and getattr(train_src, "num_classes", None):
@@ -490,6 +536,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
   (pathlib.Path(workdir) / "config.json").write_text(cfg.to_json(indent=2))
 
   trainer = build(cfg, mesh, steps_per_epoch)
+  if jax.process_index() == 0:
+    print(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, "
+          f"mesh {dict(mesh.shape)}, {total_steps} steps", flush=True)
   mngr = checkpoint_manager(workdir, cfg)
   state = restore_or_keep(mngr, trainer.state)
   if cfg.model.init_from and mngr.latest_step() is None:
@@ -512,7 +561,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
       break
     batch = dict(trainer.make_views(aug_key, step, to_global(images)))
     if cfg.loss.ibot_weight > 0:
-      batch["masks"] = to_global(step_masks(cfg, step, len(images)))
+      batch["masks"] = to_global(step_masks(cfg, step))
     state, metrics = trainer.train_step(state, batch)
     bar.update(1)
     done = step + 1
@@ -567,6 +616,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
                                  "(one process per host on TPU pods / SLURM; settings auto-detected).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0 "
+                                   "(where nothing detects it, e.g. processes on one machine).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 
 
 def parse_flags(argv):
@@ -586,7 +639,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   t0 = time.time()
   try:
     cfg = _CONFIG.value

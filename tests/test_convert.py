@@ -296,7 +296,7 @@ def test_training_starts_from_converted_weights(tmp_path):
   finally:
     del convert.ARCHS["tiny_test"]
   converted = extract.load_backbone(str(source)).params
-  trainer = train.build(cfg, train.data_mesh(), 100)
+  trainer = train.build(cfg, train.make_mesh(), 100)
   state = train.init_from_run(trainer.state, str(source))
   for name in ("params", "teacher"):
     backbone = state[name]["backbone"] if name == "params" else state[name].value["backbone"]

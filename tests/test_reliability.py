@@ -156,7 +156,7 @@ def test_nan_batch_is_skipped_when_configured(tmp_path, nan_views_at_step_3):
 
 def test_nonfinite_step_leaves_the_state_unchanged():
   cfg = tiny()
-  trainer = train.build(cfg, train.data_mesh(), TRAIN_STEPS_PER_EPOCH)
+  trainer = train.build(cfg, train.make_mesh(), TRAIN_STEPS_PER_EPOCH)
   before = jax.device_get(trainer.state)
   images = data.fashion_mnist_demo("train", 20).get(np.arange(16))[0]
   batch = dict(trainer.make_views(train.augmentation_key(cfg), 0, images))

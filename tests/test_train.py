@@ -43,7 +43,7 @@ def assert_trees_close(a, b, atol):
 
 def one_step(cfg, devices, steps=1):
   """State and metrics after `steps` steps on a mesh of `devices`, from fixed real images."""
-  mesh = train.data_mesh(devices)
+  mesh = train.make_mesh(cfg, devices)
   trainer = train.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH)
   src = data.make_source(cfg.data, "train")
   state = trainer.state
@@ -51,7 +51,7 @@ def one_step(cfg, devices, steps=1):
     images, _ = src.get(data.batch_indices(len(src), cfg.batch_size, step, cfg.seed))
     batch = dict(trainer.make_views(train.augmentation_key(cfg), step, jax.device_put(images, trainer.batch_sharding)))
     if cfg.loss.ibot_weight > 0:
-      batch["masks"] = jax.device_put(train.step_masks(cfg, step, len(images)), trainer.batch_sharding)
+      batch["masks"] = jax.device_put(train.step_masks(cfg, step), trainer.batch_sharding)
     state, metrics = trainer.train_step(state, batch)
   return jax.device_get(state), jax.device_get(metrics)
 
@@ -72,9 +72,45 @@ def test_sharded_step_equals_unsharded(module):
   assert all(np.isfinite(v) for v in m1.values())
 
 
+def test_fsdp_step_equals_replicated_step():
+  """DINOv2 tiny on a 2 (data) x 4 (fsdp) mesh with every array of >= 256 elements split."""
+  cfg = tiny(dinov2_vits14, **{"mesh.fsdp": 4, "mesh.fsdp_min_size": 256})
+  trainer = train.build(cfg, train.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
+  kernel = trainer.state["params"]["backbone"]["block0"]["mlp"]["fc1"]["kernel"]  # [32, 64]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp") and kernel.addressable_shards[0].data.shape == (32, 16)
+  moment = trainer.state["opt_state"]
+  assert any(getattr(x, "sharding", None) is not None and "fsdp" in tuple(getattr(x.sharding, "spec", ()))
+             for x in jax.tree.leaves(moment))  # Adam moments follow their parameters
+  assert trainer.state["params"]["backbone"]["cls_token"].sharding.spec == jax.sharding.PartitionSpec()  # small: replicated
+  sharded, m_fsdp = one_step(cfg, jax.devices(), steps=2)
+  replicated, m_rep = one_step(tiny(dinov2_vits14), jax.devices()[:1], steps=2)
+  assert_trees_close(sharded["params"], replicated["params"], atol=1e-5)
+  assert_trees_close(sharded["teacher"], replicated["teacher"], atol=1e-5)
+  np.testing.assert_allclose(m_fsdp["loss"], m_rep["loss"], rtol=1e-5)
+
+
+def test_fsdp_spec_rule():
+  assert train.fsdp_spec((1024, 4096), 4, 2 ** 20) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert train.fsdp_spec((384, 1536), 4, 2 ** 20) == jax.sharding.PartitionSpec()  # small
+  assert train.fsdp_spec((256, 65536), 8, 2 ** 20) == jax.sharding.PartitionSpec(None, "fsdp")  # the K head
+  assert train.fsdp_spec((3, 5, 7), 2, 1) == jax.sharding.PartitionSpec()  # nothing divisible
+  assert train.fsdp_spec((1024, 4096), 1, 0) == jax.sharding.PartitionSpec()
+  with pytest.raises(UsageError, match="mesh.fsdp 3 does not divide the 8 devices"):
+    train.make_mesh(tiny(**{"mesh.fsdp": 3}))
+
+
+def test_remat_gives_the_same_step_and_bfloat16_stays_close():
+  base, m_base = one_step(tiny(dinov2_vits14), jax.devices(), steps=1)
+  remat, m_remat = one_step(tiny(dinov2_vits14, **{"model.remat": "full"}), jax.devices(), steps=1)
+  assert_trees_close(remat["params"], base["params"], atol=1e-6)
+  bf16, m_bf16 = one_step(tiny(dinov2_vits14, **{"model.dtype": "bfloat16", "model.remat": "dots"}), jax.devices(), steps=1)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16["params"]))  # fp32 master weights
+  assert np.isfinite(m_bf16["loss"]) and abs(m_bf16["loss"] - m_base["loss"]) < 0.05 * abs(m_base["loss"])
+
+
 def test_step_moves_student_teacher_and_center():
   cfg = tiny()
-  mesh = train.data_mesh()
+  mesh = train.make_mesh()
   init = jax.device_get(train.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH).state)
   state, metrics = one_step(cfg, jax.devices(), steps=3)
   assert int(state["step"]) == 3
@@ -91,7 +127,7 @@ def test_step_moves_student_teacher_and_center():
 
 def final_state(workdir, cfg):
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  state = train.build(cfg, train.data_mesh(), TRAIN_STEPS_PER_EPOCH).state
+  state = train.build(cfg, train.make_mesh(), TRAIN_STEPS_PER_EPOCH).state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   return mngr.latest_step(), jax.device_get(mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract)))
 
@@ -228,6 +264,16 @@ def test_tfds_dataset_not_available_offline(tmp_path):
 def test_batch_not_divisible_by_devices(tmp_path):
   with pytest.raises(UsageError, match="batch_size 12 is not divisible by the 8 devices"):
     train.train(tiny(batch_size=12), str(tmp_path))
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.remat": "some"}, "model.remat must be one of none, full, dots, not 'some'"),
+    ({"model.attention": "cudnn"}, "model.attention=cudnn needs a GPU"),
+    ({"model.attention": "flash"}, "model.attention must be 'xla' or 'cudnn'"),
+])
+def test_bad_speed_options(tmp_path, override, message):
+  with pytest.raises(UsageError, match=message):
+    train.train(tiny(**override), str(tmp_path))
 
 
 def test_checkpoint_of_another_architecture(tmp_path):

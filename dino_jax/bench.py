@@ -1,0 +1,150 @@
+r"""Times the full DINO / DINOv2 train step of a config on this host's devices.
+
+  python -m dino_jax.bench --config configs/dino_vits16.py --config.batch_size=8 --config.aug.num_local=8
+
+One timed step is what the devices do per training step: the multi-crop augmentation of a
+uint8 batch and `train_step` (teacher forward, student forward + backward, optimizer, EMA),
+with block_until_ready after each. Prints the median of `--steps` steps after `--warmup`,
+images/s, compile time, achieved TFLOP/s and MFU (from `train_step_flops` and the device's
+peak, `--peak_tflops` or the table below), and peak device memory, and appends one JSON line
+to `--json`. Input decoding on the host is not timed (the trainer prefetches it in a thread).
+"""
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from dino_jax import train
+from dino_jax.errors import UsageError
+from dino_jax.errors import fail
+
+PEAK_TFLOPS = {  # dense bf16 per device, from the vendors' data sheets
+    "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0,
+    "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0,
+}
+
+
+def vit_forward_flops(cfg, image_size: int, extra_tokens_per_image: int = 0) -> float:
+  """Forward FLOPs of the backbone on one image (a multiply-add = 2 FLOPs; norms, softmax and
+  elementwise ops left out):
+    patch embedding 2·P·(3p²)·D, and per block, with N = P + 1 + registers tokens,
+    qkv + projection 8·N·D², attention scores and values 4·N²·D,
+    FFN 4·N·D·M (MLP) or 6·N·D·M (SwiGLU)."""
+  m = cfg.model
+  patches = (image_size // m.patch_size) ** 2
+  n, d = patches + 1 + m.num_registers + extra_tokens_per_image, m.width
+  ffn = (6 if m.ffn == "swiglu" else 4) * n * d * m.mlp_dim
+  return 2 * patches * 3 * m.patch_size ** 2 * d + m.depth * (8 * n * d * d + 4 * n * n * d + ffn)
+
+
+def head_forward_flops(cfg, tokens: float) -> float:
+  """Forward FLOPs of the DINO head on `tokens` vectors: its linear layers, 2·in·out each."""
+  h, d = cfg.head, cfg.model.width
+  dims = [d] + [h.hidden_dim] * (h.num_layers - 1) + [h.bottleneck_dim, h.out_dim]
+  return tokens * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def train_step_flops(cfg) -> float:
+  """FLOPs of one train step: teacher forward on the 2 global crops, student forward and
+  backward (3x forward) on all crops; heads on CLS tokens and, with iBOT, on the masked patch
+  tokens (their expected count at the config's mask ratio)."""
+  a, b = cfg.aug, cfg.batch_size
+  glob = 2 * b * (vit_forward_flops(cfg, a.global_size) + head_forward_flops(cfg, 1))
+  local = a.num_local * b * (vit_forward_flops(cfg, a.local_size) + head_forward_flops(cfg, 1))
+  if cfg.loss.ibot_weight > 0:
+    patches = (a.global_size // cfg.model.patch_size) ** 2
+    masked = cfg.mask.mask_prob * np.mean(cfg.mask.mask_ratio) * patches
+    glob += 2 * b * head_forward_flops(cfg, masked)
+  return glob + 3 * (glob + local)
+
+
+def peak_memory_bytes() -> int | None:
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  return max((s or {}).get("peak_bytes_in_use", 0) for s in stats) or None
+
+
+def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflops: float | None) -> dict:
+  """Compiles, warms up and times `steps` train steps on random images; returns the figures."""
+  mesh = train.make_mesh(cfg)
+  trainer = train.build(cfg, mesh, steps_per_epoch=1000)
+  size = cfg.data.image_size
+  images = np.random.default_rng(0).integers(0, 256, (cfg.batch_size, size, size, 3), np.uint8)
+  images = jax.device_put(images, trainer.batch_sharding)
+  key = train.augmentation_key(cfg)
+  masks = None
+  if cfg.loss.ibot_weight > 0:
+    masks = jax.device_put(train.step_masks(cfg, 0), trainer.batch_sharding)
+
+  def batch_of(step):
+    batch = dict(trainer.make_views(key, step, images))
+    return batch | ({"masks": masks} if masks is not None else {})
+
+  start = time.perf_counter()
+  batch = batch_of(0)
+  compiled = trainer.train_step.lower(trainer.state, batch).compile()
+  compile_s = time.perf_counter() - start
+  state, times = trainer.state, []
+  for step in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch_of(step))
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times[warmup:])
+  flops = train_step_flops(cfg)
+  kind = jax.devices()[0].device_kind
+  peak = peak_tflops or PEAK_TFLOPS.get(kind)
+  achieved = flops / step_s / 1e12
+  return {
+      "device": kind, "devices": jax.device_count(), "mesh": dict(mesh.shape), "dtype": cfg.model.dtype,
+      "model": {k: cfg.model[k] for k in ("patch_size", "width", "depth", "ffn", "num_registers", "remat")},
+      "batch_size": cfg.batch_size, "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
+      "head_out_dim": cfg.head.out_dim, "ibot": cfg.loss.ibot_weight > 0, "steps_timed": steps,
+      "step_s_median": step_s, "step_s_min": min(times[warmup:]), "step_s_max": max(times[warmup:]),
+      "images_per_s": cfg.batch_size / step_s, "compile_s": compile_s,
+      "tflop_per_step": flops / 1e12, "tflops_per_s": achieved,
+      "mfu": achieved / (peak * jax.device_count()) if peak else None,
+      "peak_memory_gib": (peak_memory_bytes() or 0) / 2 ** 30 or None,
+      "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
+  }
+
+
+# --config (with --config.key=value overrides) is the flag dino_jax.train defines.
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for the MFU (default: table).")
+_JSON = flags.DEFINE_string("json", "", "Append the result as a JSON line to this file.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    if flags.FLAGS.config is None:
+      raise UsageError("--config is required")
+    if _STEPS.value < 1 or _WARMUP.value < 0:
+      raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    result = benchmark(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value)
+  except UsageError as e:
+    fail(str(e))
+  mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no peak for this device)"
+  mem = f"{result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] else "n/a"
+  print(f"{result['device']} x{result['devices']}, batch {result['batch_size']} ({result['crops']}), "
+        f"{result['dtype']}: {result['step_s_median']:.3f} s/step (median of {result['steps_timed']}), "
+        f"{result['images_per_s']:.2f} images/s, {result['tflops_per_s']:.3f} TFLOP/s, MFU {mfu}, "
+        f"peak memory {mem}, compile {result['compile_s']:.1f} s")
+  line = json.dumps(result)
+  print(line)
+  if _JSON.value:
+    with open(_JSON.value, "a") as f:
+      f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=train.parse_flags)

@@ -1,0 +1,53 @@
+"""dino_jax.bench: the analytical FLOP count against XLA's, and the command on the tiny config
+(no timing assertions)."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import dino_vits16
+from configs import dinov2_vits14
+from dino_jax import bench
+from dino_jax import train
+from tests.test_train import REPO
+
+
+@pytest.mark.parametrize("module,ffn,size", [(dino_vits16, "mlp", 224), (dinov2_vits14, "swiglu", 98)])
+def test_vit_flops_formula_matches_xla_cost_analysis(module, ffn, size):
+  cfg = module.get_config()
+  cfg.model.update(ffn=ffn, num_registers=4 if ffn == "swiglu" else 0)
+  vit = train.make_backbone(cfg)
+  x = jnp.zeros((1, size, size, 3))
+  params = jax.eval_shape(vit.init, jax.random.PRNGKey(0), x)
+  cost = jax.jit(vit.apply).lower(params, x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  # XLA also counts norms, softmax and elementwise ops, which the formula leaves out.
+  assert 1.0 <= cost["flops"] / bench.vit_forward_flops(cfg, size) <= 1.06
+
+
+def test_train_step_flops_counts_teacher_and_student():
+  cfg = dino_vits16.get_config()
+  cfg.update_from_flattened_dict({"batch_size": 8, "aug.num_local": 8})
+  glob = 16 * (bench.vit_forward_flops(cfg, 224) + bench.head_forward_flops(cfg, 1))
+  local = 64 * (bench.vit_forward_flops(cfg, 96) + bench.head_forward_flops(cfg, 1))
+  assert bench.train_step_flops(cfg) == pytest.approx(glob + 3 * (glob + local))
+  # ViT-S/16 at 224 px is 9.1 GFLOP forward (4.6 G multiply-adds), at 96 px 1.6; heads 0.045 each.
+  assert 0.90 < bench.train_step_flops(cfg) / 1e12 < 0.92
+
+
+def test_bench_command_on_the_tiny_config(tmp_path):
+  out = tmp_path / "bench.jsonl"
+  result = subprocess.run([sys.executable, "-m", "dino_jax.bench", "--config", "configs/dinov2_vits14.py:tiny",
+                           "--config.mesh.fsdp=2", "--steps", "2", "--warmup", "1", "--peak_tflops", "1.0",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = json.loads(out.read_text())
+  assert line["mesh"] == {"data": 4, "fsdp": 2} and line["devices"] == 8 and line["ibot"]
+  assert line["steps_timed"] == 2 and line["step_s_median"] > 0 and line["compile_s"] > 0
+  assert line["images_per_s"] == pytest.approx(16 / line["step_s_median"])
+  assert line["mfu"] == pytest.approx(line["tflops_per_s"] / 8)
+  assert line["loss_finite"]
+  assert "images/s" in result.stdout
