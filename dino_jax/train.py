@@ -303,10 +303,18 @@ def _shapes_by_name(tree) -> dict[str, tuple]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def weights_manager(workdir: str) -> ocp.CheckpointManager:
+  """A manager of `workdir`'s checkpoints for reading their metadata and parts of them."""
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               item_handlers=ocp.PyTreeCheckpointHandler())
+
+
 def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> None:
   """Raises UsageError naming the differences when the checkpoint's arrays (names, shapes)
   are not those of `state`: a run directory of another config or architecture."""
-  saved = _shapes_by_name(ocp.StandardCheckpointer().metadata(step_dir / "default").item_metadata)
+  mngr = weights_manager(str(step_dir.parent.parent))
+  saved = _shapes_by_name(mngr.item_metadata(int(step_dir.name)))
+  mngr.close()
   wanted = _shapes_by_name(state)
   diffs = [f"{k}: checkpoint {saved.get(k, 'missing')} vs config {wanted.get(k, 'missing')}"
            for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
@@ -336,12 +344,12 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
   """Those of `parts` ("backbone", "head", "ibot_head") that the teacher (or student) of run
   `workdir` has at `step` (default: the latest), as saved, replicated on this host's devices;
   nothing else is read. Returns (weights, step)."""
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  mngr = weights_manager(workdir)
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
     raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
                      f"(has: {sorted(mngr.all_steps()) or 'none'})")
-  saved = ocp.StandardCheckpointer().metadata(pathlib.Path(str(mngr.directory)) / str(step) / "default").item_metadata
+  saved = mngr.item_metadata(step)
   if not student:
     saved = saved["teacher"]["value"]
   elif "params" in saved:
