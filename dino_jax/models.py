@@ -114,6 +114,24 @@ class DropPath(nn.Module):
     return x * mask / keep
 
 
+def subset_drop_path(x, branch, rate: float, rng, batch_sharding=None):
+  """x + stochastic-depth branch(x) computing the branch only for the kept samples (DINOv2's
+  form for rates above 0.1). Each batch shard (device) of `batch_sharding` (one shard when
+  None) draws a random k = max(int(n (1 - rate)), 1) of its n samples; they go through
+  `branch` and their outputs are added back scaled by n / k. The subsets stay on their devices."""
+  groups = 1 if batch_sharding is None else batch_sharding.mesh.size
+  local = lambda a: a if batch_sharding is None else jax.lax.with_sharding_constraint(a, batch_sharding)
+  n = x.shape[0] // groups
+  k = max(int(n * (1.0 - rate)), 1)
+  order = jnp.argsort(jax.random.uniform(rng, (groups, n)), axis=1)[:, :k]
+  pick = local(jax.nn.one_hot(order, n, dtype=x.dtype))  # [groups, k, n]: batched matmuls, no gathers
+  grouped = local(x.reshape(groups, n, -1))
+  exact = jax.lax.Precision.HIGHEST  # a selection: no bf16 rounding of the activations
+  subset = jnp.einsum("gkn,gnf->gkf", pick, grouped, precision=exact).reshape(groups * k, *x.shape[1:])
+  update = branch(subset).reshape(groups, k, -1).astype(x.dtype) * (n / k)
+  return (grouped + jnp.einsum("gkn,gkf->gnf", pick, update, precision=exact)).reshape(x.shape)
+
+
 class Block(nn.Module):
   """Pre-norm transformer block: x + ls(attn(ln(x))), x + ls(ffn(ln(x)))."""
   num_heads: int
@@ -123,27 +141,34 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
+  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the step's, for subset_drop_path
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     d = x.shape[-1]
-    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-    qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype, name="qkv")(h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    h = jax.nn.dot_product_attention(q, k, v, implementation=None if self.attention == "xla" else self.attention)
-    if self.is_mutable_collection("intermediates"):  # attention maps for inspection
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
-      self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
-    h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="proj")(h)
-    if self.layerscale is not None:
-      h = LayerScale(self.layerscale, name="ls1")(h)
-    x = x + DropPath(self.drop_path)(h, deterministic)
-    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
-    ffn = SwiGLU if self.ffn == "swiglu" else Mlp
-    h = ffn(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
-    if self.layerscale is not None:
-      h = LayerScale(self.layerscale, name="ls2")(h)
-    return x + DropPath(self.drop_path)(h, deterministic)
+
+    def attention(x):
+      h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+      qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype, name="qkv")(h)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      h = jax.nn.dot_product_attention(q, k, v, implementation=None if self.attention == "xla" else self.attention)
+      if self.is_mutable_collection("intermediates"):  # attention maps for inspection
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
+        self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
+      h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="proj")(h)
+      return LayerScale(self.layerscale, name="ls1")(h) if self.layerscale is not None else h
+
+    def feed_forward(x):
+      h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+      h = (SwiGLU if self.ffn == "swiglu" else Mlp)(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
+      return LayerScale(self.layerscale, name="ls2")(h) if self.layerscale is not None else h
+
+    for branch in (attention, feed_forward):
+      if not deterministic and self.drop_path > 0.1:
+        x = subset_drop_path(x, branch, self.drop_path, self.make_rng("dropout"), self.batch_sharding)
+      else:
+        x = x + DropPath(self.drop_path)(branch(x), deterministic)
+    return x
 
 
 REMAT_POLICIES = {  # what a rematerialized block keeps from its forward pass
@@ -173,6 +198,7 @@ class ViT(nn.Module):
   dtype: jnp.dtype = jnp.float32  # compute dtype (bfloat16 for speed); parameters stay float32
   remat: str = "none"  # rematerialize each block in the backward pass: "none", "full" or "dots"
   attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (GPU, bf16)
+  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's batch sharding
 
   @nn.compact
   def __call__(self, images, mask=None, deterministic: bool = True):
@@ -199,7 +225,7 @@ class ViT(nn.Module):
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
       x = block(self.num_heads, self.mlp_dim, self.ffn, self.layerscale, rate, self.dtype, self.attention,
-                name=f"block{i}")(x, deterministic)
+                self.batch_sharding, name=f"block{i}")(x, deterministic)
     x = nn.LayerNorm(epsilon=1e-6, name="norm")(x).astype(jnp.float32)
     n_prefix = 1 + self.num_registers
     return {"cls": x[:, 0], "registers": x[:, 1:n_prefix], "patch": x[:, n_prefix:]}

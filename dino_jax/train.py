@@ -44,21 +44,22 @@ from dino_jax.errors import fail
 # ---------------------------------------------------------------------------------------
 
 
-def make_backbone(cfg: ml_collections.ConfigDict) -> models.ViT:
+def make_backbone(cfg: ml_collections.ConfigDict, batch_sharding: NamedSharding | None = None) -> models.ViT:
+  """The config's ViT; `batch_sharding` is the train step's (per-device stochastic depth)."""
   m = cfg.model
   return models.ViT(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                     mlp_dim=m.mlp_dim, ffn=m.ffn, num_registers=m.num_registers,
                     layerscale=m.layerscale, drop_path_rate=m.drop_path_rate,
                     pos_embed_grid=m.pos_embed_grid, interpolate_offset=m.interpolate_offset,
                     interpolate_antialias=m.interpolate_antialias, dtype=jnp.dtype(m.dtype), remat=m.remat,
-                    attention=m.attention)
+                    attention=m.attention, batch_sharding=batch_sharding)
 
 
-def make_model(cfg: ml_collections.ConfigDict) -> models.DINOModel:
+def make_model(cfg: ml_collections.ConfigDict, batch_sharding: NamedSharding | None = None) -> models.DINOModel:
   h = cfg.head
   head = lambda: models.DINOHead(h.out_dim, h.hidden_dim, h.bottleneck_dim, h.num_layers)
   separate_ibot = cfg.loss.ibot_weight > 0 and not h.share_ibot_head
-  return models.DINOModel(make_backbone(cfg), head(), head() if separate_ibot else None)
+  return models.DINOModel(make_backbone(cfg, batch_sharding), head(), head() if separate_ibot else None)
 
 
 def init_state(cfg, model, tx) -> dict:
@@ -508,9 +509,9 @@ def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epo
   check_config(cfg, mesh.size)
   schedules = optim.make_schedules(cfg, steps_per_epoch)
   tx = optim.make_optimizer(cfg, schedules, steps_per_epoch)
-  model = make_model(cfg)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(BATCH))
+  model = make_model(cfg, batch_sharding)
   init = functools.partial(init_state, cfg, model, tx)
   state_sharding = state_shardings(jax.eval_shape(init), mesh, cfg)
   state = jax.jit(init, out_shardings=state_sharding)()

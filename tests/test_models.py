@@ -1,6 +1,7 @@
 """ViT backbone and DINO head (dino_jax.models), at width 32, depth 2."""
 import functools
 import math
+import re
 
 import flax
 import jax
@@ -232,3 +233,36 @@ def test_block_matches_numpy():
   h = h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
   expected = xs + h * p["ls2"]["gamma"]
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_subset_drop_path_computes_only_the_kept_samples():
+  x = jax.random.normal(jax.random.key(0), (8, 3, 4))
+  seen = []
+
+  def branch(v):
+    seen.append(v.shape)
+    return 2.0 * v + 1.0
+
+  out = models.subset_drop_path(x, branch, 0.5, jax.random.key(1))
+  assert seen == [(4, 3, 4)]  # k = int(8 * 0.5) samples go through the branch
+  changed = np.any(np.asarray(out != x), axis=(1, 2))
+  assert changed.sum() == 4
+  np.testing.assert_allclose(out[changed], x[changed] + 2.0 * branch(x[changed]), rtol=1e-6)  # scaled by n / k
+  np.testing.assert_array_equal(out[~changed], x[~changed])
+  # Unbiased: averaged over draws, x + branch(x).
+  mean = jnp.mean(jax.vmap(lambda key: models.subset_drop_path(x, branch, 0.5, key))(
+      jax.random.split(jax.random.key(2), 4000)), axis=0)
+  sigma = np.abs(np.asarray(branch(x))) / np.sqrt(4000)  # per-draw spread |branch(x)|
+  assert np.all(np.abs(np.asarray(mean - (x + branch(x)))) <= 5 * sigma + 1e-5)
+
+
+def test_subset_drop_path_keeps_each_device_subset_local():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (32, 5, 16)), sharding)
+  step = jax.jit(lambda x, key: models.subset_drop_path(x, lambda v: v @ jnp.eye(16), 0.5, key, sharding))
+  out = step(x, jax.random.key(1))
+  changed = np.any(np.asarray(out != x), axis=(1, 2)).reshape(8, 4)
+  assert (changed.sum(axis=1) == 2).all()  # 2 of each device's 4 samples
+  hlo = step.lower(x, jax.random.key(1)).compile().as_text()
+  assert not re.search(r"all-gather|all-to-all|collective-permute", hlo)
