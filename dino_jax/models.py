@@ -223,7 +223,7 @@ class ViT(nn.Module):
     x = jnp.concatenate(prefix + [x], axis=1)
     block = Block if self.remat == "none" else nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
     for i in range(self.depth):
-      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+      rate = self.drop_path_rate * (i / max(self.depth - 1, 1))  # the last block: exactly the config rate
       x = block(self.num_heads, self.mlp_dim, self.ffn, self.layerscale, rate, self.dtype, self.attention,
                 self.batch_sharding, name=f"block{i}")(x, deterministic)
     x = nn.LayerNorm(epsilon=1e-6, name="norm")(x).astype(jnp.float32)

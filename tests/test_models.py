@@ -266,3 +266,16 @@ def test_subset_drop_path_keeps_each_device_subset_local():
   assert (changed.sum(axis=1) == 2).all()  # 2 of each device's 4 samples
   hlo = step.lower(x, jax.random.key(1)).compile().as_text()
   assert not re.search(r"all-gather|all-to-all|collective-permute", hlo)
+
+
+def test_subsets_only_above_rate_0_1_including_the_last_block(monkeypatch):
+  """Rates rise linearly to drop_path_rate in the last block; 0.1 itself stays on the mask path."""
+  calls = []
+  original = models.subset_drop_path
+  monkeypatch.setattr(models, "subset_drop_path", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+  images = jnp.zeros((4, 16, 16, 3))
+  for rate in (0.1, 0.4):
+    vit = models.ViT(patch_size=4, width=32, depth=4, num_heads=2, mlp_dim=64, pos_embed_grid=4, drop_path_rate=rate)
+    params = vit.init(jax.random.key(0), images)
+    vit.apply(params, images, deterministic=False, rngs={"dropout": jax.random.key(1)})
+  assert calls == pytest.approx([0.4 * 1 / 3] * 2 + [0.4 * 2 / 3] * 2 + [0.4] * 2)  # attention and FFN of blocks 1-3
