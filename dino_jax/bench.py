@@ -31,7 +31,7 @@ PEAK_TFLOPS = {  # dense bf16 per device, from the vendors' data sheets
 }
 
 
-def vit_forward_flops(cfg, image_size: int, extra_tokens_per_image: int = 0) -> float:
+def vit_forward_flops(cfg, image_size: int) -> float:
   """Forward FLOPs of the backbone on one image (a multiply-add = 2 FLOPs; norms, softmax and
   elementwise ops left out):
     patch embedding 2·P·(3p²)·D, and per block, with N = P + 1 + registers tokens,
@@ -39,7 +39,7 @@ def vit_forward_flops(cfg, image_size: int, extra_tokens_per_image: int = 0) -> 
     FFN 4·N·D·M (MLP) or 6·N·D·M (SwiGLU)."""
   m = cfg.model
   patches = (image_size // m.patch_size) ** 2
-  n, d = patches + 1 + m.num_registers + extra_tokens_per_image, m.width
+  n, d = patches + 1 + m.num_registers, m.width
   ffn = (6 if m.ffn == "swiglu" else 4) * n * d * m.mlp_dim
   return 2 * patches * 3 * m.patch_size ** 2 * d + m.depth * (8 * n * d * d + 4 * n * n * d + ffn)
 

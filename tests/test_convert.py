@@ -283,18 +283,15 @@ def test_learned_head_gain_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_training_starts_from_converted_weights(tmp_path):
+def test_training_starts_from_converted_weights(tmp_path, monkeypatch):
   cfg = tiny(dinov2_vits14, steps=2)  # ViT width 32, depth 2, 2 heads, patch 4, LayerScale
   m = cfg.model
   arch = convert.Arch(m.patch_size, m.width, m.depth, m.num_heads, m.mlp_dim, m.ffn, m.num_registers, m.layerscale)
   torch.manual_seed(0)
   model = perturbed(torch_reference.OfficialViT(arch, m.pos_embed_grid, mask_token=False))
   file = save_safetensors(numpy_state(model), tmp_path / "w.safetensors")
-  convert.ARCHS["tiny_test"] = arch
-  try:
-    source, _, _ = convert.import_file(file, "tiny_test", str(tmp_path / "converted"))
-  finally:
-    del convert.ARCHS["tiny_test"]
+  monkeypatch.setitem(convert.ARCHS, "tiny_test", arch)
+  source, _, _ = convert.import_file(file, "tiny_test", str(tmp_path / "converted"))
   converted = extract.load_backbone(str(source)).params
   trainer = train.build(cfg, train.make_mesh(), 100)
   state = train.init_from_run(trainer.state, str(source))
