@@ -1,7 +1,7 @@
 """Defaults shared by the configs: the DINO ViT-S/16 recipe (Caron et al. 2021, App. B)."""
 import ml_collections
 
-from dino_jax.models import VIT_SIZES
+from dino_jax.models.vit import VIT_SIZES
 
 
 def vit(size: str, patch_size: int, **overrides) -> dict:
@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = dict(source="tfds", name="imagenet2012", path="", data_dir="", image_size=256,
                 train_split="train")
-  c.model = dict(vit("small", 16), ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
+  c.model = dict(vit("small", 16), name="vit", ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
                  pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
                  init_from="",  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
                  dtype="float32", remat="none", attention="xla")  # speed knobs: see models.ViT
@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
                local_scale=(0.05, 0.4), jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1),
                grayscale_prob=0.2, blur_sigma=(0.1, 2.0), solarize_prob=0.2)
   c.mask = dict(mask_prob=0.5, mask_ratio=(0.1, 0.5))
-  c.loss = dict(dino_weight=1.0, ibot_weight=0.0, koleo_weight=0.0, student_temp=0.1,
+  c.loss = dict(dino_weight=1.0, ibot_weight=0.0, koleo_weight=0.0, region_weight=0.0, student_temp=0.1,
                 teacher_temp=(0.04, 0.04), teacher_temp_warmup_epochs=0.0, centering="centering",
                 center_momentum=0.9)
   c.optim = dict(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10.0, weight_decay=(0.04, 0.4),
@@ -65,7 +65,7 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
   """DINOv2 recipe (Oquab et al. 2023, App. B/Table 16): iBOT + Sinkhorn-Knopp + KoLeo,
   LayerScale, layer-wise lr decay, patch 14, 98 px local crops, global scale (0.32, 1)."""
   c = base_config()
-  c.model = dict(vit(size, 14), ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
+  c.model = dict(vit(size, 14), name="vit", ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
                  layerscale=1e-5, drop_path_rate={"small": 0.1, "base": 0.1}.get(size, 0.4),
                  pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
                  init_from="", dtype="float32", remat="none", attention="xla")
@@ -80,3 +80,4 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
   c.epochs = 100.0
   c.eval.knn_every_steps = 0
   return c
+

@@ -20,6 +20,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from dino_jax import learner
+from dino_jax import models
+from dino_jax import objectives
+from dino_jax import sharding
 from dino_jax import train
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
@@ -31,37 +35,33 @@ PEAK_TFLOPS = {  # dense bf16 per device, from the vendors' data sheets
 }
 
 
-def vit_forward_flops(cfg, image_size: int) -> float:
-  """Forward FLOPs of the backbone on one image (a multiply-add = 2 FLOPs; norms, softmax and
-  elementwise ops left out):
-    patch embedding 2·P·(3p²)·D, and per block, with N = P + 1 + registers tokens,
-    qkv + projection 8·N·D², attention scores and values 4·N²·D,
-    FFN 4·N·D·M (MLP) or 6·N·D·M (SwiGLU)."""
-  m = cfg.model
-  patches = (image_size // m.patch_size) ** 2
-  n, d = patches + 1 + m.num_registers, m.width
-  ffn = (6 if m.ffn == "swiglu" else 4) * n * d * m.mlp_dim
-  return 2 * patches * 3 * m.patch_size ** 2 * d + m.depth * (8 * n * d * d + 4 * n * n * d + ffn)
-
-
-def head_forward_flops(cfg, tokens: float) -> float:
+def head_forward_flops(cfg, embed_dim: int, tokens: float) -> float:
   """Forward FLOPs of the DINO head on `tokens` vectors: its linear layers, 2·in·out each."""
-  h, d = cfg.head, cfg.model.width
+  h, d = cfg.head, embed_dim
   dims = [d] + [h.hidden_dim] * (h.num_layers - 1) + [h.bottleneck_dim, h.out_dim]
   return tokens * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
 
 
 def train_step_flops(cfg) -> float:
   """FLOPs of one train step: teacher forward on the 2 global crops, student forward and
-  backward (3x forward) on all crops; heads on CLS tokens and, with iBOT, on the masked patch
-  tokens (their expected count at the config's mask ratio)."""
+  backward (3x forward) on all crops. The backbone's are its `forward_flops`; the heads' run
+  on each global embedding, with iBOT on the masked patch tokens (their expected count at the
+  config's mask ratio), with EsViT's region loss on every region token."""
   a, b = cfg.aug, cfg.batch_size
-  glob = 2 * b * (vit_forward_flops(cfg, a.global_size) + head_forward_flops(cfg, 1))
-  local = a.num_local * b * (vit_forward_flops(cfg, a.local_size) + head_forward_flops(cfg, 1))
-  if cfg.loss.ibot_weight > 0:
-    patches = (a.global_size // cfg.model.patch_size) ** 2
-    masked = cfg.mask.mask_prob * np.mean(cfg.mask.mask_ratio) * patches
-    glob += 2 * b * head_forward_flops(cfg, masked)
+  backbone = models.make_backbone(cfg.model)
+  names = objectives.active(cfg)
+
+  def per_view(size):
+    h, w = backbone.grid(size)
+    tokens = 1 + (h * w if "region" in names else 0)
+    return backbone.forward_flops(size) + head_forward_flops(cfg, backbone.embed_dim, tokens)
+
+  glob = 2 * b * per_view(a.global_size)
+  local = a.num_local * b * per_view(a.local_size)
+  if "ibot" in names:
+    h, w = backbone.grid(a.global_size)
+    masked = cfg.mask.mask_prob * np.mean(cfg.mask.mask_ratio) * h * w
+    glob += 2 * b * head_forward_flops(cfg, backbone.embed_dim, masked)
   return glob + 3 * (glob + local)
 
 
@@ -72,15 +72,15 @@ def peak_memory_bytes() -> int | None:
 
 def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflops: float | None) -> dict:
   """Compiles, warms up and times `steps` train steps on random images; returns the figures."""
-  mesh = train.make_mesh(cfg)
-  trainer = train.build(cfg, mesh, steps_per_epoch=1000)
+  mesh = sharding.make_mesh(cfg)
+  trainer = learner.build(cfg, mesh, steps_per_epoch=1000)
   size = cfg.data.image_size
   images = np.random.default_rng(0).integers(0, 256, (cfg.batch_size, size, size, 3), np.uint8)
   images = jax.device_put(images, trainer.batch_sharding)
-  key = train.augmentation_key(cfg)
+  key = learner.augmentation_key(cfg)
   masks = None
-  if cfg.loss.ibot_weight > 0:
-    masks = jax.device_put(train.step_masks(cfg, 0), trainer.batch_sharding)
+  if trainer.step_masks:
+    masks = jax.device_put(trainer.step_masks(0), trainer.batch_sharding)
 
   def batch_of(step):
     batch = dict(trainer.make_views(key, step, images))
@@ -103,7 +103,7 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
   achieved = flops / step_s / 1e12
   return {
       "device": kind, "devices": jax.device_count(), "mesh": dict(mesh.shape), "dtype": cfg.model.dtype,
-      "model": {k: cfg.model[k] for k in ("patch_size", "width", "depth", "ffn", "num_registers", "remat")},
+      "model": cfg.model.to_dict(),
       "batch_size": cfg.batch_size, "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
       "head_out_dim": cfg.head.out_dim, "ibot": cfg.loss.ibot_weight > 0, "steps_timed": steps,
       "step_s_median": step_s, "step_s_min": min(times[warmup:]), "step_s_max": max(times[warmup:]),

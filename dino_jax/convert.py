@@ -11,7 +11,7 @@ run directory (`config.json` + Orbax step 0 holding the teacher) that `dino_jax.
 `evaluate` and `pictures` read, and that `--config.model.init_from` starts training from.
 
 The position embedding stays at its trained grid; at other image sizes it is resized the way
-the original code does (`models.resize_pos_embed`): official DINO/DINOv2 with offset 0.1,
+the original code does (`models.vit.resize_pos_embed`): official DINO/DINOv2 with offset 0.1,
 DINOv2 with registers and timm antialiased with offset 0. The CLS slot of the PyTorch position
 embedding is added into the CLS token (dino_jax's CLS token has no position embedding).
 
@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 
 from configs import common
 from dino_jax import extract
-from dino_jax import models
+from dino_jax.models import vit
 from dino_jax import optim
 from dino_jax.errors import ArgumentParser
 from dino_jax.errors import UsageError
@@ -53,7 +53,7 @@ class Arch:
 
 
 def _arch(size: str, patch_size: int, **kw) -> Arch:
-  width, depth, heads, mlp_dim = models.VIT_SIZES[size]
+  width, depth, heads, mlp_dim = vit.VIT_SIZES[size]
   return Arch(patch_size, width, depth, heads, mlp_dim, **kw)
 
 
@@ -120,8 +120,8 @@ def backbone_table(arch: Arch, layout: str) -> list[Entry]:
 
 def _expected_shapes(arch: Arch, grid: int) -> dict[str, tuple]:
   """Flax shapes of the backbone (mask token left out: it is optional)."""
-  module = models.ViT(arch.patch_size, arch.width, arch.depth, arch.num_heads, arch.mlp_dim, arch.ffn,
-                      arch.num_registers, arch.layerscale, pos_embed_grid=grid)
+  module = vit.ViT(arch.patch_size, arch.width, arch.depth, arch.num_heads, arch.mlp_dim, arch.ffn,
+                   arch.num_registers, arch.layerscale, pos_embed_grid=grid)
   size = grid * arch.patch_size
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3))))["params"]
   return {optim.path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}

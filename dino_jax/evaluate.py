@@ -1,7 +1,7 @@
 """Evaluate features written by `dino_jax.extract`: weighted k-NN and a linear probe.
 
-  python -m dino_jax.evaluate knn    --train train.npz --test test.npz [--feature cls] [--k 10,20,100]
-  python -m dino_jax.evaluate linear --train train.npz --test test.npz [--feature cls] [--epochs 100]
+  python -m dino_jax.evaluate knn    --train train.npz --test test.npz [--feature embedding] [--k 10,20,100]
+  python -m dino_jax.evaluate linear --train train.npz --test test.npz [--feature embedding] [--epochs 100]
 """
 from absl import app
 from absl import flags
@@ -15,7 +15,8 @@ from dino_jax.errors import fail
 
 _TRAIN = flags.DEFINE_string("train", None, "Train split features (.npz from dino_jax.extract).")
 _TEST = flags.DEFINE_string("test", None, "Test split features (.npz from dino_jax.extract).")
-_FEATURE = flags.DEFINE_enum("feature", "cls", ["cls", "pooled"], "Which features.")
+_FEATURE = flags.DEFINE_enum("feature", "embedding", ["embedding", "pooled"],
+                             "Which features: the global embedding (CLS) or mean-pooled patch tokens.")
 _K = flags.DEFINE_list("k", ["10", "20", "100"], "k-NN: numbers of neighbours.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.07, "k-NN: vote weight exp(similarity / T).")
 _EPOCHS = flags.DEFINE_integer("epochs", 100, "Linear probe: epochs over the training features.")

@@ -15,34 +15,35 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import tqdm
 
 from dino_jax import augment
 from dino_jax import data
-from dino_jax import train
+from dino_jax import checkpoints
+from dino_jax import models
+from dino_jax import sharding
+from dino_jax import train  # noqa: F401  (defines --workdir and --config)
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
 
 
 class Backbone:
-  """A restored ViT: call it on uint8 [B, H, W, 3] images (H, W multiples of the patch size)
-  to get {"cls": [B, D], "pooled": [B, D] (mean patch token), "patch": [B, h, w, D]}; with
-  `size`, square images are first resized to size² as in the trainer's evaluation view."""
+  """A restored backbone (any of `models.BACKBONES`): call it on uint8 [B, H, W, 3] images to
+  get {"embedding": [B, D] (CLS token, or pooled where there is none), "pooled": [B, D] (mean
+  patch / region token), "patch": [B, h, w, D]}; with `size`, square images are first resized
+  to size² as in the trainer's evaluation view."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, params, step: int):
     self.cfg, self.params, self.step = cfg, params, step
-    self.module = train.make_backbone(cfg)
+    self.module = models.make_backbone(cfg.model)
     self._apply = jax.jit(self._features, static_argnums=2)
 
   def _features(self, params, images, size):
     x = augment.normalize(images) if size is None else augment.preprocess_eval(images, size)
     out = self.module.apply({"params": params}, x)
-    p = self.cfg.model.patch_size
-    patch = out["patch"].reshape(x.shape[0], x.shape[1] // p, x.shape[2] // p, -1)
-    return {"cls": out["cls"], "pooled": jnp.mean(out["patch"], axis=1), "patch": patch}
+    return {"embedding": out["embedding"], "pooled": jnp.mean(out["patch"], axis=(1, 2)), "patch": out["patch"]}
 
   def __call__(self, images, size: int | None = None):
     return self._apply(self.params, images, size)
@@ -54,21 +55,21 @@ def load_backbone(workdir: str, step: int | None = None, student: bool = False) 
   if not config_file.is_file():
     raise UsageError(f"{workdir!r} is not a dino_jax run directory (no config.json)")
   cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  weights, step = train.restore_weights(workdir, ("backbone",), step, student)
+  weights, step = checkpoints.restore_weights(workdir, ("backbone",), step, student)
   return Backbone(cfg, weights["backbone"], step)
 
 
 def extract(backbone: Backbone, source, batch_size: int, image_size: int, with_patches: bool) -> dict:
   """Features of every image of `source`, batches sharded over all devices."""
-  sharding = NamedSharding(train.make_mesh(), P(train.BATCH))
-  if batch_size % sharding.mesh.size:
-    raise UsageError(f"batch_size {batch_size} is not divisible by the {sharding.mesh.size} devices")
-  out = {"cls": [], "pooled": [], "labels": []} | ({"patch": []} if with_patches else {})
+  batch_sharding = sharding.batch_sharding(sharding.make_mesh())
+  if batch_size % batch_sharding.mesh.size:
+    raise UsageError(f"batch_size {batch_size} is not divisible by the {batch_sharding.mesh.size} devices")
+  out = {"embedding": [], "pooled": [], "labels": []} | ({"patch": []} if with_patches else {})
   for i in tqdm.trange(0, len(source), batch_size, desc="extract", unit="batch"):
     index = np.arange(i, i + batch_size)
     valid = index < len(source)
     images, labels = data.read_batch(source, np.where(valid, index, 0))
-    feats = jax.device_get(backbone(jax.device_put(images, sharding), image_size))
+    feats = jax.device_get(backbone(jax.device_put(images, batch_sharding), image_size))
     for k in out:
       out[k].append(labels[valid] if k == "labels" else feats[k][valid])
   return {k: np.concatenate(v) for k, v in out.items()}
@@ -86,7 +87,7 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split (subfolder for source=folde
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input side in px (default: the run's global crop).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 _PATCHES = flags.DEFINE_bool("patches", False, "Also save patch features [N, h, w, D] (large).")
-_OUT = flags.DEFINE_string("out", None, "Output .npz with cls, pooled, labels (and patch).")
+_OUT = flags.DEFINE_string("out", None, "Output .npz with embedding, pooled, labels (and patch).")
 
 
 def main(argv):
@@ -98,8 +99,10 @@ def main(argv):
       raise UsageError("--workdir and --out are required")
     backbone = load_backbone(flags.FLAGS.workdir, _STEP.value, _STUDENT.value)
     size = _IMAGE_SIZE.value or backbone.cfg.aug.global_size
-    if size % backbone.cfg.model.patch_size:
-      raise UsageError(f"image_size {size} is not a multiple of patch size {backbone.cfg.model.patch_size}")
+    try:
+      backbone.module.grid(size)
+    except ValueError as e:
+      raise UsageError(f"image_size {e}") from None
     data_cfg = ml_collections.ConfigDict(dict(source=_SOURCE.value, name=_NAME.value, data_dir=_DATA_DIR.value,
                                               path=_PATH.value, image_size=backbone.cfg.data.image_size))
     source = data.make_source(data_cfg, _SPLIT.value)
@@ -107,7 +110,7 @@ def main(argv):
   except UsageError as e:
     fail(str(e))
   np.savez(_OUT.value, **feats, step=backbone.step)
-  print(f"{len(feats['cls'])} images from step {backbone.step}: "
+  print(f"{len(feats['embedding'])} images from step {backbone.step}: "
         f"{', '.join(f'{k} {v.shape}' for k, v in feats.items())} -> {_OUT.value}")
 
 

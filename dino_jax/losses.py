@@ -101,3 +101,37 @@ def kl_to_mean(probs):
   mean = jnp.mean(probs, axis=0, keepdims=True)
   ratio = jnp.log(jnp.maximum(probs, 1e-30)) - jnp.log(jnp.maximum(mean, 1e-30))
   return jnp.mean(jnp.sum(probs * ratio, axis=-1))
+
+
+def region_matching_loss(student_regions, student_logits, teacher_regions, teacher_probs, student_temp):
+  """EsViT's region-level loss L_R (Li et al. 2022, Eq. 3), as in its official DDINOLoss.
+
+  For each (teacher global view t, student view s != t) pair and each student region i, the
+  teacher region j* = argmax_j cos(z_s[i], z_t[j]) of the most similar backbone feature is
+  found, and the student region's head output learns its target: -sum_k P_t[j*, k] log P_s[i, k].
+  Averaged over the student's regions, the batch and the T*S - T view pairs.
+
+  Args:
+    student_regions: per crop size (globals first), [B, V, R, D] backbone region features.
+    student_logits: the same views' [B, V, R, K] region-head logits.
+    teacher_regions: [B, T, Rt, D] teacher backbone region features of the T global views.
+    teacher_probs: [B, T, Rt, K] teacher region targets (centered and sharpened).
+    student_temp: student temperature.
+  """
+  unit = lambda z: z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  num_teacher = teacher_regions.shape[1]
+  t_unit = unit(teacher_regions.astype(jnp.float32))
+  total, pairs = 0.0, 0
+  first_view = 0
+  for regions, logits in zip(student_regions, student_logits):
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32) / student_temp, axis=-1)  # [B, V, R, K]
+    s_unit = unit(regions.astype(jnp.float32))
+    for t in range(num_teacher):
+      match = jnp.argmax(jnp.einsum("bvrd,bjd->bvrj", s_unit, t_unit[:, t]), axis=-1)  # [B, V, R]
+      target = jnp.take_along_axis(teacher_probs[:, t][:, None], match[..., None], axis=2)  # [B, V, R, K]
+      ce = jnp.mean(-jnp.sum(target * log_p, axis=-1), axis=(0, 2))  # [V]
+      other = jnp.arange(first_view, first_view + regions.shape[1]) != t  # a view is not paired with itself
+      total += jnp.sum(ce * other)
+      pairs += int(regions.shape[1]) - int(first_view <= t < first_view + regions.shape[1])
+    first_view += regions.shape[1]
+  return total / pairs

@@ -1,10 +1,13 @@
 """iBOT block masking of student global-crop patches (BEiT, Bao et al. 2022, Alg. 1).
 
-Runs on the host with a numpy Generator seeded by (seed, step), so a step's masks are
-reproducible after resume. Masks are dense booleans of a static shape.
+Masks are drawn on the host with a numpy Generator seeded by (seed, step), so a step's masks
+are reproducible after resume; they are dense booleans of a static shape. On the device,
+`masked_token_index` turns them into the token slots the iBOT head scores.
 """
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -60,3 +63,26 @@ def batch_masks(rng: np.random.Generator, num_images: int, grid: tuple[int, int]
     ratio = rng.uniform(bounds[i], bounds[i + 1])
     masks[i] = block_mask(rng, grid, int(n_patches * ratio)).reshape(-1)
   return masks[rng.permutation(num_images)]
+
+
+def step_masks(cfg, step: int, grid: tuple[int, int], num_global: int) -> np.ndarray:
+  """[local batch, num_global, h*w] iBOT masks for this process's images of `step`: the
+  global batch's masks come from (seed, step) and each process takes its slice, so a run's
+  masks do not depend on how many processes share the batch."""
+  rng = np.random.default_rng([cfg.seed, step])
+  masks = batch_masks(rng, cfg.batch_size * num_global, grid, cfg.mask).reshape(cfg.batch_size, num_global, -1)
+  local = cfg.batch_size // jax.process_count()
+  return masks[jax.process_index() * local:(jax.process_index() + 1) * local]
+
+
+def masked_token_index(masks, max_per_image):
+  """Per image, the indices of its masked patches padded to a static `max_per_image`.
+
+  Returns [n, m] indices, flat [n*m] DINOv2 weights 1 / (masked patches of the image) with
+  0 for padding, and the flat [n*m] validity.
+  """
+  index = jnp.argsort(~masks, axis=1, stable=True)[:, :max_per_image]  # masked ones first
+  per_image = jnp.sum(masks, axis=1, keepdims=True)
+  valid = jnp.arange(max_per_image)[None, :] < per_image
+  weights = jnp.where(valid, 1.0 / jnp.maximum(per_image, 1), 0.0)
+  return index, weights.reshape(-1), valid.reshape(-1).astype(jnp.float32)

@@ -5,7 +5,6 @@ lr = base_lr * batch / 256 with linear warmup then cosine decay; weight decay co
 0.04 -> 0.4; teacher momentum cosine 0.996 -> 1; teacher temperature linear warmup
 0.04 -> 0.07 then constant; DINOv2's layer-wise lr decay and patch-embed lr multiplier.
 """
-import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -48,23 +47,16 @@ def path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def layer_lr_multiplier(name: str, depth: int, layer_decay: float, patch_embed_mult: float) -> float:
-  """DINOv2 layer-wise lr decay: layer_decay ** (depth + 1 - layer_id).
-
-  layer_id is 0 for the embeddings (patch, position, cls, registers, mask token), i + 1
-  for block i, depth + 1 for everything after the blocks (final norm, heads).
-  """
+def layer_lr_multiplier(name: str, backbone, layer_decay: float, patch_embed_mult: float) -> float:
+  """DINOv2 layer-wise lr decay: layer_decay ** (num_layers - layer_id) for a backbone
+  parameter, whose layer id `backbone.layer_id` gives (0 for the embeddings, rising with
+  depth; `backbone.num_layers` after the last block); the patch embedding's is further scaled
+  by `patch_embed_mult`. Parameters outside the backbone (heads) keep 1."""
   if not name.startswith("backbone/"):
     return 1.0
-  block = re.search(r"/block(\d+)/", name)
-  if block:
-    layer_id = int(block.group(1)) + 1
-  elif re.search(r"/(patch_embed|pos_embed|cls_token|register_tokens|mask_token)", name):
-    layer_id = 0
-  else:
-    layer_id = depth + 1
-  mult = layer_decay ** (depth + 1 - layer_id)
-  return mult * (patch_embed_mult if "/patch_embed/" in name else 1.0)
+  name = name.removeprefix("backbone/")
+  mult = layer_decay ** (backbone.num_layers - backbone.layer_id(name))
+  return mult * (patch_embed_mult if name.startswith("patch_embed/") else 1.0)
 
 
 def scale_by_layer(multiplier: Callable[[str], float]) -> optax.GradientTransformation:
@@ -90,14 +82,14 @@ def freeze_last_layer(steps: int) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: FreezeState(jnp.zeros([], jnp.int32)), update)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict, steps_per_epoch: int,
+                   backbone) -> optax.GradientTransformation:
   """AdamW with global-norm clipping, scheduled decoupled weight decay (not on biases and
-  norms), layer-wise lr decay and the last-layer freeze."""
+  norms), layer-wise lr decay over `backbone`'s layers and the last-layer freeze."""
   o = cfg.optim
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, p: p.ndim > 1 and not path_name(path).endswith("bias"), params)
-  multiplier = lambda name: layer_lr_multiplier(name, cfg.model.depth, o.layer_decay, o.patch_embed_lr_mult)
+  multiplier = lambda name: layer_lr_multiplier(name, backbone, o.layer_decay, o.patch_embed_lr_mult)
   return optax.chain(
       optax.clip_by_global_norm(o.clip_grad),
       optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1]),

@@ -35,7 +35,7 @@ from PIL import Image
 from dino_jax import augment
 from dino_jax import data
 from dino_jax import extract
-from dino_jax import train
+from dino_jax import models
 from dino_jax.errors import ArgumentParser
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
@@ -79,9 +79,12 @@ def cls_attention(backbone: extract.Backbone, images: np.ndarray) -> np.ndarray:
 
   The CLS and register tokens are left out, so each head's map sums to the CLS token's
   attention mass on the patches (at most 1)."""
+  if not isinstance(backbone.module, models.ViT):
+    raise UsageError(f"attention pictures show a ViT's CLS attention; this run's {backbone.cfg.model.name} "
+                     "backbone has no CLS token (use the pca or correspond pictures)")
   attn = last_attention(backbone, images)
-  p, r = backbone.cfg.model.patch_size, backbone.cfg.model.num_registers
-  return attn[:, :, 0, 1 + r:].reshape(*attn.shape[:2], images.shape[1] // p, images.shape[2] // p)
+  h, w = backbone.module.grid(images.shape[1])
+  return attn[:, :, 0, 1 + backbone.module.num_registers:].reshape(*attn.shape[:2], h, w)
 
 
 def attention_mask(maps: np.ndarray, threshold: float) -> np.ndarray:
@@ -226,7 +229,7 @@ def draw_pca(images: np.ndarray, rgb: np.ndarray) -> Figure:
   return fig
 
 
-def draw_correspondences(image_a: np.ndarray, image_b: np.ndarray, matches: dict, patch_size: int) -> Figure:
+def draw_correspondences(image_a: np.ndarray, image_b: np.ndarray, matches: dict, stride: int) -> Figure:
   """The two images side by side with a line between the patch centres of each match,
   coloured by similarity rank (brightest = most similar)."""
   fig = Figure(figsize=(2 * PANEL_PX / DPI, PANEL_PX / DPI), dpi=DPI)
@@ -234,8 +237,8 @@ def draw_correspondences(image_a: np.ndarray, image_b: np.ndarray, matches: dict
   ax.set_axis_off()
   ax.imshow(np.concatenate([image_a, image_b], axis=1))
   ax.autoscale(False)
-  ya, xa = (matches["points_a"].T + 0.5) * patch_size - 0.5
-  yb, xb = (matches["points_b"].T + 0.5) * patch_size - 0.5
+  ya, xa = (matches["points_a"].T + 0.5) * stride - 0.5
+  yb, xb = (matches["points_b"].T + 0.5) * stride - 0.5
   colours = matplotlib.colormaps["plasma"](np.linspace(0.95, 0.2, len(ya)))
   for i, colour in enumerate(colours):
     ax.plot([xa[i], xb[i] + image_a.shape[1]], [ya[i], yb[i]], "-o", color=colour, linewidth=1.2,
@@ -290,7 +293,7 @@ def correspond_command(backbone, images, names, args, out: pathlib.Path) -> list
     feats = [fuse_features(f, x) for f, x in zip(feats, read_extra_features(args.extra_features))]
   matches = correspondences(feats[0], feats[1], args.num_matches)
   np.savez(out / "correspond.npz", **matches)
-  fig = draw_correspondences(images[0], images[1], matches, backbone.cfg.model.patch_size)
+  fig = draw_correspondences(images[0], images[1], matches, images.shape[1] // feats[0].shape[0])
   return [save(fig, out / "correspond.png"), out / "correspond.npz"]
 
 
@@ -335,8 +338,10 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
   """Runs the parsed command; returns the files written."""
   backbone = extract.load_backbone(args.workdir, args.step, args.student)
   size = args.image_size or backbone.cfg.aug.global_size
-  if size % backbone.cfg.model.patch_size:
-    raise UsageError(f"image_size {size} is not a multiple of patch size {backbone.cfg.model.patch_size}")
+  try:
+    backbone.module.grid(size)
+  except ValueError as e:
+    raise UsageError(f"image_size {e}") from None
   if args.images is None:
     demo = data.fashion_mnist_demo("test", size)
     if args.demo > len(demo):

@@ -11,6 +11,7 @@ import pytest
 from configs import dino_vits16
 from configs import dinov2_vits14
 from dino_jax import bench
+from dino_jax import models
 from dino_jax import train
 from tests.test_train import REPO
 
@@ -19,20 +20,21 @@ from tests.test_train import REPO
 def test_vit_flops_formula_matches_xla_cost_analysis(module, ffn, size):
   cfg = module.get_config()
   cfg.model.update(ffn=ffn, num_registers=4 if ffn == "swiglu" else 0)
-  vit = train.make_backbone(cfg)
+  vit = models.make_backbone(cfg.model)
   x = jnp.zeros((1, size, size, 3))
   params = jax.eval_shape(vit.init, jax.random.PRNGKey(0), x)
   cost = jax.jit(vit.apply).lower(params, x).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   # XLA also counts norms, softmax and elementwise ops, which the formula leaves out.
-  assert 1.0 <= cost["flops"] / bench.vit_forward_flops(cfg, size) <= 1.06
+  assert 1.0 <= cost["flops"] / vit.forward_flops(size) <= 1.06
 
 
 def test_train_step_flops_counts_teacher_and_student():
   cfg = dino_vits16.get_config()
   cfg.update_from_flattened_dict({"batch_size": 8, "aug.num_local": 8})
-  glob = 16 * (bench.vit_forward_flops(cfg, 224) + bench.head_forward_flops(cfg, 1))
-  local = 64 * (bench.vit_forward_flops(cfg, 96) + bench.head_forward_flops(cfg, 1))
+  vit = models.make_backbone(cfg.model)
+  glob = 16 * (vit.forward_flops(224) + bench.head_forward_flops(cfg, vit.embed_dim, 1))
+  local = 64 * (vit.forward_flops(96) + bench.head_forward_flops(cfg, vit.embed_dim, 1))
   assert bench.train_step_flops(cfg) == pytest.approx(glob + 3 * (glob + local))
   # ViT-S/16 at 224 px is 9.1 GFLOP forward (4.6 G multiply-adds), at 96 px 1.6; heads 0.045 each.
   assert 0.90 < bench.train_step_flops(cfg) / 1e12 < 0.92

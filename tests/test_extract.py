@@ -10,7 +10,9 @@ import pytest
 from dino_jax import augment
 from dino_jax import data
 from dino_jax import extract
+from dino_jax import models
 from dino_jax import train
+from dino_jax.errors import UsageError
 from tests.test_train import REPO, tiny
 
 
@@ -23,7 +25,7 @@ def run(tmp_path_factory):
 
 def in_memory_cls(cfg, params, images, size=None):
   x = augment.preprocess_eval(images, size or images.shape[1])
-  return np.asarray(train.make_backbone(cfg).apply({"params": params}, x)["cls"])
+  return np.asarray(models.make_backbone(cfg.model).apply({"params": params}, x)["embedding"])
 
 
 def test_restored_backbone_gives_the_in_memory_features(run):
@@ -32,14 +34,14 @@ def test_restored_backbone_gives_the_in_memory_features(run):
   teacher = extract.load_backbone(str(workdir))
   assert teacher.step == 3
   feats = jax.device_get(teacher(images))
-  np.testing.assert_allclose(feats["cls"], in_memory_cls(teacher.cfg, state["teacher"].value["backbone"], images),
+  np.testing.assert_allclose(feats["embedding"], in_memory_cls(teacher.cfg, state["teacher"].value["backbone"], images),
                              atol=1e-5)
   assert feats["patch"].shape == (8, 4, 4, teacher.cfg.model.width)
   np.testing.assert_allclose(feats["pooled"], feats["patch"].mean(axis=(1, 2)), atol=1e-5)
   student = jax.device_get(extract.load_backbone(str(workdir), student=True)(images))
-  np.testing.assert_allclose(student["cls"], in_memory_cls(teacher.cfg, state["params"]["backbone"], images),
+  np.testing.assert_allclose(student["embedding"], in_memory_cls(teacher.cfg, state["params"]["backbone"], images),
                              atol=1e-5)
-  assert not np.allclose(student["cls"], feats["cls"])
+  assert not np.allclose(student["embedding"], feats["embedding"])
 
 
 def test_extract_cli_on_a_different_device_count(run, tmp_path):
@@ -52,14 +54,14 @@ def test_extract_cli_on_a_different_device_count(run, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   feats = np.load(out)
   src = data.fashion_mnist_demo("test", 20)
-  assert feats["cls"].shape == (2000, 32) and feats["pooled"].shape == (2000, 32)
+  assert feats["embedding"].shape == (2000, 32) and feats["pooled"].shape == (2000, 32)
   np.testing.assert_array_equal(feats["labels"], src.labels)
   images = src.get(np.arange(5))[0]
   cfg = extract.load_backbone(str(workdir)).cfg
-  np.testing.assert_allclose(feats["cls"][:5], in_memory_cls(cfg, state["teacher"].value["backbone"], images,
+  np.testing.assert_allclose(feats["embedding"][:5], in_memory_cls(cfg, state["teacher"].value["backbone"], images,
                                                              cfg.aug.global_size), atol=1e-4)
 
 
 def test_not_a_run_directory(tmp_path):
-  with pytest.raises(train.UsageError, match="not a dino_jax run directory"):
+  with pytest.raises(UsageError, match="not a dino_jax run directory"):
     extract.load_backbone(str(tmp_path))

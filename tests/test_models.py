@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from dino_jax import models
+from dino_jax import sharding
+from dino_jax.models import layers, vit
 
 WIDTH, DEPTH, HEADS, PATCH, GRID = 32, 2, 2, 4, 4
 
@@ -43,12 +45,12 @@ def vit_with_params():
 
 def test_resize_pos_embed_identity_at_same_grid():
   pos = jax.random.normal(jax.random.key(0), (1, 4, 4, 8))
-  np.testing.assert_array_equal(models.resize_pos_embed(pos, (4, 4)), pos)
+  np.testing.assert_array_equal(vit.resize_pos_embed(pos, (4, 4)), pos)
 
 
 def test_resize_pos_embed_keeps_constant_field():
   pos = jnp.broadcast_to(jnp.arange(1.0, 9.0), (1, 4, 4, 8))
-  out = models.resize_pos_embed(pos, (7, 6))
+  out = vit.resize_pos_embed(pos, (7, 6))
   assert out.shape == (1, 7, 6, 8)
   np.testing.assert_allclose(out, jnp.broadcast_to(jnp.arange(1.0, 9.0), (1, 7, 6, 8)), rtol=1e-5)
 
@@ -56,7 +58,7 @@ def test_resize_pos_embed_keeps_constant_field():
 def test_resize_pos_embed_interpolates_between_values():
   # A field varying along one axis stays within its range and keeps its ordering.
   ramp = jnp.broadcast_to(jnp.arange(4.0)[None, :, None, None], (1, 4, 4, 1))
-  out = np.asarray(models.resize_pos_embed(ramp, (8, 8)))[0, :, 0, 0]
+  out = np.asarray(vit.resize_pos_embed(ramp, (8, 8)))[0, :, 0, 0]
   assert np.all(np.diff(out) > 0)
   assert out.min() >= -0.25 and out.max() <= 3.25
 
@@ -76,9 +78,9 @@ def test_vit_param_names_and_shapes(vit_with_params):
 def test_vit_runs_at_several_resolutions_with_same_params(vit_with_params, size):
   model, params = vit_with_params
   out = _apply(model, params, _images(jax.random.key(2), 2, size))
-  n = (size // PATCH) ** 2
-  assert out["cls"].shape == (2, WIDTH)
-  assert out["patch"].shape == (2, n, WIDTH)
+  g = size // PATCH
+  assert out["embedding"].shape == (2, WIDTH)
+  assert out["patch"].shape == (2, g, g, WIDTH)
   assert out["registers"].shape == (2, 2, WIDTH)
   for v in out.values():
     assert v.dtype == jnp.float32
@@ -92,7 +94,7 @@ def test_vit_without_registers_has_empty_register_output():
   assert "register_tokens" not in params and "mask_token" not in params
   out = _apply(model, params, x)
   assert out["registers"].shape == (2, 0, WIDTH)
-  assert out["patch"].shape == (2, 16, WIDTH)
+  assert out["patch"].shape == (2, 4, 4, WIDTH)
 
 
 def test_vit_depends_on_image_and_resized_pos_embed(vit_with_params):
@@ -100,7 +102,7 @@ def test_vit_depends_on_image_and_resized_pos_embed(vit_with_params):
   x = _images(jax.random.key(4), 2, 24)
   out = _apply(model, params, x)
   # Different images give different outputs.
-  assert not np.allclose(out["cls"][0], out["cls"][1], atol=1e-4)
+  assert not np.allclose(out["embedding"][0], out["embedding"][1], atol=1e-4)
   # The 24 px path uses the resized position embedding: changing pos_embed changes it.
   p2 = flax.core.copy(params, {"pos_embed": params["pos_embed"] + jax.random.normal(
       jax.random.key(11), params["pos_embed"].shape)})
@@ -116,16 +118,16 @@ def test_full_mask_makes_output_independent_of_image(vit_with_params):
   full = jnp.ones((2, GRID * GRID), bool)
   out_a = _apply(model, params, a, mask=full)
   out_b = _apply(model, params, b, mask=full)
-  for k in ("cls", "patch", "registers"):
+  for k in ("embedding", "patch", "registers"):
     np.testing.assert_allclose(out_a[k], out_b[k], atol=1e-5)
   # Without the mask, the outputs differ; with a partial mask, unmasked content matters.
   plain_a = _apply(model, params, a)
   plain_b = _apply(model, params, b)
-  assert not np.allclose(plain_a["cls"], plain_b["cls"], atol=1e-3)
+  assert not np.allclose(plain_a["embedding"], plain_b["embedding"], atol=1e-3)
   partial = full.at[:, 0].set(False)
   part_a = _apply(model, params, a, mask=partial)
   part_b = _apply(model, params, b, mask=partial)
-  assert not np.allclose(part_a["cls"], part_b["cls"], atol=1e-4)
+  assert not np.allclose(part_a["embedding"], part_b["embedding"], atol=1e-4)
 
 
 def test_mask_replaces_only_masked_patches(vit_with_params):
@@ -175,7 +177,7 @@ def test_swiglu_and_layerscale_variant():
     assert blk[ls]["gamma"].shape == (WIDTH,)
     np.testing.assert_allclose(blk[ls]["gamma"], 1e-5)
   out = _apply(model, params, x)
-  assert out["cls"].shape == (2, WIDTH) and out["patch"].shape == (2, 16, WIDTH)
+  assert out["embedding"].shape == (2, WIDTH) and out["patch"].shape == (2, 4, 4, WIDTH)
   assert np.all(np.isfinite(np.asarray(out["patch"])))
 
   # With every LayerScale gamma = 0 the residual branches vanish: the output is the final
@@ -190,11 +192,11 @@ def test_swiglu_and_layerscale_variant():
   mu, var = emb.mean(-1, keepdims=True), emb.var(-1, keepdims=True)
   normed = ((emb - mu) / np.sqrt(var + 1e-6) * np.asarray(params["norm"]["scale"])
             + np.asarray(params["norm"]["bias"]))
-  np.testing.assert_allclose(out["patch"], normed, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out["patch"].reshape(normed.shape), normed, rtol=1e-4, atol=1e-4)
 
 
 def test_swiglu_matches_formula():
-  mod = models.SwiGLU(hidden=6)
+  mod = layers.SwiGLU(hidden=6)
   x = jax.random.normal(jax.random.key(0), (3, 4))
   p = mod.init(jax.random.key(1), x)["params"]
   w12, b12 = np.asarray(p["w12"]["kernel"]), np.asarray(p["w12"]["bias"])
@@ -211,7 +213,7 @@ def _np_layernorm(x, p, eps=1e-6):
 
 
 def test_block_matches_numpy():
-  blk = models.Block(num_heads=2, mlp_dim=12, layerscale=0.5)
+  blk = vit.Block(num_heads=2, mlp_dim=12, layerscale=0.5)
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
   p = blk.init(jax.random.key(1), x)["params"]
   p = jax.tree.map(lambda v: np.asarray(v, np.float64), p)
@@ -243,14 +245,14 @@ def test_subset_drop_path_computes_only_the_kept_samples():
     seen.append(v.shape)
     return 2.0 * v + 1.0
 
-  out = models.subset_drop_path(x, branch, 0.5, jax.random.key(1))
+  out = layers.subset_drop_path(x, branch, 0.5, jax.random.key(1))
   assert seen == [(4, 3, 4)]  # k = int(8 * 0.5) samples go through the branch
   changed = np.any(np.asarray(out != x), axis=(1, 2))
   assert changed.sum() == 4
   np.testing.assert_allclose(out[changed], x[changed] + 2.0 * branch(x[changed]), rtol=1e-6)  # scaled by n / k
   np.testing.assert_array_equal(out[~changed], x[~changed])
   # Unbiased: averaged over draws, x + branch(x).
-  mean = jnp.mean(jax.vmap(lambda key: models.subset_drop_path(x, branch, 0.5, key))(
+  mean = jnp.mean(jax.vmap(lambda key: layers.subset_drop_path(x, branch, 0.5, key))(
       jax.random.split(jax.random.key(2), 4000)), axis=0)
   sigma = np.abs(np.asarray(branch(x))) / np.sqrt(4000)  # per-draw spread |branch(x)|
   assert np.all(np.abs(np.asarray(mean - (x + branch(x)))) <= 5 * sigma + 1e-5)
@@ -260,7 +262,7 @@ def test_subset_drop_path_keeps_each_device_subset_local():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   x = jax.device_put(jax.random.normal(jax.random.key(0), (32, 5, 16)), sharding)
-  step = jax.jit(lambda x, key: models.subset_drop_path(x, lambda v: v @ jnp.eye(16), 0.5, key, sharding))
+  step = jax.jit(lambda x, key: layers.subset_drop_path(x, lambda v: v @ jnp.eye(16), 0.5, key, sharding))
   out = step(x, jax.random.key(1))
   changed = np.any(np.asarray(out != x), axis=(1, 2)).reshape(8, 4)
   assert (changed.sum(axis=1) == 2).all()  # 2 of each device's 4 samples
@@ -271,8 +273,8 @@ def test_subset_drop_path_keeps_each_device_subset_local():
 def test_subsets_only_above_rate_0_1_including_the_last_block(monkeypatch):
   """Rates rise linearly to drop_path_rate in the last block; 0.1 itself stays on the mask path."""
   calls = []
-  original = models.subset_drop_path
-  monkeypatch.setattr(models, "subset_drop_path", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+  original = layers.subset_drop_path
+  monkeypatch.setattr(layers, "subset_drop_path", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
   images = jnp.zeros((4, 16, 16, 3))
   for rate in (0.1, 0.4):
     vit = models.ViT(patch_size=4, width=32, depth=4, num_heads=2, mlp_dim=64, pos_embed_grid=4, drop_path_rate=rate)

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 
 from configs import dinov2_vits14
+from dino_jax import learner
+from dino_jax import sharding
 from dino_jax import train
 from tests.test_train import REPO, TRAIN_STEPS_PER_EPOCH, assert_trees_close, final_state, tiny
 
@@ -58,7 +60,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert int(two["nonfinite_steps"]) == 0
   # Started from the source's teacher: the EMA teacher is still near it, far from a fresh init.
   _, source_state = final_state(str(tmp_path / "source"), tiny(dinov2_vits14, steps=STEPS, seed=1))
-  fresh = jax.device_get(train.build(cfg, train.make_mesh(), TRAIN_STEPS_PER_EPOCH).state)
+  fresh = jax.device_get(learner.build(cfg, sharding.make_mesh(), TRAIN_STEPS_PER_EPOCH).state)
   distance = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   teacher = lambda state: state["teacher"].value["backbone"]
   assert distance(teacher(two), teacher(source_state)) < 0.1 * distance(teacher(fresh), teacher(source_state))

@@ -7,8 +7,10 @@ import pytest
 
 from configs import demo_fashion_mnist
 from dino_jax import optim
+from dino_jax.models import ViT
 
 STEPS_PER_EPOCH = 10
+VIT2, VIT12 = ViT(depth=2), ViT(depth=12)  # layer ids of a 2- and a 12-block ViT
 
 
 def _cfg():
@@ -117,15 +119,15 @@ def test_ema_decay_zero_copies_input():
     ("ibot_head/last_layer", 1.0),
 ])
 def test_layer_lr_multiplier(name, expected):
-  got = optim.layer_lr_multiplier(name, depth=2, layer_decay=0.5, patch_embed_mult=0.2)
+  got = optim.layer_lr_multiplier(name, VIT2, layer_decay=0.5, patch_embed_mult=0.2)
   np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
 def test_layer_lr_multiplier_two_digit_block():
-  got = optim.layer_lr_multiplier("backbone/block11/proj/kernel", depth=12, layer_decay=0.9,
+  got = optim.layer_lr_multiplier("backbone/block11/proj/kernel", VIT12, layer_decay=0.9,
                                   patch_embed_mult=1.0)
   np.testing.assert_allclose(got, 0.9 ** 1, rtol=1e-12)
-  got = optim.layer_lr_multiplier("backbone/block1/proj/kernel", depth=12, layer_decay=0.9,
+  got = optim.layer_lr_multiplier("backbone/block1/proj/kernel", VIT12, layer_decay=0.9,
                                   patch_embed_mult=1.0)
   np.testing.assert_allclose(got, 0.9 ** 11, rtol=1e-12)
 
@@ -155,7 +157,7 @@ def test_make_optimizer_decay_mask_and_layer_scaling():
   cfg.optim.patch_embed_lr_mult = 0.2
   lr, wd = 0.1, 0.3
   schedules = {"lr": optax.constant_schedule(lr), "weight_decay": optax.constant_schedule(wd)}
-  tx = optim.make_optimizer(cfg, schedules, STEPS_PER_EPOCH)
+  tx = optim.make_optimizer(cfg, schedules, STEPS_PER_EPOCH, VIT2)
   rng = np.random.default_rng(0)
   f = lambda *shape: jnp.asarray(rng.uniform(0.5, 1.5, size=shape).astype(np.float32))
   params = {
@@ -178,7 +180,7 @@ def test_make_optimizer_decay_mask_and_layer_scaling():
     if p.ndim == 1 or name.endswith("bias"):  # biases and norms are never decayed
       np.testing.assert_array_equal(n, p, err_msg=name)
     else:
-      mult = optim.layer_lr_multiplier(name, 2, 0.5, 0.2)
+      mult = optim.layer_lr_multiplier(name, VIT2, 0.5, 0.2)
       np.testing.assert_allclose(n, p * (1 - lr * wd * mult), rtol=1e-6, err_msg=name)
       assert np.all(np.asarray(n) < np.asarray(p)), name
   jax.tree_util.tree_map_with_path(check, params, new)

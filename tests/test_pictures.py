@@ -12,9 +12,9 @@ from PIL import Image
 
 from dino_jax import data
 from dino_jax import extract
-from dino_jax import models
 from dino_jax import pictures
 from dino_jax import train
+from dino_jax.models import vit
 from tests.test_train import REPO, tiny
 
 REGISTERS = 2  # the tiny run has 2 heads, 4 px patches, 16 px crops: a 4 x 4 patch grid
@@ -38,7 +38,7 @@ def mirrored(points_a, points_b, width):
 
 
 def test_block_sows_the_attention_it_applies():
-  block = models.Block(num_heads=2, mlp_dim=16)
+  block = vit.Block(num_heads=2, mlp_dim=16)
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
   params = block.init(jax.random.key(1), x)["params"]
   y, state = block.apply({"params": params}, x, mutable=["intermediates"])

@@ -35,15 +35,15 @@ def test_linear_probe_needs_a_linear_boundary():
 
 def test_evaluate_cli_knn_and_linear(tmp_path):
   x, y = blobs(300)
-  np.savez(tmp_path / "train.npz", cls=x, pooled=x, labels=y)
-  np.savez(tmp_path / "test.npz", cls=x[:50], pooled=x[:50], labels=y[:50])
+  np.savez(tmp_path / "train.npz", embedding=x, pooled=x, labels=y)
+  np.savez(tmp_path / "test.npz", embedding=x[:50], pooled=x[:50], labels=y[:50])
   run = lambda *a: subprocess.run([sys.executable, "-m", "dino_jax.evaluate", *a, "--train", str(tmp_path / "train.npz"),
                                    "--test", str(tmp_path / "test.npz")], cwd=REPO, capture_output=True, text=True,
                                   timeout=300)
   knn = run("knn")
   assert knn.returncode == 0, knn.stderr[-2000:]
   assert [l.split(":")[0] for l in knn.stdout.splitlines()] == [
-      f"k-NN top-1 (k={k}, T=0.07, cls)" for k in (10, 20, 100)]
+      f"k-NN top-1 (k={k}, T=0.07, embedding)" for k in (10, 20, 100)]
   assert all(float(l.split()[-1]) == 1.0 for l in knn.stdout.splitlines()[:2])
   linear = run("linear", "--epochs", "5")
   assert linear.returncode == 0, linear.stderr[-2000:]

@@ -12,7 +12,10 @@ from PIL import Image
 
 from configs import demo_fashion_mnist
 from dino_jax import data
+from dino_jax import learner
+from dino_jax import sharding
 from dino_jax import train
+from dino_jax.errors import UsageError
 from tests.test_train import TRAIN_STEPS_PER_EPOCH, final_state, run_cli, tiny
 
 
@@ -128,13 +131,13 @@ def test_folder_of_only_broken_images_stops_with_one_error(tmp_path):
 
 @pytest.fixture
 def nan_views_at_step_3(monkeypatch):
-  make_views = train.make_views
+  make_views = learner.make_views
 
   def poisoned(key_data, step, images, *, cfg):
     views = make_views(key_data, step, images, cfg=cfg)
     return {k: jnp.where(step == 3, jnp.nan, v) for k, v in views.items()}
 
-  monkeypatch.setattr(train, "make_views", poisoned)
+  monkeypatch.setattr(learner, "make_views", poisoned)
 
 
 def test_nan_batch_stops_the_run_naming_the_step(tmp_path, nan_views_at_step_3):
@@ -156,10 +159,10 @@ def test_nan_batch_is_skipped_when_configured(tmp_path, nan_views_at_step_3):
 
 def test_nonfinite_step_leaves_the_state_unchanged():
   cfg = tiny()
-  trainer = train.build(cfg, train.make_mesh(), TRAIN_STEPS_PER_EPOCH)
+  trainer = learner.build(cfg, sharding.make_mesh(), TRAIN_STEPS_PER_EPOCH)
   before = jax.device_get(trainer.state)
   images = data.fashion_mnist_demo("train", 20).get(np.arange(16))[0]
-  batch = dict(trainer.make_views(train.augmentation_key(cfg), 0, images))
+  batch = dict(trainer.make_views(learner.augmentation_key(cfg), 0, images))
   batch["global"] = batch["global"].at[0].set(jnp.inf)
   after, metrics = jax.device_get(trainer.train_step(trainer.state, batch))
   assert not np.isfinite(metrics["loss"]) and int(after["nonfinite_steps"]) == 1
@@ -178,5 +181,5 @@ def test_collapse_warnings():
 
 
 def test_bad_on_nonfinite_value(tmp_path):
-  with pytest.raises(train.UsageError, match="on_nonfinite must be 'stop' or 'skip'"):
+  with pytest.raises(UsageError, match="on_nonfinite must be 'stop' or 'skip'"):
     train.train(tiny(on_nonfinite="ignore"), str(tmp_path))

@@ -17,6 +17,8 @@ from configs import demo_fashion_mnist
 from configs import dino_vits16
 from configs import dinov2_vits14
 from dino_jax import data
+from dino_jax import learner
+from dino_jax import sharding
 from dino_jax import train
 from dino_jax.errors import UsageError
 
@@ -43,15 +45,15 @@ def assert_trees_close(a, b, atol):
 
 def one_step(cfg, devices, steps=1):
   """State and metrics after `steps` steps on a mesh of `devices`, from fixed real images."""
-  mesh = train.make_mesh(cfg, devices)
-  trainer = train.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH)
+  mesh = sharding.make_mesh(cfg, devices)
+  trainer = learner.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH)
   src = data.make_source(cfg.data, "train")
   state = trainer.state
   for step in range(steps):
     images, _ = src.get(data.batch_indices(len(src), cfg.batch_size, step, cfg.seed))
-    batch = dict(trainer.make_views(train.augmentation_key(cfg), step, jax.device_put(images, trainer.batch_sharding)))
+    batch = dict(trainer.make_views(learner.augmentation_key(cfg), step, jax.device_put(images, trainer.batch_sharding)))
     if cfg.loss.ibot_weight > 0:
-      batch["masks"] = jax.device_put(train.step_masks(cfg, step), trainer.batch_sharding)
+      batch["masks"] = jax.device_put(trainer.step_masks(step), trainer.batch_sharding)
     state, metrics = trainer.train_step(state, batch)
   return jax.device_get(state), jax.device_get(metrics)
 
@@ -75,7 +77,7 @@ def test_sharded_step_equals_unsharded(module):
 def test_fsdp_step_equals_replicated_step():
   """DINOv2 tiny on a 2 (data) x 4 (fsdp) mesh with every array of >= 256 elements split."""
   cfg = tiny(dinov2_vits14, **{"mesh.fsdp": 4, "mesh.fsdp_min_size": 256})
-  trainer = train.build(cfg, train.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
+  trainer = learner.build(cfg, sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
   kernel = trainer.state["params"]["backbone"]["block0"]["mlp"]["fc1"]["kernel"]  # [32, 64]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp") and kernel.addressable_shards[0].data.shape == (32, 16)
   moment = trainer.state["opt_state"]
@@ -90,13 +92,13 @@ def test_fsdp_step_equals_replicated_step():
 
 
 def test_fsdp_spec_rule():
-  assert train.fsdp_spec((1024, 4096), 4, 2 ** 20) == jax.sharding.PartitionSpec(None, "fsdp")
-  assert train.fsdp_spec((384, 1536), 4, 2 ** 20) == jax.sharding.PartitionSpec()  # small
-  assert train.fsdp_spec((256, 65536), 8, 2 ** 20) == jax.sharding.PartitionSpec(None, "fsdp")  # the K head
-  assert train.fsdp_spec((3, 5, 7), 2, 1) == jax.sharding.PartitionSpec()  # nothing divisible
-  assert train.fsdp_spec((1024, 4096), 1, 0) == jax.sharding.PartitionSpec()
+  assert sharding.fsdp_spec((1024, 4096), 4, 2 ** 20) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert sharding.fsdp_spec((384, 1536), 4, 2 ** 20) == jax.sharding.PartitionSpec()  # small
+  assert sharding.fsdp_spec((256, 65536), 8, 2 ** 20) == jax.sharding.PartitionSpec(None, "fsdp")  # the K head
+  assert sharding.fsdp_spec((3, 5, 7), 2, 1) == jax.sharding.PartitionSpec()  # nothing divisible
+  assert sharding.fsdp_spec((1024, 4096), 1, 0) == jax.sharding.PartitionSpec()
   with pytest.raises(UsageError, match="mesh.fsdp 3 does not divide the 8 devices"):
-    train.make_mesh(tiny(**{"mesh.fsdp": 3}))
+    sharding.make_mesh(tiny(**{"mesh.fsdp": 3}))
 
 
 def test_remat_gives_the_same_step_and_bfloat16_stays_close():
@@ -110,8 +112,8 @@ def test_remat_gives_the_same_step_and_bfloat16_stays_close():
 
 def test_step_moves_student_teacher_and_center():
   cfg = tiny()
-  mesh = train.make_mesh()
-  init = jax.device_get(train.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH).state)
+  mesh = sharding.make_mesh()
+  init = jax.device_get(learner.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH).state)
   state, metrics = one_step(cfg, jax.devices(), steps=3)
   assert int(state["step"]) == 3
   moved = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -127,7 +129,7 @@ def test_step_moves_student_teacher_and_center():
 
 def final_state(workdir, cfg):
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  state = train.build(cfg, train.make_mesh(), TRAIN_STEPS_PER_EPOCH).state
+  state = learner.build(cfg, sharding.make_mesh(), TRAIN_STEPS_PER_EPOCH).state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   return mngr.latest_step(), jax.device_get(mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract)))
 

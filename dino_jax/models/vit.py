@@ -1,16 +1,20 @@
-"""Vision Transformer backbone and DINO projection head (Flax linen).
+"""Vision Transformer backbone (Flax linen), registered as `model.name="vit"`.
 
 The ViT follows Dosovitskiy et al. 2021 with the DINOv2 options (Oquab et al. 2023):
 register tokens (Darcet et al. 2024), LayerScale (Touvron et al. 2021), SwiGLU FFN,
 stochastic depth, a mask token for iBOT, and a learned position embedding stored at a
 base grid and resized to the input's grid so that global and local crops share weights.
 """
+import re
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from dino_jax.models.layers import LayerScale, Mlp, REMAT_POLICIES, SwiGLU, residual
 
 VIT_SIZES = {  # name: (width, depth, heads, mlp_dim)
     "tiny": (192, 12, 3, 768),
@@ -67,71 +71,6 @@ def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int], offset: float 
                     precision=jax.lax.Precision.HIGHEST)
 
 
-class Mlp(nn.Module):
-  hidden: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
-
-
-class SwiGLU(nn.Module):
-  """SwiGLU FFN (Shazeer 2020): W3(silu(W1 x) * W2 x)."""
-  hidden: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    x12 = nn.Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x)
-    x1, x2 = jnp.split(x12, 2, axis=-1)
-    return nn.Dense(d, dtype=self.dtype, name="w3")(nn.silu(x1) * x2)
-
-
-class LayerScale(nn.Module):
-  init_value: float
-
-  @nn.compact
-  def __call__(self, x):
-    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
-    return x * gamma
-
-
-class DropPath(nn.Module):
-  """Stochastic depth: drops the residual branch per sample (Huang et al. 2016)."""
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return x * mask / keep
-
-
-def subset_drop_path(x, branch, rate: float, rng, batch_sharding=None):
-  """x + stochastic-depth branch(x) computing the branch only for the kept samples (DINOv2's
-  form for rates above 0.1). Each batch shard (device) of `batch_sharding` (one shard when
-  None) draws a random k = max(int(n (1 - rate)), 1) of its n samples; they go through
-  `branch` and their outputs are added back scaled by n / k. The subsets stay on their devices."""
-  groups = 1 if batch_sharding is None else batch_sharding.mesh.size
-  local = lambda a: a if batch_sharding is None else jax.lax.with_sharding_constraint(a, batch_sharding)
-  n = x.shape[0] // groups
-  k = max(int(n * (1.0 - rate)), 1)
-  order = jnp.argsort(jax.random.uniform(rng, (groups, n)), axis=1)[:, :k]
-  pick = local(jax.nn.one_hot(order, n, dtype=x.dtype))  # [groups, k, n]: batched matmuls, no gathers
-  grouped = local(x.reshape(groups, n, -1))
-  exact = jax.lax.Precision.HIGHEST  # a selection: no bf16 rounding of the activations
-  subset = jnp.einsum("gkn,gnf->gkf", pick, grouped, precision=exact).reshape(groups * k, *x.shape[1:])
-  update = branch(subset).reshape(groups, k, -1).astype(x.dtype) * (n / k)
-  return (grouped + jnp.einsum("gkn,gkf->gnf", pick, update, precision=exact)).reshape(x.shape)
-
-
 class Block(nn.Module):
   """Pre-norm transformer block: x + ls(attn(ln(x))), x + ls(ffn(ln(x)))."""
   num_heads: int
@@ -164,23 +103,19 @@ class Block(nn.Module):
       return LayerScale(self.layerscale, name="ls2")(h) if self.layerscale is not None else h
 
     for branch in (attention, feed_forward):
-      if not deterministic and self.drop_path > 0.1:
-        x = subset_drop_path(x, branch, self.drop_path, self.make_rng("dropout"), self.batch_sharding)
-      else:
-        x = x + DropPath(self.drop_path)(branch(x), deterministic)
+      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.batch_sharding)
     return x
 
 
-REMAT_POLICIES = {  # what a rematerialized block keeps from its forward pass
-    "full": None,  # nothing: recompute the whole block (least memory)
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmuls with weights
-}
-
-
 class ViT(nn.Module):
-  """ViT returning the normalized CLS token, patch tokens and register tokens.
+  """ViT with the backbone outputs every registered backbone gives:
 
-  `mask` ([B, N] bool, True = masked) replaces those patch embeddings by the learned
+  "embedding" [B, D] (the normalized CLS token), "patch" [B, h, w, D] (patch tokens on their
+  grid), here also "registers" [B, R, D], and with `layers=n` "intermediate": the last n
+  blocks' outputs through the final norm, each {"embedding", "patch"} (DINO's and DINOv2's
+  `get_intermediate_layers`, for the linear-probe protocols).
+
+  `mask` ([B, h*w] bool, True = masked) replaces those patch embeddings by the learned
   mask token before the position embedding is added, as in iBOT / DINOv2.
   """
   patch_size: int = 16
@@ -201,7 +136,7 @@ class ViT(nn.Module):
   batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's batch sharding
 
   @nn.compact
-  def __call__(self, images, mask=None, deterministic: bool = True):
+  def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0):
     b = images.shape[0]
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
                 dtype=self.dtype, name="patch_embed")(images)
@@ -222,54 +157,64 @@ class ViT(nn.Module):
       prefix.append(jnp.broadcast_to(reg, (b, self.num_registers, self.width)).astype(x.dtype))
     x = jnp.concatenate(prefix + [x], axis=1)
     block = Block if self.remat == "none" else nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
+    norm = nn.LayerNorm(epsilon=1e-6, name="norm")
+    n_prefix = 1 + self.num_registers
+    outputs = lambda x: {"embedding": x[:, 0], "registers": x[:, 1:n_prefix],
+                         "patch": x[:, n_prefix:].reshape(b, *grid, self.width)}
+    intermediate = []
     for i in range(self.depth):
       rate = self.drop_path_rate * (i / max(self.depth - 1, 1))  # the last block: exactly the config rate
       x = block(self.num_heads, self.mlp_dim, self.ffn, self.layerscale, rate, self.dtype, self.attention,
                 self.batch_sharding, name=f"block{i}")(x, deterministic)
-    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x).astype(jnp.float32)
-    n_prefix = 1 + self.num_registers
-    return {"cls": x[:, 0], "registers": x[:, 1:n_prefix], "patch": x[:, n_prefix:]}
+      if i >= self.depth - layers:
+        intermediate.append(outputs(norm(x).astype(jnp.float32)))
+    out = outputs(norm(x).astype(jnp.float32))
+    return out | ({"intermediate": intermediate} if layers else {})
+
+  # What the trainer and the tools ask of every backbone.
+
+  @classmethod
+  def from_config(cls, m: ml_collections.ConfigDict, batch_sharding=None) -> "ViT":
+    return cls(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+               mlp_dim=m.mlp_dim, ffn=m.ffn, num_registers=m.num_registers, layerscale=m.layerscale,
+               drop_path_rate=m.drop_path_rate, pos_embed_grid=m.pos_embed_grid,
+               interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
+               dtype=jnp.dtype(m.dtype), remat=m.remat, attention=m.attention, batch_sharding=batch_sharding)
+
+  @property
+  def embed_dim(self) -> int:
+    return self.width
+
+  @property
+  def num_layers(self) -> int:
+    """Layer ids run from 0 (embeddings) to depth + 1 (after the last block)."""
+    return self.depth + 1
+
+  def layer_id(self, name: str) -> int:
+    """DINOv2's layer id of backbone parameter `name` (a path below the backbone): 0 for the
+    embeddings (patch, position, cls, registers, mask token), i + 1 for block i, depth + 1
+    for the final norm."""
+    block = re.match(r"block(\d+)/", name)
+    if block:
+      return int(block.group(1)) + 1
+    if re.match(r"(patch_embed|pos_embed|cls_token|register_tokens|mask_token)", name):
+      return 0
+    return self.depth + 1
+
+  def grid(self, image_size: int) -> tuple[int, int]:
+    """The patch grid of a square `image_size` input; raises ValueError where it does not fit."""
+    if image_size % self.patch_size:
+      raise ValueError(f"{image_size} is not a multiple of patch size {self.patch_size}")
+    return (image_size // self.patch_size,) * 2
+
+  def forward_flops(self, image_size: int) -> float:
+    """Forward FLOPs on one square image (a multiply-add = 2 FLOPs; norms, softmax and
+    elementwise ops left out): patch embedding 2·P·(3p²)·D, and per block, with
+    N = P + 1 + registers tokens, qkv + projection 8·N·D², attention scores and values
+    4·N²·D, FFN 4·N·D·M (MLP) or 6·N·D·M (SwiGLU)."""
+    patches = (image_size // self.patch_size) ** 2
+    n, d = patches + 1 + self.num_registers, self.width
+    ffn = (6 if self.ffn == "swiglu" else 4) * n * d * self.mlp_dim
+    return 2 * patches * 3 * self.patch_size ** 2 * d + self.depth * (8 * n * d * d + 4 * n * n * d + ffn)
 
 
-class DINOHead(nn.Module):
-  """MLP -> bottleneck -> l2-normalize -> weight-normalized linear to K prototypes.
-
-  The last layer is W = V / ||V|| column-wise (weight norm with the gain fixed to 1,
-  DINO's `norm_last_layer=True`), so logits are cosine similarities to prototypes.
-  """
-  out_dim: int = 65536
-  hidden_dim: int = 2048
-  bottleneck_dim: int = 256
-  num_layers: int = 3
-
-  @nn.compact
-  def __call__(self, x):
-    init = nn.initializers.truncated_normal(0.02)
-    for i in range(self.num_layers - 1):
-      x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name=f"mlp{i}")(x), approximate=False)
-    x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"mlp{self.num_layers - 1}")(x)
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    v = self.param("last_layer", init, (self.bottleneck_dim, self.out_dim))
-    w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
-    return x @ w
-
-
-class DINOModel(nn.Module):
-  """Backbone plus DINO head, and the iBOT head scoring selected patch tokens.
-
-  `patch_index` ([B, m] int) picks m patch tokens of each image (its masked ones, padded
-  to a static m), keeping the batch axis so the gather stays sharded with the batch; their
-  logits come from `ibot_head`, or from the DINO head when `ibot_head` is None (DINOv2's
-  shared-head option).
-  """
-  backbone: ViT
-  head: DINOHead
-  ibot_head: Optional[DINOHead] = None
-
-  def __call__(self, images, mask=None, patch_index=None, deterministic: bool = True):
-    feats = self.backbone(images, mask=mask, deterministic=deterministic)
-    out = {"cls": feats["cls"], "cls_logits": self.head(feats["cls"])}
-    if patch_index is not None:
-      tokens = jnp.take_along_axis(feats["patch"], patch_index[..., None], axis=1)
-      out["patch_logits"] = (self.ibot_head or self.head)(tokens)
-    return out

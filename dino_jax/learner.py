@@ -1,0 +1,228 @@
+"""The learner: the train state and the pure, jitted train step (DINO, iBOT, KoLeo, EsViT's region loss).
+
+  state = init_state(...)          {step, rng, params, opt_state, teacher, centers, counters}
+  state, metrics = train_step(state, batch)
+
+`build` puts both on a mesh: the state placed by `sharding.fsdp_spec`, the batch split over
+every device, the state donated. Which heads the model has and which losses the step sums
+follow from the config (`dino_jax.objectives`).
+"""
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dino_jax import augment
+from dino_jax import losses
+from dino_jax import masking
+from dino_jax import models
+from dino_jax import objectives
+from dino_jax import optim
+from dino_jax import sharding
+from dino_jax.errors import UsageError
+
+# ---------------------------------------------------------------------------------------
+# Model and state.
+# ---------------------------------------------------------------------------------------
+
+
+def make_model(cfg: ml_collections.ConfigDict, batch_sharding=None) -> models.DINOModel:
+  """The config's backbone with a DINO head, and the iBOT head (unless shared) and EsViT's
+  region head when their objectives are on."""
+  h = cfg.head
+  head = lambda: models.DINOHead(h.out_dim, h.hidden_dim, h.bottleneck_dim, h.num_layers)
+  names = objectives.active(cfg)
+  separate_ibot = "ibot" in names and not h.share_ibot_head
+  return models.DINOModel(models.make_backbone(cfg.model, batch_sharding), head(),
+                          head() if separate_ibot else None, head() if "region" in names else None)
+
+
+def init_state(cfg, model, tx) -> dict:
+  """The train state pytree: step, rng, student params, optimizer, teacher EMA, centers."""
+  rng = jax.random.PRNGKey(cfg.seed)
+  size = cfg.aug.global_size
+  dummy = jnp.zeros((1, size, size, 3))
+  kwargs = {}
+  if "ibot" in objectives.active(cfg):
+    grid = model.backbone.grid(size)
+    kwargs = dict(mask=jnp.zeros((1, grid[0] * grid[1]), bool), patch_index=jnp.zeros((1, 1), jnp.int32))
+  params = model.init(rng, dummy, **kwargs)["params"]
+  center = jnp.zeros((cfg.head.out_dim,), jnp.float32)
+  return {
+      "step": jnp.zeros([], jnp.int32),
+      "rng": jax.random.fold_in(rng, 1),
+      "params": params,
+      "opt_state": tx.init(params),
+      "teacher": optim.ema(0.0).init(params),
+      **{name: optim.ema(0.0).init(center) for name in objectives.centers(cfg)},
+      "nonfinite_steps": jnp.zeros([], jnp.int32),  # steps skipped for non-finite loss/grads
+      "first_nonfinite_step": jnp.full([], -1, jnp.int32),
+  }
+
+
+# ---------------------------------------------------------------------------------------
+# The train step.
+# ---------------------------------------------------------------------------------------
+
+
+def flat_views(views):
+  """[B, V, H, W, 3] -> [B*V, H, W, 3] (the views of one image stay next to each other)."""
+  return views.reshape((-1,) + views.shape[2:])
+
+
+def per_image(out: dict, b: int) -> dict:
+  """Model outputs of flattened views regrouped per image, [B*V, ...] -> [B, V, ...]; the
+  iBOT token logits [B*V, m, K] become the flat [B*V*m, K] rows the iBOT loss takes."""
+  grouped = {k: v.reshape((b, -1) + v.shape[1:]) for k, v in out.items() if k != "patch_logits"}
+  if "patch_logits" in out:
+    grouped["patch_logits"] = out["patch_logits"].reshape(-1, out["patch_logits"].shape[-1])
+  return grouped
+
+
+def train_step(state, batch, *, model, tx, schedules, cfg, batch_sharding=None):
+  """One update of the student by the config's objectives, then the teacher EMA and the centers.
+
+  batch: "global" [B, 2, G, G, 3], "local" [B, N, L, L, 3] views and, with iBOT, "masks"
+  [B, 2, num_patches] bool for the student's global crops. `batch_sharding` (the jitted step's)
+  keeps the flattened views split along the batch.
+  """
+  step = state["step"]
+  rng_global, rng_local = jax.random.split(jax.random.fold_in(state["rng"], step))
+  temp = schedules["teacher_temp"](step)
+  b = batch["global"].shape[0]
+  glob = sharding.constrain(flat_views(batch["global"]), batch_sharding)
+  names = objectives.active(cfg)
+  mask = index = valid = None
+  teacher = {}
+  if "ibot" in names:
+    mask = batch["masks"].reshape(glob.shape[0], -1)
+    index, teacher["token_weights"], valid = masking.masked_token_index(
+        mask, masking.max_masked_per_image(mask.shape[1], cfg.mask))
+
+  t_out = per_image(jax.lax.stop_gradient(model.apply({"params": state["teacher"].value}, glob, patch_index=index)), b)
+  teacher |= objectives.teacher_targets(t_out, state, temp, cfg, valid)
+  if "regions" in t_out:
+    teacher["regions"] = t_out["regions"]
+
+  def loss_fn(params):
+    run = lambda views, rng, **kw: per_image(model.apply({"params": params}, views, deterministic=False,
+                                                         rngs={"dropout": rng}, **kw), b)
+    groups = [run(glob, rng_global, mask=mask, patch_index=index)]
+    if "local" in batch:
+      groups.append(run(sharding.constrain(flat_views(batch["local"]), batch_sharding), rng_local))
+    student = {"logits": jnp.concatenate([g["logits"] for g in groups], 1), "embedding": groups[0]["embedding"]}
+    if "patch_logits" in groups[0]:
+      student["patch_logits"] = groups[0]["patch_logits"]
+    if "regions" in groups[0]:
+      student["regions"] = [g["regions"] for g in groups]
+      student["region_logits"] = [g["region_logits"] for g in groups]
+    terms = {f"{name}_loss": objectives.OBJECTIVES[name](student, teacher, cfg) for name in names}
+    return sum(objectives.weight(cfg, name) * terms[f"{name}_loss"] for name in names), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  momentum = schedules["momentum"](step)
+  _, teacher_state = optim.ema(momentum).update(params, state["teacher"])
+  new_state = dict(state, params=params, opt_state=opt_state, teacher=teacher_state,
+                   **objectives.updated_centers(t_out, state, cfg, valid))
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite step leaves the state as it was (only the counters move); the loop then
+  # stops or goes on as `on_nonfinite` says.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  new_state["step"] = step + 1
+  new_state["nonfinite_steps"] = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
+  new_state["first_nonfinite_step"] = jnp.where(
+      (state["first_nonfinite_step"] < 0) & ~finite, step + 1, state["first_nonfinite_step"])
+  t_flat = teacher["probs"].reshape(-1, teacher["probs"].shape[-1])
+  emb = t_out["embedding"].reshape(-1, t_out["embedding"].shape[-1])
+  emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+  metrics = dict(terms, loss=loss, grad_norm=grad_norm, lr=schedules["lr"](step),
+                 weight_decay=schedules["weight_decay"](step), momentum=momentum, teacher_temp=temp,
+                 teacher_entropy=losses.entropy(t_flat), teacher_kl_to_mean=losses.kl_to_mean(t_flat),
+                 teacher_feature_std=jnp.mean(jnp.std(emb, axis=0)),
+                 nonfinite_steps=new_state["nonfinite_steps"])
+  return new_state, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Views of a step: multi-crop on device, iBOT masks on the host.
+# ---------------------------------------------------------------------------------------
+
+
+def make_views(key_data, step, images, *, cfg):
+  """Multi-crop views of a uint8 image batch; the key depends only on (seed, step)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+  return augment.multicrop(key, images, cfg.aug)
+
+
+def augmentation_key(cfg) -> jax.Array:
+  return jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2))
+
+
+# ---------------------------------------------------------------------------------------
+# Putting it on a mesh.
+# ---------------------------------------------------------------------------------------
+
+
+def check_config(cfg, num_devices: int, backbone):
+  """One UsageError for a config the step cannot run (before anything is compiled)."""
+  for name in ("batch_size", "eval.batch_size"):
+    value = cfg.eval.batch_size if name == "eval.batch_size" else cfg.batch_size
+    if value % num_devices:
+      raise UsageError(f"{name} {value} is not divisible by the {num_devices} devices")
+  if cfg.on_nonfinite not in ("stop", "skip"):
+    raise UsageError(f"on_nonfinite must be 'stop' or 'skip', not {cfg.on_nonfinite!r}")
+  if cfg.loss.centering not in ("centering", "sinkhorn"):
+    raise UsageError(f"loss.centering must be 'centering' or 'sinkhorn', not {cfg.loss.centering!r}")
+  if cfg.model.remat not in ("none", *models.REMAT_POLICIES):
+    raise UsageError(f"model.remat must be one of none, {', '.join(models.REMAT_POLICIES)}, not {cfg.model.remat!r}")
+  if cfg.model.attention == "cudnn" and (jax.default_backend() != "gpu" or cfg.model.dtype == "float32"):
+    raise UsageError("model.attention=cudnn needs a GPU and model.dtype bfloat16 or float16")
+  if cfg.model.attention not in ("xla", "cudnn"):
+    raise UsageError(f"model.attention must be 'xla' or 'cudnn', not {cfg.model.attention!r}")
+  for size in (cfg.aug.global_size, cfg.aug.local_size):
+    try:
+      backbone.grid(size)
+    except ValueError as e:
+      raise UsageError(f"crop size {e}") from None
+
+
+class Trainer(NamedTuple):
+  """What a run needs on a mesh: initial state and the jitted, sharded functions."""
+  state: dict
+  train_step: Callable  # (state, batch) -> (state, metrics)
+  make_views: Callable  # (key_data, step, uint8 images) -> {"global", "local"} views
+  step_masks: Callable | None  # step -> this process's iBOT masks (host), None without iBOT
+  model: models.DINOModel
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int) -> Trainer:
+  """Initial state (placed by `fsdp_spec`) and the train step jitted with the batch split
+  over all devices."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  model = make_model(cfg, batch_sharding)
+  check_config(cfg, mesh.size, model.backbone)
+  schedules = optim.make_schedules(cfg, steps_per_epoch)
+  tx = optim.make_optimizer(cfg, schedules, steps_per_epoch, model.backbone)
+  replicated = sharding.replicated(mesh)
+  init = functools.partial(init_state, cfg, model, tx)
+  state_sharding = sharding.state_shardings(jax.eval_shape(init), mesh, cfg)
+  state = jax.jit(init, out_shardings=state_sharding)()
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedules=schedules, cfg=cfg,
+                                      batch_sharding=batch_sharding),
+                    in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, replicated), donate_argnums=0)
+  views_fn = jax.jit(functools.partial(make_views, cfg=cfg), in_shardings=(replicated, None, batch_sharding),
+                     out_shardings=batch_sharding)
+  step_masks = None
+  if "ibot" in objectives.active(cfg):
+    num_global = len(augment.view_specs(cfg.aug)[0])
+    step_masks = functools.partial(masking.step_masks, cfg, grid=model.backbone.grid(cfg.aug.global_size),
+                                   num_global=num_global)
+  return Trainer(state, step_fn, views_fn, step_masks, model, batch_sharding)

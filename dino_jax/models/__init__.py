@@ -1,0 +1,35 @@
+"""Backbones by name (`model.name`) and the heads put on them.
+
+Every backbone is a Flax module built by `Backbone.from_config(model_config, batch_sharding)`
+whose call `(images, mask=None, deterministic=True, layers=0)` returns
+
+  "embedding"     [B, D]        the global embedding (CLS token, or pooled where there is none)
+  "patch"         [B, h, w, D]  its patch / region tokens on their grid
+  "intermediate"  with layers=n: the last n layers' {"embedding", "patch"}
+
+and which tells `embed_dim`, `num_layers` and `layer_id(param name)` (layer-wise lr decay),
+`grid(image_size)` and `forward_flops(image_size)` (the benchmark). Adding a backbone is one
+module file, one entry below and its configs.
+"""
+import ml_collections
+
+from dino_jax.errors import UsageError
+
+from dino_jax.models.heads import DINOHead, DINOModel
+from dino_jax.models.layers import REMAT_POLICIES
+from dino_jax.models.vit import ViT
+
+BACKBONES = {"vit": ViT}
+
+
+def backbone_class(model_cfg: ml_collections.ConfigDict):
+  name = model_cfg.get("name", "vit")  # runs written before the registry hold ViTs
+  if name not in BACKBONES:
+    raise UsageError(f"model.name must be one of {', '.join(BACKBONES)}, not {name!r}")
+  return BACKBONES[name]
+
+
+def make_backbone(model_cfg: ml_collections.ConfigDict, batch_sharding=None):
+  """The backbone `model_cfg` names; `batch_sharding` is the train step's (per-device
+  stochastic depth)."""
+  return backbone_class(model_cfg).from_config(model_cfg, batch_sharding)

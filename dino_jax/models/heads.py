@@ -1,0 +1,56 @@
+"""DINO projection head and the model that puts a backbone and its heads together."""
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class DINOHead(nn.Module):
+  """MLP -> bottleneck -> l2-normalize -> weight-normalized linear to K prototypes.
+
+  The last layer is W = V / ||V|| column-wise (weight norm with the gain fixed to 1,
+  DINO's `norm_last_layer=True`), so logits are cosine similarities to prototypes.
+  """
+  out_dim: int = 65536
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  num_layers: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.truncated_normal(0.02)
+    for i in range(self.num_layers - 1):
+      x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name=f"mlp{i}")(x), approximate=False)
+    x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"mlp{self.num_layers - 1}")(x)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    v = self.param("last_layer", init, (self.bottleneck_dim, self.out_dim))
+    w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+    return x @ w
+
+
+class DINOModel(nn.Module):
+  """A backbone (any of `models.BACKBONES`) with the heads its objectives need.
+
+  Outputs: "embedding" (the backbone's global embedding) and its DINO-head "logits";
+  with `patch_index` ([B, m] int: m patch tokens per image, e.g. its masked ones padded to a
+  static m; the batch axis is kept so the gather stays sharded with the batch) their
+  "patch_logits" from `ibot_head`, or from the DINO head when `ibot_head` is None (DINOv2's
+  shared-head option); with `region_head` (EsViT) the backbone's region tokens as
+  "regions" [B, R, D] and their "region_logits" [B, R, K].
+  """
+  backbone: nn.Module
+  head: DINOHead
+  ibot_head: Optional[DINOHead] = None
+  region_head: Optional[DINOHead] = None
+
+  def __call__(self, images, mask=None, patch_index=None, deterministic: bool = True):
+    feats = self.backbone(images, mask=mask, deterministic=deterministic)
+    out = {"embedding": feats["embedding"], "logits": self.head(feats["embedding"])}
+    patches = feats["patch"].reshape(feats["patch"].shape[0], -1, feats["patch"].shape[-1])
+    if patch_index is not None:
+      tokens = jnp.take_along_axis(patches, patch_index[..., None], axis=1)
+      out["patch_logits"] = (self.ibot_head or self.head)(tokens)
+    if self.region_head is not None:
+      out["regions"] = patches
+      out["region_logits"] = self.region_head(patches)
+    return out

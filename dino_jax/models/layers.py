@@ -1,0 +1,86 @@
+"""Building blocks shared by the backbones: FFNs, LayerScale, stochastic depth, remat policies."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
+
+
+class SwiGLU(nn.Module):
+  """SwiGLU FFN (Shazeer 2020): W3(silu(W1 x) * W2 x)."""
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x12 = nn.Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x)
+    x1, x2 = jnp.split(x12, 2, axis=-1)
+    return nn.Dense(d, dtype=self.dtype, name="w3")(nn.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * gamma
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the residual branch per sample (Huang et al. 2016)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * mask / keep
+
+
+def subset_drop_path(x, branch, rate: float, rng, batch_sharding=None):
+  """x + stochastic-depth branch(x) computing the branch only for the kept samples (DINOv2's
+  form for rates above 0.1). Each batch shard (device) of `batch_sharding` (one shard when
+  None) draws a random k = max(int(n (1 - rate)), 1) of its n samples; they go through
+  `branch` and their outputs are added back scaled by n / k. The subsets stay on their devices."""
+  groups = 1 if batch_sharding is None else batch_sharding.mesh.size
+  local = lambda a: a if batch_sharding is None else jax.lax.with_sharding_constraint(a, batch_sharding)
+  n = x.shape[0] // groups
+  k = max(int(n * (1.0 - rate)), 1)
+  order = jnp.argsort(jax.random.uniform(rng, (groups, n)), axis=1)[:, :k]
+  pick = local(jax.nn.one_hot(order, n, dtype=x.dtype))  # [groups, k, n]: batched matmuls, no gathers
+  grouped = local(x.reshape(groups, n, -1))
+  exact = jax.lax.Precision.HIGHEST  # a selection: no bf16 rounding of the activations
+  subset = jnp.einsum("gkn,gnf->gkf", pick, grouped, precision=exact).reshape(groups * k, *x.shape[1:])
+  update = branch(subset).reshape(groups, k, -1).astype(x.dtype) * (n / k)
+  return (grouped + jnp.einsum("gkn,gkf->gnf", pick, update, precision=exact)).reshape(x.shape)
+
+
+REMAT_POLICIES = {  # what a rematerialized block keeps from its forward pass
+    "full": None,  # nothing: recompute the whole block (least memory)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmuls with weights
+}
+
+
+
+
+def residual(x, branch, rate: float, deterministic: bool, make_rng, batch_sharding=None):
+  """x + branch(x) with stochastic depth at `rate`: DINOv2's kept-subset form above 0.1
+  (`subset_drop_path`), the per-sample mask otherwise. Call inside a compact module;
+  `make_rng` is that module's."""
+  if not deterministic and rate > 0.1:
+    return subset_drop_path(x, branch, rate, make_rng("dropout"), batch_sharding)
+  return x + DropPath(rate)(branch(x), deterministic)
