@@ -36,9 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = dict(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10.0, weight_decay=(0.04, 0.4),
                  betas=(0.9, 0.999), clip_grad=3.0, layer_decay=1.0, patch_embed_lr_mult=1.0,
                  freeze_last_layer_epochs=1.0, teacher_momentum=(0.996, 1.0))
-  c.eval = dict(knn_every_steps=0, knn_k=20, knn_temperature=0.07, batch_size=256, knn_baselines=False,
-                linear_probe=False, linear_epochs=100,
-                train_split="train", test_split="validation")
+  # Evaluators by name (dino_jax.evaluators): every_steps N > 0 every N steps and at the end,
+  # 0 at the end only, -1 never; baselines: also random init and raw pixels at the end.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.knn = dict(type="knn", every_steps=0, k=20, temperature=0.07, batch_size=256, baselines=False,
+                     linear_probe=False, linear_epochs=100, train_split="train", test_split="validation")
   c.checkpoint = dict(every_steps=1000, keep=3)
   # Devices: ("data", "fsdp") mesh; arrays of >= fsdp_min_size elements are split over "fsdp".
   c.mesh = dict(fsdp=1, fsdp_min_size=2 ** 20)
@@ -54,8 +56,8 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   c.data.image_size = 20
   c.batch_size = 16
   c.epochs = 0.02
-  c.eval.batch_size = 64
-  c.eval.linear_epochs = 10
+  c.evals.knn.batch_size = 64
+  c.evals.knn.linear_epochs = 10
   c.checkpoint.every_steps = 2
   c.log_every_steps = 1
   c.progress_bar = False
@@ -78,6 +80,5 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
                  patch_embed_lr_mult=0.2, teacher_momentum=(0.994, 1.0), clip_grad=3.0)
   c.batch_size = 2048
   c.epochs = 100.0
-  c.eval.knn_every_steps = 0
   return c
 

@@ -14,10 +14,9 @@ def get_config(arg=None):
   config.data.source = "fashion_mnist_demo"
   config.data.image_size = 28
   config.data.train_split = "train"
-  config.eval.train_split = "train"
-  config.eval.test_split = "test"
-  config.eval.knn_baselines = True  # also report random-init and raw-pixel figures at the end
-  config.eval.linear_probe = True  # and a linear probe next to the k-NN
+  config.evals.knn.update(train_split="train", test_split="test",
+                          baselines=True,  # also report random-init and raw-pixel figures at the end
+                          linear_probe=True)  # and a linear probe next to the k-NN
 
   # ViT with 4x4 patches of 7 px on 28 px crops: ~0.6 s a step of 128 images on 2 CPU cores.
   config.model.update(patch_size=7, width=192, depth=4, num_heads=3, mlp_dim=768, pos_embed_grid=4)
@@ -31,7 +30,7 @@ def get_config(arg=None):
   config.epochs = 8.0
   config.optim.update(base_lr=1e-3, warmup_epochs=1.0, freeze_last_layer_epochs=1.0,
                       teacher_momentum=(0.99, 1.0))
-  config.eval.knn_every_steps = 312  # every 4 epochs
+  config.evals.knn.every_steps = 312  # every 4 epochs
   config.checkpoint.every_steps = 200
   config.log_every_steps = 20
 

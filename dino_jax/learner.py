@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from dino_jax import augment
+from dino_jax import evaluators
 from dino_jax import losses
 from dino_jax import masking
 from dino_jax import models
@@ -171,10 +172,9 @@ def augmentation_key(cfg) -> jax.Array:
 
 def check_config(cfg, num_devices: int, backbone):
   """One UsageError for a config the step cannot run (before anything is compiled)."""
-  for name in ("batch_size", "eval.batch_size"):
-    value = cfg.eval.batch_size if name == "eval.batch_size" else cfg.batch_size
-    if value % num_devices:
-      raise UsageError(f"{name} {value} is not divisible by the {num_devices} devices")
+  if cfg.batch_size % num_devices:
+    raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {num_devices} devices")
+  evaluators.check(cfg, num_devices)
   if cfg.on_nonfinite not in ("stop", "skip"):
     raise UsageError(f"on_nonfinite must be 'stop' or 'skip', not {cfg.on_nonfinite!r}")
   if cfg.loss.centering not in ("centering", "sinkhorn"):

@@ -27,7 +27,6 @@ import tqdm
 from dino_jax import checkpoints
 from dino_jax import data
 from dino_jax import evaluators
-from dino_jax import models
 from dino_jax import optim
 from dino_jax import sharding
 from dino_jax import learner
@@ -86,16 +85,14 @@ class MetricWriter:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final state and k-NN results.
+  """Trains (or resumes) the run in `workdir`; returns the final state and evaluation results.
 
   `max_steps` stops early (after that many total steps) without changing any schedule:
   the way tests and users simulate an interrupted run.
   """
   mesh = sharding.make_mesh(cfg)
   train_src = data.make_source(cfg.data, cfg.data.train_split)
-  eval_srcs = None
-  if cfg.eval.knn_every_steps >= 0 and getattr(train_src, "num_classes", None):
-    eval_srcs = (data.make_source(cfg.data, cfg.eval.train_split), data.make_source(cfg.data, cfg.eval.test_split))
+  evals = evaluators.make(cfg, mesh, labelled=bool(getattr(train_src, "num_classes", None)))
   steps_per_epoch = max(len(train_src) // cfg.batch_size, 1)
   total_steps = optim.total_steps(cfg, steps_per_epoch)
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -114,8 +111,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
   to_global = lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x)
 
   writer = MetricWriter(workdir)
-  feature_fn = evaluators.make_feature_fn(models.make_backbone(cfg.model), cfg, mesh)
-  evaluate = lambda params: evaluators.evaluate_features(feature_fn, params, eval_srcs, cfg, trainer.batch_sharding)
   end_step = total_steps if max_steps is None else min(max_steps, total_steps)
   batches = data.train_batches(train_src, cfg.batch_size, cfg.seed, start_step,
                                jax.process_index(), jax.process_count())
@@ -154,20 +149,23 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
       end_step = done
       results["preempted_at"] = done
       break
-    if eval_srcs and cfg.eval.knn_every_steps > 0 and done % cfg.eval.knn_every_steps == 0 and done < end_step:
-      scores = evaluate(state["teacher"].value["backbone"])
-      writer.write(done, scores)
-      bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    for evaluator in evals.values():
+      every = evaluator.ecfg.every_steps
+      if every > 0 and done % every == 0 and done < end_step:
+        scores = evaluator.run(state["teacher"].value["backbone"])
+        writer.write(done, scores)
+        bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
   bar.close()
   mngr.wait_until_finished()
 
-  if eval_srcs and end_step == total_steps and "preempted_at" not in results:
-    evaluated = {"teacher": state["teacher"].value["backbone"]}
-    if cfg.eval.knn_baselines:
-      evaluated["random_init"] = learner.build(cfg, mesh, steps_per_epoch).state["params"]["backbone"]
-      evaluated["raw_pixels"] = None
-    for who, params in evaluated.items():
-      results.update({f"{metric}_{who}": v for metric, v in evaluate(params).items()})
+  if evals and end_step == total_steps and "preempted_at" not in results:
+    for evaluator in evals.values():
+      evaluated = {"teacher": state["teacher"].value["backbone"]}
+      if evaluator.ecfg.baselines:
+        evaluated["random_init"] = learner.build(cfg, mesh, steps_per_epoch).state["params"]["backbone"]
+        evaluated["raw_pixels"] = None
+      for who, params in evaluated.items():
+        results.update({f"{metric}_{who}": v for metric, v in evaluator.run(params).items()})
     writer.write(end_step, results)
   writer.close()
   mngr.close()
@@ -220,7 +218,8 @@ def main(argv):
   res = out["results"]
   if "knn_top1_teacher" in res:
     metrics = [m for m in ("knn_top1", "linear_top1") if f"{m}_teacher" in res]
-    print(f"\ntop-1 on {cfg.eval.test_split} (k-NN: k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}):")
+    print("\n" + "; ".join(evaluators.EVALUATORS[e.type].describe(e) for e in cfg.evals.values()
+                           if e.every_steps >= 0) + ":")
     print(f"  {'':<17} " + " ".join(f"{m:>11}" for m in metrics))
     for who, name in evaluators.EVALUATED.items():
       if f"knn_top1_{who}" in res:

@@ -20,7 +20,7 @@ from tests.test_train import REPO, TRAIN_STEPS_PER_EPOCH, assert_trees_close, fi
 STEPS = 4
 FLAGS = ["--config", "configs/dinov2_vits14.py:tiny", "--config.data.source=fashion_mnist_demo",
          f"--config.epochs={STEPS / TRAIN_STEPS_PER_EPOCH}", f"--config.optim.warmup_epochs={2 / TRAIN_STEPS_PER_EPOCH}",
-         "--config.eval.knn_every_steps=-1", "--config.checkpoint.every_steps=2"]
+         "--config.evals.knn.every_steps=-1", "--config.checkpoint.every_steps=2"]
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from tests.test_train import TRAIN_STEPS_PER_EPOCH, final_state, run_cli, tiny
 def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes(tmp_path):
   steps = 400
   flags = ["--config", "configs/demo_fashion_mnist.py:tiny", f"--config.epochs={steps / TRAIN_STEPS_PER_EPOCH}",
-           "--config.checkpoint.every_steps=100000", "--config.eval.knn_every_steps=-1"]
+           "--config.checkpoint.every_steps=100000", "--config.evals.knn.every_steps=-1"]
   proc = run_cli(*flags, workdir=tmp_path)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 240
@@ -108,7 +108,7 @@ def test_broken_images_are_skipped_counted_and_never_crash_the_run(tmp_path):
   bad = src.files.index(tmp_path / "images" / "train" / "not_an_image.jpeg")
   np.testing.assert_array_equal(src.get(bad)[0], src.get(bad + 1)[0])  # the next file stands in
   cfg = tiny(steps=4, **{"data.source": "folder", "data.path": str(tmp_path / "images"), "batch_size": 8,
-                         "epochs": 4.0, "eval.knn_every_steps": -1})  # 13 files: one step an epoch
+                         "epochs": 4.0, "evals.knn.every_steps": -1})  # 13 files: one step an epoch
   out = train.train(cfg, str(tmp_path / "run"))
   assert int(out["state"]["step"]) == 4
   rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -30,10 +30,10 @@ def tiny(module=dino_vits16, steps=6, **overrides):
   cfg = module.get_config("tiny")
   cfg.data.source = "fashion_mnist_demo"
   cfg.data.image_size = 20
-  cfg.eval.train_split, cfg.eval.test_split = "train", "test"
+  cfg.evals.knn.train_split, cfg.evals.knn.test_split = "train", "test"
   cfg.epochs = steps / TRAIN_STEPS_PER_EPOCH
   cfg.optim.warmup_epochs = 2 / TRAIN_STEPS_PER_EPOCH  # so the weights move within a few steps
-  cfg.eval.knn_every_steps = -1
+  cfg.evals.knn.every_steps = -1
   cfg.update_from_flattened_dict(overrides)
   return cfg
 
@@ -154,7 +154,7 @@ def test_kill_9_at_three_random_steps_then_resume_equals_uninterrupted(tmp_path)
   steps = 30
   flags = ["--config", "configs/demo_fashion_mnist.py:tiny", f"--config.epochs={steps / TRAIN_STEPS_PER_EPOCH}",
            f"--config.optim.warmup_epochs={2 / TRAIN_STEPS_PER_EPOCH}",
-           "--config.checkpoint.every_steps=1", "--config.eval.knn_every_steps=-1"]
+           "--config.checkpoint.every_steps=1", "--config.evals.knn.every_steps=-1"]
   ckpt = tmp_path / "killed" / "checkpoints"
   kill_points = sorted(np.random.default_rng().choice(np.arange(2, steps - 4), 3, replace=False))
   for kill_at in kill_points:
@@ -213,8 +213,8 @@ def test_image_folder_source_and_training(tmp_path):
   image, label = src.get(11)
   assert image.shape == (20, 20, 3) and image.dtype == np.uint8 and label == 1
   cfg = tiny(steps=2, **{"data.source": "folder", "data.path": str(tmp_path / "images"), "batch_size": 8,
-                                "epochs": 2.0, "eval.knn_every_steps": 0, "eval.batch_size": 8,
-                                "eval.train_split": "train", "eval.test_split": "train"})
+                                "epochs": 2.0, "evals.knn.every_steps": 0, "evals.knn.batch_size": 8,
+                                "evals.knn.train_split": "train", "evals.knn.test_split": "train"})
   out = train.train(cfg, str(tmp_path / "run"))  # 12 images: one step an epoch
   assert int(out["state"]["step"]) == 2
   assert 0 <= out["results"]["knn_top1_teacher"] <= 1  # k-NN on folder labels (12 = 8 + padded 4)
@@ -228,8 +228,8 @@ def test_tfds_source_with_mock_data(tmp_path):
     image, label = src.get(3)
     assert image.shape == (20, 20, 3) and image.dtype == np.uint8 and 0 <= label < 10
     cfg = tiny(steps=2, **{"data.source": "tfds", "data.name": "mnist", "batch_size": 8,
-                           "epochs": 2 / 3, "eval.knn_every_steps": 0, "eval.batch_size": 16,
-                           "eval.train_split": "train", "eval.test_split": "test"})  # 24 images: 3 steps an epoch
+                           "epochs": 2 / 3, "evals.knn.every_steps": 0, "evals.knn.batch_size": 16,
+                           "evals.knn.train_split": "train", "evals.knn.test_split": "test"})  # 24 images: 3 steps an epoch
     out = train.train(cfg, str(tmp_path / "run"))
     assert int(out["state"]["step"]) == 2 and 0 <= out["results"]["knn_top1_teacher"] <= 1
 
