@@ -49,8 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 def make_tiny(c: ml_collections.ConfigDict) -> None:
   """Shrinks any config to a seconds-long CPU run for tests (the same code paths)."""
-  c.model.update(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, pos_embed_grid=4,
-                 num_registers=min(c.model.num_registers, 2))
+  if c.model.name == "swin":  # two stages, window 4: grids 8, 4 on global crops and 4, 2 on local ones
+    c.model.update(patch_size=2, width=16, depths=(1, 1), num_heads=(1, 2), window_size=4)
+  else:
+    c.model.update(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, pos_embed_grid=4,
+                   num_registers=min(c.model.num_registers, 2))
   c.head.update(out_dim=64, hidden_dim=64, bottleneck_dim=16)
   c.aug.update(global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5))
   c.data.image_size = 20
@@ -80,5 +83,22 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
                  patch_embed_lr_mult=0.2, teacher_momentum=(0.994, 1.0), clip_grad=3.0)
   c.batch_size = 2048
   c.epochs = 100.0
+  return c
+
+
+def esvit_config(size: str, window_size: int = 7) -> ml_collections.ConfigDict:
+  """EsViT recipe (Li et al. 2022, Sec. 4; microsoft/esvit `main_esvit.py` with
+  `--use_dense_prediction True`): a Swin backbone, DINO's view-level loss on the pooled
+  embedding plus the region-matching loss on the last stage's tokens through a second head,
+  each weighted 0.5 as in the official DDINOLoss, centering (separate view and region centers)."""
+  from dino_jax.models.swin import SWIN_SIZES  # pylint: disable=g-import-not-at-top
+  width, depths, heads = SWIN_SIZES[size]
+  c = base_config()
+  c.model = dict(name="swin", patch_size=4, width=width, depths=depths, num_heads=heads,
+                 window_size=window_size, mlp_ratio=4.0, drop_path_rate=0.1, norm_eps=1e-6,
+                 init_from="", dtype="float32", remat="none", attention="xla")
+  c.loss.update(dino_weight=0.5, region_weight=0.5, teacher_temp=(0.04, 0.07), teacher_temp_warmup_epochs=30.0)
+  c.batch_size = 512  # 16 GPUs x 32
+  c.epochs = 300.0
   return c
 

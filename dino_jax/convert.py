@@ -17,6 +17,14 @@ embedding is added into the CLS token (dino_jax's CLS token has no position embe
 
 Export writes the backbone in the official DINOv2 layout (DINO's for models without
 LayerScale), a state_dict that `load_state_dict` of the original model accepts.
+
+Swin Transformers (`--arch swin_*`: Liu et al. 2021 as timm and microsoft/Swin-Transformer
+build them, LayerNorm eps 1e-5; `esvit_swin_*`: EsViT's, eps 1e-6) convert the same way: the
+official layout is microsoft/Swin-Transformer's and EsViT's (`layers.<s>.downsample` merges
+at the end of stage s; EsViT training checkpoints hold the view head as `head.` and the region
+head as `head_dense.`, which become the run's `head` and `region_head`), the timm layout
+timm >= 0.9's (`layers.<s>.downsample` at the start of stage s). Relative-position index and
+attention-mask buffers are left out (they are not learned). Swin runs export in timm's layout.
 """
 import argparse
 import dataclasses
@@ -32,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from configs import common
 from dino_jax import extract
+from dino_jax.models import swin
 from dino_jax.models import vit
 from dino_jax import optim
 from dino_jax.errors import ArgumentParser
@@ -57,11 +66,30 @@ def _arch(size: str, patch_size: int, **kw) -> Arch:
   return Arch(patch_size, width, depth, heads, mlp_dim, **kw)
 
 
+@dataclasses.dataclass(frozen=True)
+class SwinArch:
+  """A Swin Transformer as the PyTorch code builds it (what `--arch` names)."""
+  width: int  # Swin's embed_dim
+  depths: tuple[int, ...]
+  num_heads: tuple[int, ...]
+  window_size: int = 7
+  patch_size: int = 4
+  mlp_ratio: float = 4.0
+  norm_eps: float = 1e-5  # nn.LayerNorm's default (Swin, timm); EsViT builds with 1e-6
+
+
+def _swin_arch(size: str, **kw) -> SwinArch:
+  width, depths, heads = swin.SWIN_SIZES[size]
+  return SwinArch(width, depths, heads, **kw)
+
+
 ARCHS = {
     **{f"dino_vit{s[0]}{p}": _arch(s, p) for s in ("small", "base") for p in (16, 8)},
     **{f"dinov2_vit{s[0]}14{reg}": _arch(s, 14, ffn="swiglu" if s == "giant" else "mlp",
                                           num_registers=4 if reg else 0, layerscale=1e-5)
        for s in ("small", "base", "large", "giant") for reg in ("", "_reg")},
+    **{f"swin_{s[0]}": _swin_arch(s) for s in ("tiny", "small", "base")},
+    **{f"esvit_swin_{s[0]}_w7": _swin_arch(s, norm_eps=1e-6) for s in ("tiny", "small", "base")},
 }
 
 # Position-embedding resize (offset, antialias) of each source: the original code's convention.
@@ -91,23 +119,33 @@ def _layer_norm(flax: str, torch: str) -> list[Entry]:
   return [(f"{flax}/scale", f"{torch}.weight", _same, _same), (f"{flax}/bias", f"{torch}.bias", _same, _same)]
 
 
+def _patch_embed() -> list[Entry]:
+  """The patch-embedding conv: torch [D, 3, p, p] <-> flax [p, p, 3, D]."""
+  return [("patch_embed/kernel", "patch_embed.proj.weight",
+           lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
+          ("patch_embed/bias", "patch_embed.proj.bias", _same, _same)]
+
+
+def _attention(flax: str, torch: str, d: int, h: int) -> list[Entry]:
+  """qkv: torch [3D, D] rows (q|k|v, head, dim) <-> flax DenseGeneral [D, 3, H, D/H]; proj."""
+  return [(f"{flax}/qkv/kernel", f"{torch}.qkv.weight",
+           lambda w: w.T.reshape(d, 3, h, d // h), lambda k: k.reshape(d, 3 * d).T),
+          (f"{flax}/qkv/bias", f"{torch}.qkv.bias", lambda b: b.reshape(3, h, d // h), lambda b: b.reshape(-1)),
+          (f"{flax}/proj/kernel", f"{torch}.proj.weight",
+           lambda w: w.T.reshape(h, d // h, d), lambda k: k.reshape(d, d).T),
+          (f"{flax}/proj/bias", f"{torch}.proj.bias", _same, _same)]
+
+
 def backbone_table(arch: Arch, layout: str) -> list[Entry]:
   """Every backbone tensor but the position embedding and the CLS token (see `to_flax`)."""
   d, h = arch.width, arch.num_heads
-  table = [("patch_embed/kernel", "patch_embed.proj.weight",
-            lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
-           ("patch_embed/bias", "patch_embed.proj.bias", _same, _same)]
+  table = _patch_embed()
   if arch.num_registers:
     table.append(("register_tokens", "reg_token" if layout == "timm" else "register_tokens", _same, _same))
   for i in range(arch.depth):
     f, t = f"block{i}", f"blocks.{i}"
     table += _layer_norm(f"{f}/norm1", f"{t}.norm1") + _layer_norm(f"{f}/norm2", f"{t}.norm2")
-    table += [  # qkv: torch [3D, D] rows (q|k|v, head, dim) <-> flax DenseGeneral [D, 3, H, D/H]
-        (f"{f}/qkv/kernel", f"{t}.attn.qkv.weight",
-         lambda w: w.T.reshape(d, 3, h, d // h), lambda k: k.reshape(d, 3 * d).T),
-        (f"{f}/qkv/bias", f"{t}.attn.qkv.bias", lambda b: b.reshape(3, h, d // h), lambda b: b.reshape(-1)),
-        (f"{f}/proj/kernel", f"{t}.attn.proj.weight", lambda w: w.T.reshape(h, d // h, d), lambda k: k.reshape(d, d).T),
-        (f"{f}/proj/bias", f"{t}.attn.proj.bias", _same, _same)]
+    table += _attention(f, f"{t}.attn", d, h)
     if arch.ffn == "swiglu":  # official SwiGLUFFNFused w12/w3 = timm SwiGLUPacked fc1/fc2
       names = ("fc1", "fc2") if layout == "timm" else ("w12", "w3")
       table += _linear(f"{f}/mlp/w12", f"{t}.mlp.{names[0]}") + _linear(f"{f}/mlp/w3", f"{t}.mlp.{names[1]}")
@@ -118,13 +156,44 @@ def backbone_table(arch: Arch, layout: str) -> list[Entry]:
   return table + _layer_norm("norm", "norm")
 
 
+def swin_table(arch: SwinArch, layout: str) -> list[Entry]:
+  """Every learned Swin tensor. The merge starting flax stage s is `layers.<s-1>.downsample`
+  in the official layout (it ends the previous stage there) and `layers.<s>.downsample` in
+  timm's; the relative position bias table [(2w-1)², H] is flax's [2w-1, 2w-1, H]."""
+  table = _patch_embed() + _layer_norm("patch_norm", "patch_embed.norm")
+  for s, (depth, h) in enumerate(zip(arch.depths, arch.num_heads)):
+    d = arch.width * 2 ** s
+    if s:
+      t = f"layers.{s if layout == 'timm' else s - 1}.downsample"
+      table += _layer_norm(f"stage{s}/merge/norm", f"{t}.norm")
+      table.append((f"stage{s}/merge/reduction/kernel", f"{t}.reduction.weight", _transpose, _transpose))
+    for j in range(depth):
+      f, t = f"stage{s}/block{j}", f"layers.{s}.blocks.{j}"
+      table += _layer_norm(f"{f}/norm1", f"{t}.norm1") + _layer_norm(f"{f}/norm2", f"{t}.norm2")
+      table += _attention(f, f"{t}.attn", d, h)
+      side = 2 * arch.window_size - 1
+      table.append((f"{f}/relative_position_bias", f"{t}.attn.relative_position_bias_table",
+                    lambda b, side=side: b.reshape(side, side, -1), lambda b, side=side: b.reshape(side * side, -1)))
+      table += _linear(f"{f}/mlp/fc1", f"{t}.mlp.fc1") + _linear(f"{f}/mlp/fc2", f"{t}.mlp.fc2")
+  return table + _layer_norm("norm", "norm")
+
+
+def swin_module(arch: SwinArch) -> swin.Swin:
+  return swin.Swin(arch.patch_size, arch.width, tuple(arch.depths), tuple(arch.num_heads), arch.window_size,
+                   arch.mlp_ratio, norm_eps=arch.norm_eps)
+
+
+def _param_shapes(module, size: int) -> dict[str, tuple]:
+  """Flax shapes of `module`'s params (built on a size² input)."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3))))["params"]
+  return {optim.path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+
+
 def _expected_shapes(arch: Arch, grid: int) -> dict[str, tuple]:
   """Flax shapes of the backbone (mask token left out: it is optional)."""
   module = vit.ViT(arch.patch_size, arch.width, arch.depth, arch.num_heads, arch.mlp_dim, arch.ffn,
                    arch.num_registers, arch.layerscale, pos_embed_grid=grid)
-  size = grid * arch.patch_size
-  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3))))["params"]
-  return {optim.path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+  return _param_shapes(module, grid * arch.patch_size)
 
 
 def _nest(flat: dict[str, np.ndarray]) -> dict:
@@ -144,11 +213,38 @@ def _check(problems: list[str], what: str):
     raise UsageError(f"{what}: {len(problems)} mismatches: " + "; ".join(shown))
 
 
-def to_flax(state: dict[str, np.ndarray], arch: Arch, layout: str = "official") -> dict:
+def _check_state(state: dict[str, np.ndarray], table: list[Entry], expected: Callable[[], dict[str, tuple]],
+                 layout: str, extra: Optional[dict[str, tuple]] = None, optional: tuple[str, ...] = ()):
+  """Raises UsageError listing every tensor of `state` missing from, unexpected by or of
+  another shape than `table` (flax shapes from `expected()`) and the torch tensors `extra`
+  (name: shape; those in `optional` may be absent)."""
+  extra = extra or {}
+  known = {t for _, t, _, _ in table} | set(extra)
+  problems = [f"missing {t}" for t in sorted(known - set(state) - set(optional))]
+  problems += [f"unexpected {k} {tuple(state[k].shape)}" for k in sorted(set(state) - known)]
+  _check(problems, f"the checkpoint does not match {layout} layout of the arch")
+  shapes = expected()
+  torch_shape = lambda f, to_t: jax.eval_shape(to_t, jax.ShapeDtypeStruct(shapes[f], np.float32)).shape
+  wanted = {t: torch_shape(f, to_t) for f, t, _, to_t in table} | extra
+  _check([f"{t}: {tuple(state[t].shape)} does not fit the arch's {shape}" for t, shape in wanted.items()
+          if t in state and tuple(state[t].shape) != tuple(shape)], "the checkpoint does not fit the arch")
+
+
+def _swin_to_flax(state: dict[str, np.ndarray], arch: SwinArch, layout: str) -> dict:
+  state = {k: v for k, v in state.items() if not re.search(r"(^|\.)(relative_position_index|attn_mask)$", k)}
+  table = swin_table(arch, layout)
+  size = arch.patch_size * arch.window_size * 2 ** (len(arch.depths) - 1)
+  _check_state(state, table, lambda: _param_shapes(swin_module(arch), size), layout)
+  return _nest({f: np.asarray(to_f(state[t]), np.float32) for f, t, to_f, _ in table})
+
+
+def to_flax(state: dict[str, np.ndarray], arch: Arch | SwinArch, layout: str = "official") -> dict:
   """The flax backbone params of a PyTorch backbone state_dict (keys without prefix).
 
   Raises UsageError listing every missing, unexpected or wrongly shaped tensor.
   """
+  if isinstance(arch, SwinArch):
+    return _swin_to_flax(state, arch, layout)
   if "pos_embed" not in state or state["pos_embed"].ndim != 3:
     raise UsageError(f"no [1, N, D] pos_embed among the {len(state)} tensors: not a ViT backbone "
                      f"(first keys: {', '.join(list(state)[:5])})")
@@ -158,16 +254,8 @@ def to_flax(state: dict[str, np.ndarray], arch: Arch, layout: str = "official") 
   if grid * grid != n - has_cls_slot:
     raise UsageError(f"pos_embed has {n} positions: not a square grid (with or without a CLS slot)")
   table = backbone_table(arch, layout)
-  known = {t for _, t, _, _ in table} | {"pos_embed", "cls_token", "mask_token"}
-  problems = [f"missing {t}" for t in sorted(known - set(state) - {"mask_token"})]
-  problems += [f"unexpected {k} {tuple(state[k].shape)}" for k in sorted(set(state) - known)]
-  _check(problems, f"the checkpoint does not match {layout} layout of the arch")
-  expected = _expected_shapes(arch, grid)
-  torch_shape = lambda f, to_t: jax.eval_shape(to_t, jax.ShapeDtypeStruct(expected[f], np.float32)).shape
-  wanted = {t: torch_shape(f, to_t) for f, t, _, to_t in table}
-  wanted |= {"pos_embed": (1, n, arch.width), "cls_token": (1, 1, arch.width), "mask_token": (1, arch.width)}
-  _check([f"{t}: {tuple(state[t].shape)} does not fit the arch's {shape}" for t, shape in wanted.items()
-          if t in state and tuple(state[t].shape) != tuple(shape)], "the checkpoint does not fit the arch")
+  extra = {"pos_embed": (1, n, arch.width), "cls_token": (1, 1, arch.width), "mask_token": (1, arch.width)}
+  _check_state(state, table, lambda: _expected_shapes(arch, grid), layout, extra, optional=("mask_token",))
   flat = {f: to_f(state[t]) for f, t, to_f, _ in table}
   flat["pos_embed"] = state["pos_embed"][:, has_cls_slot:].reshape(1, grid, grid, -1)
   cls = state["cls_token"]
@@ -177,9 +265,12 @@ def to_flax(state: dict[str, np.ndarray], arch: Arch, layout: str = "official") 
   return _nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
-def to_torch(params: dict, arch: Arch) -> dict[str, np.ndarray]:
-  """The official-layout PyTorch state_dict of flax backbone params (inverse of to_flax)."""
+def to_torch(params: dict, arch: Arch | SwinArch) -> dict[str, np.ndarray]:
+  """The PyTorch state_dict of flax backbone params (inverse of to_flax): official layout
+  for ViTs, timm's for Swin."""
   flat = {optim.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  if isinstance(arch, SwinArch):
+    return {t: to_t(flat[f]) for f, t, _, to_t in swin_table(arch, "timm")}
   state = {t: to_t(flat[f]) for f, t, _, to_t in backbone_table(arch, "official")}
   pos = flat["pos_embed"].reshape(1, -1, arch.width)
   state["pos_embed"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
@@ -242,32 +333,45 @@ def read_state_dict(path: str, key: Optional[str] = None) -> dict[str, np.ndarra
   return {k: v.float().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-_PARTS = {"backbone": "backbone", "head": "head", "dino_head": "head", "ibot_head": "ibot_head"}
+_PARTS = {"backbone": "backbone", "head": "head", "dino_head": "head", "ibot_head": "ibot_head",
+          "head_dense": "region_head"}
+HEADS = ("head", "ibot_head", "region_head")  # the run's names of the heads a checkpoint may hold
 
 
 def split_state_dict(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
   """Backbone and heads of a state_dict, prefixes removed: DDP's `module.`, and in training
-  checkpoints `backbone.`, `head.` (DINO), `dino_head.` and `ibot_head.` (DINOv2). Keys of
-  DINOv2's block chunks (`blocks.<chunk>.<i>.`) become `blocks.<i>.`."""
-  parts = {"backbone": {}, "head": {}, "ibot_head": {}}
+  checkpoints `backbone.`, `head.` (DINO), `dino_head.` and `ibot_head.` (DINOv2); EsViT's
+  heads hang on the backbone itself (`head.`, region head `head_dense.`), recognized by their
+  DINO-head keys (`mlp.<i>.`, `last_layer.`). Keys of DINOv2's block chunks
+  (`blocks.<chunk>.<i>.`) become `blocks.<i>.`."""
+  parts = {"backbone": {}} | {name: {} for name in HEADS}
   training = any(k.removeprefix("module.").startswith("backbone.") for k in state)
   for key, value in state.items():
     name = key.removeprefix("module.")
     prefix, _, rest = name.partition(".")
-    part = _PARTS.get(prefix) if training else None
+    head_key = prefix != "backbone" and re.match(r"(mlp\.\d+|last_layer)\.", rest)
+    part = _PARTS.get(prefix) if training or head_key else None
     if part is None:  # a plain backbone file, or a key reported as unexpected
       part, rest = "backbone", name
     parts[part][re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", rest)] = value
   return parts
 
 
-def run_config(arch: Arch, grid: int, interpolation: tuple[float, bool], head: Optional[dict]):
-  """A config describing the converted model (DINOv2's recipe for LayerScale models, else DINO's)."""
-  cfg = common.dinov2_config("small") if arch.layerscale is not None else common.base_config()
-  cfg.model.update(patch_size=arch.patch_size, width=arch.width, depth=arch.depth, num_heads=arch.num_heads,
-                   mlp_dim=arch.mlp_dim, ffn=arch.ffn, num_registers=arch.num_registers,
-                   layerscale=arch.layerscale, pos_embed_grid=grid, interpolate_offset=interpolation[0],
-                   interpolate_antialias=interpolation[1])
+def run_config(arch: Arch | SwinArch, grid: Optional[int], interpolation: Optional[tuple[float, bool]],
+               head: Optional[dict]):
+  """A config describing the converted model (EsViT's recipe for Swin, DINOv2's for LayerScale
+  models, else DINO's); `grid` and `interpolation` are a ViT position embedding's."""
+  if isinstance(arch, SwinArch):
+    cfg = common.esvit_config("tiny")
+    cfg.model.update(patch_size=arch.patch_size, width=arch.width, depths=tuple(arch.depths),
+                     num_heads=tuple(arch.num_heads), window_size=arch.window_size, mlp_ratio=arch.mlp_ratio,
+                     norm_eps=arch.norm_eps)
+  else:
+    cfg = common.dinov2_config("small") if arch.layerscale is not None else common.base_config()
+    cfg.model.update(patch_size=arch.patch_size, width=arch.width, depth=arch.depth, num_heads=arch.num_heads,
+                     mlp_dim=arch.mlp_dim, ffn=arch.ffn, num_registers=arch.num_registers,
+                     layerscale=arch.layerscale, pos_embed_grid=grid, interpolate_offset=interpolation[0],
+                     interpolate_antialias=interpolation[1])
   if head is not None:
     cfg.head.update(out_dim=head["last_layer"].shape[1], hidden_dim=head["mlp0"]["kernel"].shape[1],
                     bottleneck_dim=head["last_layer"].shape[0], num_layers=len(head) - 1)
@@ -299,7 +403,10 @@ def import_file(path: str, arch_name: str, out: str, layout: str = "official", k
   parts = split_state_dict(read_state_dict(path, key))
   teacher = {"backbone": to_flax(parts["backbone"], arch, layout)}
   if with_head:
-    teacher |= {name: head_to_flax(parts[name]) for name in ("head", "ibot_head") if parts[name]}
+    teacher |= {name: head_to_flax(parts[name]) for name in HEADS if parts[name]}
+  if isinstance(arch, SwinArch):
+    cfg = run_config(arch, None, None, teacher.get("head"))
+    return write_run(out, cfg, teacher), sorted(teacher), cfg
   if layout == "timm":
     interpolation = INTERPOLATION["timm"]
   else:
@@ -310,10 +417,15 @@ def import_file(path: str, arch_name: str, out: str, layout: str = "official", k
 
 
 def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool = False) -> dict:
-  """`--export`: a run's backbone -> official-layout state_dict file (.pth or .safetensors)."""
+  """`--export`: a run's backbone -> state_dict file (.pth or .safetensors): official layout
+  for ViTs, timm's for Swin."""
   backbone = extract.load_backbone(workdir, step, student)
   m = backbone.cfg.model
-  arch = Arch(m.patch_size, m.width, m.depth, m.num_heads, m.mlp_dim, m.ffn, m.num_registers, m.layerscale)
+  if m.get("name", "vit") == "swin":
+    arch = SwinArch(m.width, tuple(m.depths), tuple(m.num_heads), m.window_size, m.patch_size, m.mlp_ratio,
+                    m.norm_eps)
+  else:
+    arch = Arch(m.patch_size, m.width, m.depth, m.num_heads, m.mlp_dim, m.ffn, m.num_registers, m.layerscale)
   state = to_torch(jax.device_get(backbone.params), arch)
   if out.endswith(".safetensors"):
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
@@ -342,7 +454,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--layout", choices=["official", "timm"], default="official",
                       help="Import: key layout and position-embedding resize convention of the file.")
   parser.add_argument("--key", help="Import: entry of a training checkpoint (default teacher/model/state_dict).")
-  parser.add_argument("--no_head", action="store_true", help="Import: leave out the DINO/iBOT heads.")
+  parser.add_argument("--no_head", action="store_true", help="Import: leave out the DINO/iBOT/region heads.")
   parser.add_argument("--step", type=int, help="Export: checkpoint step (default: the latest).")
   parser.add_argument("--student", action="store_true", help="Export: the student instead of the teacher.")
   args = parser.parse_args(argv)
@@ -358,14 +470,22 @@ def main(argv: list[str]):
     if args.source:
       workdir, parts, cfg = import_file(args.source, args.arch, args.out, args.layout, args.key, not args.no_head)
       m = cfg.model
-      print(f"{args.arch} ({args.layout} layout): {' + '.join(parts)}; pos-embed grid {m.pos_embed_grid}, "
-            f"resized with offset {m.interpolate_offset}, antialias {m.interpolate_antialias} -> {workdir}")
+      if m.get("name", "vit") == "swin":
+        print(f"{args.arch} ({args.layout} layout): {' + '.join(parts)} -> {workdir}")
+      else:
+        print(f"{args.arch} ({args.layout} layout): {' + '.join(parts)}; pos-embed grid {m.pos_embed_grid}, "
+              f"resized with offset {m.interpolate_offset}, antialias {m.interpolate_antialias} -> {workdir}")
     else:
       result = export_run(args.export, args.out, args.step, args.student)
       m = result["config"].model
-      print(f"{len(result['state'])} tensors of step {result['step']} -> {args.out} (official layout; build the "
-            f"PyTorch model with interpolate_offset={m.interpolate_offset}, "
-            f"interpolate_antialias={m.interpolate_antialias} for the same outputs at other sizes)")
+      if m.get("name", "vit") == "swin":
+        print(f"{len(result['state'])} tensors of step {result['step']} -> {args.out} (timm layout: "
+              f"timm's SwinTransformer with embed_dim={m.width}, depths={tuple(m.depths)}, "
+              f"num_heads={tuple(m.num_heads)}, window_size={m.window_size}, LayerNorm eps {m.norm_eps})")
+      else:
+        print(f"{len(result['state'])} tensors of step {result['step']} -> {args.out} (official layout; build the "
+              f"PyTorch model with interpolate_offset={m.interpolate_offset}, "
+              f"interpolate_antialias={m.interpolate_antialias} for the same outputs at other sizes)")
   except UsageError as e:
     fail(str(e))
 

@@ -17,9 +17,10 @@ from dino_jax.errors import UsageError
 
 from dino_jax.models.heads import DINOHead, DINOModel
 from dino_jax.models.layers import REMAT_POLICIES
+from dino_jax.models.swin import Swin
 from dino_jax.models.vit import ViT
 
-BACKBONES = {"vit": ViT}
+BACKBONES = {"vit": ViT, "swin": Swin}
 
 
 def backbone_class(model_cfg: ml_collections.ConfigDict):
