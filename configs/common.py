@@ -1,7 +1,15 @@
 """Defaults shared by the configs: the DINO ViT-S/16 recipe (Caron et al. 2021, App. B)."""
 import ml_collections
 
+from dino_jax.errors import UsageError
 from dino_jax.models.vit import VIT_SIZES
+
+
+def check_arg(arg, accepted=("tiny",)) -> None:
+  """The argument of a config file (`configs/<name>.py:arg`): none or one of `accepted`;
+  anything else stops with one line naming them (not a silent full-size run)."""
+  if arg not in (None, "", *accepted):
+    raise UsageError(f"unknown config argument {arg!r}: this config takes none or one of {', '.join(accepted)}")
 
 
 def vit(size: str, patch_size: int, **overrides) -> dict:
@@ -20,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = "stop"  # or "skip": a step with non-finite loss/gradients is not applied
 
   c.data = dict(source="tfds", name="imagenet2012", path="", data_dir="", image_size=256,
-                train_split="train")
+                train_split="train", read_timeout_s=60.0)  # a longer image read stops the run (dino_jax.data)
   c.model = dict(vit("small", 16), name="vit", ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
                  pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
                  init_from="",  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
@@ -39,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Evaluators by name (dino_jax.evaluators): every_steps N > 0 every N steps and at the end,
   # 0 at the end only, -1 never; baselines: also random init and raw pixels at the end.
   c.evals = ml_collections.ConfigDict()
-  c.evals.knn = dict(type="knn", every_steps=0, k=20, temperature=0.07, batch_size=256, baselines=False,
+  c.evals.knn = dict(type="knn", every_steps=0, every_epochs=0.0, k=20, temperature=0.07, batch_size=256, baselines=False,
                      linear_probe=False, linear_epochs=100, train_split="train", test_split="validation")
   c.checkpoint = dict(every_steps=1000, keep=3)
   # Devices: ("data", "fsdp") mesh; arrays of >= fsdp_min_size elements are split over "fsdp".

@@ -10,6 +10,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg)
   config = common.base_config()
   config.loss.update(teacher_temp=(0.04, 0.07), teacher_temp_warmup_epochs=30.0)
   config.aug.update(num_local=10)

@@ -9,6 +9,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg)
   config = common.dinov2_config("base")
   if arg == "tiny":
     common.make_tiny(config)

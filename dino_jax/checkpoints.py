@@ -3,9 +3,22 @@
 A run directory holds `config.json` and `checkpoints/<step>` (Orbax, written under a temporary
 name and renamed when complete). The trainer restores the whole state; extract, convert,
 `model.init_from` and the evaluators read only the parts they need from the metadata.
+
+Each step directory also holds `sha256sums.txt` (`sha256sum -c` format), written before Orbax's
+final rename; a checkpoint whose files are missing, changed or unreadable is damaged, and
+readers fall back to the newest readable one. One trainer at a time owns a run directory
+(`WorkdirLock`).
 """
+import contextlib
+import errno
+import hashlib
+import json
 import os
 import pathlib
+import shutil
+import socket
+import threading
+import time
 
 from absl import logging
 import jax
@@ -17,11 +30,138 @@ from dino_jax.errors import UsageError
 from dino_jax.optim import path_name
 
 
+MANIFEST = "sha256sums.txt"  # in each step directory: "<sha256>  <relative path>" lines
+NOT_IN_MANIFEST = (MANIFEST, "_CHECKPOINT_METADATA")  # Orbax stamps the commit time in the latter when renaming
+UNFINISHED = "*.orbax-checkpoint-tmp*"  # Orbax's name of a checkpoint being written
+
+
+class DamagedCheckpoint(Exception):
+  """A checkpoint whose files are missing, changed or unreadable (the message says which)."""
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written; the message names the cause and the last complete one."""
+
+
 def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
+  """The trainer's manager. Unfinished checkpoints a killed run left behind are removed first
+  (the caller holds the `WorkdirLock`); each new checkpoint gets its manifest before it is
+  renamed into place."""
+  directory = pathlib.Path(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  if jax.process_index() == 0:
+    for unfinished in directory.glob(UNFINISHED):
+      logging.warning("ignoring unfinished checkpoint %s (the run stopped while writing it): removed", unfinished)
+      shutil.rmtree(unfinished)
+  write = (lambda: [write_manifest(d) for d in directory.glob(UNFINISHED)]) if jax.process_index() == 0 else None
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
                                          save_interval_steps=cfg.checkpoint.every_steps,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+                                         enable_async_checkpointing=True,
+                                         async_options=ocp.AsyncOptions(post_finalization_callback=write))
+  return ocp.CheckpointManager(str(directory), options=options)
+
+
+def write_manifest(step_dir: pathlib.Path) -> None:
+  """sha256 of every file of a finished (not yet renamed) step directory, into its MANIFEST."""
+  files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in NOT_IN_MANIFEST)
+  (step_dir / MANIFEST).write_text("".join(f"{_sha256(p)}  {p.relative_to(step_dir)}\n" for p in files))
+
+
+def _sha256(path: pathlib.Path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify(step_dir: pathlib.Path) -> None:
+  """Raises DamagedCheckpoint if a file listed in the step's MANIFEST is missing or changed.
+  A step without one (written by an older version, or by dino_jax.convert) is not checked."""
+  manifest = step_dir / MANIFEST
+  if not manifest.is_file():
+    return
+  for line in manifest.read_text().splitlines():
+    digest, sep, name = line.partition("  ")
+    if not sep:
+      raise DamagedCheckpoint(f"its {MANIFEST} is unreadable")
+    if not (step_dir / name).is_file():
+      raise DamagedCheckpoint(f"{name} is missing")
+    if _sha256(step_dir / name) != digest:
+      raise DamagedCheckpoint(f"{name} does not match its sha256 in {MANIFEST}")
+
+
+@contextlib.contextmanager
+def _read_errors_as_damage():
+  """Errors of Orbax / TensorStore reading a checkpoint, as DamagedCheckpoint (first line)."""
+  try:
+    yield
+  except UsageError:
+    raise
+  except (ValueError, OSError, KeyError, TypeError) as e:
+    raise DamagedCheckpoint(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}") from e
+
+
+def read_newest(directory: pathlib.Path, steps, read) -> tuple[object, int, dict[int, DamagedCheckpoint]]:
+  """(read(step), step, damaged) for the newest of `steps` that is not damaged (MANIFEST
+  verified, then `read`); `damaged` maps each newer, damaged step to why. UsageError if none
+  can be read."""
+  damaged = {}
+  for step in sorted(steps, reverse=True):
+    try:
+      verify(directory / str(step))
+      with _read_errors_as_damage():
+        return read(step), step, damaged
+    except DamagedCheckpoint as e:
+      damaged[step] = e
+  raise UsageError(f"no readable checkpoint in {directory}: " +
+                   "; ".join(f"step {s} is damaged ({e})" for s, e in damaged.items()))
+
+
+def complete_steps(directory: pathlib.Path) -> list[int]:
+  """Steps of the complete checkpoints on disk (renamed into place by Orbax), oldest first."""
+  return sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit() and p.is_dir())
+
+
+def _failure_cause(error: BaseException) -> str:
+  """"no space left on device" when that is what failed anywhere along `error`'s chain (an
+  OSError or TensorStore's message), else the innermost error's first line."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  no_space = os.strerror(errno.ENOSPC)
+  if any(getattr(e, "errno", None) == errno.ENOSPC or no_space in str(e) for e in chain):
+    return "no space left on device"
+  return f"{type(chain[-1]).__name__}: {(str(chain[-1]).splitlines() or [''])[0]}"
+
+
+@contextlib.contextmanager
+def _saving(mngr: ocp.CheckpointManager):
+  """Any failure to write `mngr`'s checkpoints (raised now or by an earlier asynchronous save)
+  as one SaveError naming the cause and the last complete checkpoint."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (Orbax re-raises its threads' errors)
+    directory = pathlib.Path(str(mngr.directory))
+    last = complete_steps(directory)[-1:]
+    raise SaveError(f"could not write a checkpoint to {directory}: {_failure_cause(e)}; last complete "
+                    f"checkpoint: {f'step {last[0]}' if last else 'none'}") from e
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: dict, force: bool = False) -> bool:
+  """Starts saving `state` as `step` when the interval (or `force`) says so; whether it did."""
+  with _saving(mngr):
+    return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def wait_until_saved(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written (SaveError if it failed)."""
+  with _saving(mngr):
+    mngr.wait_until_finished()
+
+
+def prune(mngr: ocp.CheckpointManager, keep: int) -> None:
+  """Deletes all but the newest `keep` checkpoints (e.g. after `checkpoint.keep` was lowered)."""
+  for step in sorted(mngr.all_steps())[:-keep]:
+    logging.warning("removing checkpoint %d of %s (checkpoint.keep=%d)", step, mngr.directory, keep)
+    mngr.delete(step)
 
 
 def _shapes_by_name(tree) -> dict[str, tuple]:
@@ -39,8 +179,11 @@ def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> None:
   """Raises UsageError naming the differences when the checkpoint's arrays (names, shapes)
   are not those of `state`: a run directory of another config or architecture."""
   mngr = weights_manager(str(step_dir.parent.parent))
-  saved = _shapes_by_name(mngr.item_metadata(int(step_dir.name)))
+  with _read_errors_as_damage():
+    saved = _shapes_by_name(mngr.item_metadata(int(step_dir.name)))
   mngr.close()
+  if not saved:
+    raise DamagedCheckpoint("its array metadata cannot be read")
   wanted = _shapes_by_name(state)
   diffs = [f"{k}: checkpoint {saved.get(k, 'missing')} vs config {wanted.get(k, 'missing')}"
            for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
@@ -50,46 +193,67 @@ def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> None:
 
 
 def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
-  """The latest checkpoint restored with `state`'s shapes and shardings, else `state`.
-
-  Orbax writes a checkpoint under a temporary name and renames it when complete, so one
-  cut short by a kill is never restored; it is reported here and left alone.
-  """
-  for unfinished in pathlib.Path(str(mngr.directory)).glob("*.orbax-checkpoint-tmp*"):
-    logging.warning("ignoring unfinished checkpoint %s (the run stopped while writing it)", unfinished)
-  step = mngr.latest_step()
-  if step is None:
+  """The newest readable checkpoint restored with `state`'s shapes and shardings, else `state`
+  (a fresh run). Newer damaged checkpoints are reported, one line each, and set aside as
+  `<step>.damaged` so that training goes on from the readable one; UsageError if none is
+  readable, or if the checkpoint is of another config."""
+  directory = pathlib.Path(str(mngr.directory))
+  if not mngr.all_steps():
     return state
-  check_checkpoint_matches(pathlib.Path(str(mngr.directory)) / str(step), state)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def read(step):
+    check_checkpoint_matches(directory / str(step), state)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  restored, step, damaged = read_newest(directory, mngr.all_steps(), read)
+  for bad, why in damaged.items():
+    logging.warning("checkpoint %d in %s is damaged (%s): set aside as %d.damaged; resuming from step %d, "
+                    "the newest readable one", bad, directory, why, bad, step)
+    if jax.process_index() == 0:
+      shutil.rmtree(directory / f"{bad}.damaged", ignore_errors=True)
+      (directory / str(bad)).rename(directory / f"{bad}.damaged")
+  if damaged:
+    mngr.reload()
+  return restored
 
 
 def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = None,
                     student: bool = False) -> tuple[dict, int]:
   """Those of `parts` ("backbone", "head", "ibot_head") that the teacher (or student) of run
-  `workdir` has at `step` (default: the latest), as saved, replicated on this host's devices;
-  nothing else is read. Returns (weights, step)."""
+  `workdir` has at `step` (default: the newest readable checkpoint, reporting newer damaged
+  ones), as saved, replicated on this host's devices; nothing else is read. Returns
+  (weights, step)."""
   mngr = weights_manager(workdir)
-  step = mngr.latest_step() if step is None else step
-  if step is None or step not in mngr.all_steps():
+  if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
     raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
                      f"(has: {sorted(mngr.all_steps()) or 'none'})")
-  saved = mngr.item_metadata(step)
-  if not student:
-    saved = saved["teacher"]["value"]
-  elif "params" in saved:
-    saved = saved["params"]
-  else:
-    raise UsageError(f"{workdir!r} holds no student weights (a converted model holds its teacher only)")
-  replicated = sharding.replicated(sharding.make_mesh())
-  wanted = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[p]) for p in parts if p in saved}
-  args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), wanted)
-  nest = (lambda x: {"params": x}) if student else (lambda x: {"teacher": {"value": x}})
-  restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=nest(wanted), restore_args=nest(args),
-                                                            partial_restore=True))
+
+  def read(step):
+    saved = mngr.item_metadata(step)
+    if not saved:
+      raise DamagedCheckpoint("its array metadata cannot be read")
+    if not student:
+      saved = saved["teacher"]["value"]
+    elif "params" in saved:
+      saved = saved["params"]
+    else:
+      raise UsageError(f"{workdir!r} holds no student weights (a converted model holds its teacher only)")
+    replicated = sharding.replicated(sharding.make_mesh())
+    wanted = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[p]) for p in parts if p in saved}
+    args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), wanted)
+    nest = (lambda x: {"params": x}) if student else (lambda x: {"teacher": {"value": x}})
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=nest(wanted), restore_args=nest(args),
+                                                              partial_restore=True))
+    return restored["params"] if student else restored["teacher"]["value"]
+
+  directory = pathlib.Path(str(mngr.directory))
+  weights, found, damaged = read_newest(directory, mngr.all_steps() if step is None else [step], read)
+  for bad, why in damaged.items():
+    logging.warning("checkpoint %d in %s is damaged (%s); using step %d, the newest readable one",
+                    bad, directory, why, found)
   mngr.close()
-  return (restored["params"] if student else restored["teacher"]["value"]), step
+  return weights, found
 
 
 def init_from_run(state: dict, workdir: str) -> dict:
@@ -116,3 +280,73 @@ def init_from_run(state: dict, workdir: str) -> dict:
   # Separate buffers for the two copies: the train step donates the whole state.
   return dict(state, params=params, teacher=state["teacher"]._replace(value=jax.tree.map(jnp.copy, params)))
 
+
+
+class WorkdirLock:
+  """One trainer at a time in a run directory: `<workdir>/lock.json` names the owner (host,
+  PID, start time); it is created exclusively (O_EXCL) and its mtime refreshed every
+  HEARTBEAT_S while the owner runs. A second trainer is refused with one line while the owner
+  lives; a stale lock (its PID gone on this host, or not refreshed for STALE_S on another
+  host) is taken over. For POSIX file systems (local disks, NFS); not for gs:// paths."""
+  FILE = "lock.json"
+  HEARTBEAT_S = 60
+  STALE_S = 600
+
+  def __init__(self, workdir: str):
+    self.path = pathlib.Path(workdir) / self.FILE
+    self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    self._stop = threading.Event()
+
+  def _holder_if_live(self) -> dict | None:
+    """The lock's owner if it may still run, None if the lock is stale (or gone)."""
+    try:
+      age = time.time() - self.path.stat().st_mtime
+      holder = json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except ValueError:  # being written right now, or garbage: judged by its age
+      holder = {}
+    if holder.get("host") == self.owner["host"] and isinstance(holder.get("pid"), int):
+      try:
+        os.kill(holder["pid"], 0)
+      except ProcessLookupError:
+        return None
+      except PermissionError:  # alive, another user's
+        pass
+      return holder
+    return holder if age < self.STALE_S else None
+
+  def __enter__(self) -> "WorkdirLock":
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder_if_live()
+        if holder is not None:
+          raise UsageError(f"{self.path.parent} is in use by another trainer (pid {holder.get('pid', '?')} on "
+                           f"{holder.get('host', '?')}, since {holder.get('started', '?')}; lock {self.path}): "
+                           "wait for it to end or use another --workdir") from None
+        logging.warning("taking over the stale lock %s (its trainer is gone)", self.path)
+        self.path.unlink(missing_ok=True)
+        continue
+      with os.fdopen(fd, "w") as f:
+        json.dump(self.owner, f)
+      threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock").start()
+      return self
+    raise UsageError(f"could not lock {self.path}: other trainers are starting in {self.path.parent}")
+
+  def _heartbeat(self):
+    while not self._stop.wait(self.HEARTBEAT_S):
+      try:
+        os.utime(self.path)
+      except OSError:
+        return
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    try:
+      if json.loads(self.path.read_text()) == self.owner:
+        self.path.unlink()
+    except (OSError, ValueError):
+      pass

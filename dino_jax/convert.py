@@ -314,8 +314,12 @@ def read_state_dict(path: str, key: Optional[str] = None) -> dict[str, np.ndarra
   if not file.is_file():
     raise UsageError(f"no file {path!r}")
   if file.suffix == ".safetensors":
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return {k: np.asarray(v, np.float32) for k, v in load_file(file).items()}
+    import safetensors.numpy  # pylint: disable=import-outside-toplevel
+    try:
+      tensors = safetensors.numpy.load_file(file)
+    except safetensors.SafetensorError as e:  # truncated, empty or not a safetensors file
+      raise UsageError(f"{path}: not a readable .safetensors file ({e})") from None
+    return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:

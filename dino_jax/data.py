@@ -6,7 +6,12 @@ cropped) and an integer label. The loader's batch for step `s` depends only on
 per epoch, so resuming at step s needs nothing but s. Each process reads its own
 contiguous slice of the global batch.
 """
+import atexit
 import concurrent.futures
+import functools
+import json
+import multiprocessing
+import multiprocessing.pool
 import os
 import pathlib
 import queue
@@ -20,6 +25,10 @@ from dino_jax.errors import UsageError
 
 DEMO_FILE = pathlib.Path(__file__).parent / "demo_data" / "fashion_mnist_12k.npz"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CLASSES_FILE = "classes.json"  # in a run directory: the training split's class names, by id
+READ_TIMEOUT_S = 60.0  # default data.read_timeout_s: the longest a single image file may take to read
+READER_THREADS = 32  # threads that read image files, shared by every source and caller
+RESIZE_REDUCING_GAP = 3.0  # Pillow's reducing_gap: box-reduce first when shrinking by 3x or more
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -32,7 +41,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
     rgba = image.convert("RGBA")
     image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-  return image.convert("RGB")
+  return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
 
 def to_square_rgb(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
@@ -44,7 +53,7 @@ def to_square_rgb(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
   w, h = image.size
   s = size / min(w, h)
   nw, nh = max(size, round(w * s)), max(size, round(h * s))
-  image = image.resize((nw, nh), Image.BICUBIC)
+  image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=RESIZE_REDUCING_GAP)
   left, top = (nw - size) // 2, (nh - size) // 2
   return np.asarray(image.crop((left, top, left + size, top + size)))
 
@@ -101,28 +110,31 @@ class TfdsSource:
     return to_square_rgb(ex[self.image_key], self.size), np.int32(ex.get(self.label_key, -1))
 
 
-class FolderSource:
-  """Images under a folder; the label is the index of the first-level subfolder (if any).
+@functools.cache
+def _reader_pool(pid: int) -> multiprocessing.pool.ThreadPool:
+  """The threads that open and decode image files, one pool per process id (a forked child
+  has none of its parent's threads). They are daemons (unlike concurrent.futures' threads),
+  so a read that never returns cannot keep the process from exiting."""
+  del pid
+  pool = multiprocessing.pool.ThreadPool(READER_THREADS)
+  atexit.register(pool.terminate)  # before interpreter teardown, where Pool.__del__ would fail
+  return pool
+
+
+class FilesSource:
+  """Images in a list of files, labels given (-1: none).
 
   A file that cannot be decoded (truncated, empty, not an image, a decompression bomb) is
-  skipped: the next file in sorted order stands in for it, so a step's batch stays a
-  function of the step, and the file is logged once and counted in `skipped`.
+  skipped: the next file in order stands in for it, so a step's batch stays a function of
+  the step, and the file is logged once and counted in `skipped`. A file whose reading takes
+  longer than `read_timeout_s` (a hung network filesystem, a pipe) is a UsageError naming it.
   """
   MAX_SUBSTITUTES = 16
 
-  def __init__(self, root: str, size: int):
-    root_path = pathlib.Path(root)
-    if not root_path.is_dir():
-      raise UsageError(f"image folder {root!r} does not exist")
-    self.files = sorted(p for p in root_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not self.files:
-      raise UsageError(f"image folder {root!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    classes = sorted({p.relative_to(root_path).parts[0] for p in self.files if p.parent != root_path})
-    index = {c: i for i, c in enumerate(classes)}
-    self.labels = np.array([index.get(p.relative_to(root_path).parts[0], -1) for p in self.files],
-                           np.int32)
-    self.num_classes = len(classes) or None
-    self.size = size
+  def __init__(self, files: list[pathlib.Path], labels: np.ndarray, size: int,
+               read_timeout_s: float = READ_TIMEOUT_S):
+    self.files, self.labels, self.size, self.read_timeout_s = files, labels, size, read_timeout_s
+    self.num_classes = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else None
     self._unreadable = set()
     self._lock = threading.Lock()
 
@@ -139,21 +151,142 @@ class FolderSource:
       im.draft("RGB", (self.size, self.size))  # JPEG: decode big images at reduced size
       return to_square_rgb(im, self.size)
 
+  def get_or_none(self, index):
+    """(image, label) of file `index`, or None (logged once, counted) if it is unreadable."""
+    index = int(index)
+    reading = _reader_pool(os.getpid()).apply_async(self._decode, (index,))
+    try:
+      return reading.get(self.read_timeout_s), self.labels[index]
+    except multiprocessing.TimeoutError:
+      raise UsageError(f"reading image {self.files[index]} took longer than data.read_timeout_s="
+                       f"{self.read_timeout_s:g} s (a hung filesystem, or not a regular file)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+      with self._lock:
+        if index not in self._unreadable:
+          self._unreadable.add(index)
+          logging.warning("skipping unreadable image %s (%s: %s)", self.files[index], type(e).__name__, e)
+      return None
+
   def get(self, index):
     for offset in range(self.MAX_SUBSTITUTES):
-      i = (int(index) + offset) % len(self.files)
-      try:
-        return self._decode(i), self.labels[i]
-      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        with self._lock:
-          if i not in self._unreadable:
-            self._unreadable.add(i)
-            logging.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(e).__name__, e)
+      item = self.get_or_none((int(index) + offset) % len(self.files))
+      if item is not None:
+        return item
     raise UsageError(f"{self.MAX_SUBSTITUTES} unreadable images in a row from {self.files[index]}")
 
 
-def make_source(cfg, split: str):
-  """The source named by a `data` config: fashion_mnist_demo | tfds | folder."""
+def _unreadable_folder(e: OSError):
+  """One UsageError naming a folder that cannot be listed."""
+  raise UsageError(f"cannot read image folder {e.filename} ({e.strerror})") from None
+
+
+def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
+  """The regular files with an image suffix under `folder` (recursively, into linked folders
+  too), sorted. Anything else named like an image (a pipe, a socket, a broken link: reading it
+  could block for ever or fail) is left out with a warning; a folder that cannot be listed is
+  a UsageError naming it, so its images never silently go missing."""
+  named = []
+  for parent, _, names in os.walk(folder, onerror=_unreadable_folder, followlinks=True):
+    named += [pathlib.Path(parent, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+  files = sorted(p for p in named if p.is_file())
+  if len(files) < len(named):
+    other = sorted(set(named) - set(files))
+    logging.warning("image folder %s: skipping %d entries that are not regular files (pipes, sockets, devices, "
+                    "broken links), e.g. %s", folder, len(other), other[0])
+  return files
+
+
+def folder_classes(folder: str | pathlib.Path) -> list[str]:
+  """The class names of an image folder: its subfolders, sorted (as torchvision's ImageFolder)."""
+  try:
+    with os.scandir(folder) as entries:
+      return sorted(entry.name for entry in entries if entry.is_dir())
+  except OSError as e:
+    _unreadable_folder(e)
+
+
+def training_classes(cfg) -> list[str] | None:
+  """The class names of a folder dataset's training split (`cfg.train_split` under `cfg.path`),
+  or None where it has no class folders."""
+  train_root = os.path.join(cfg.path, cfg.get("train_split", "train"))
+  return (folder_classes(train_root) or None) if os.path.isdir(train_root) else None
+
+
+class FolderSource(FilesSource):
+  """Images under a folder, labelled by their first-level subfolder (class folder).
+
+  The label is the index of that folder's name in `classes`: this folder's own subfolders by
+  default; `make_source` gives every split the training split's, so that an id means the same
+  class in every split. A class folder missing from `classes` is a UsageError (its images would
+  have no id); one that `classes` has but this folder lacks, a warning. Images next to class
+  folders have label -1 (no class), with a warning: trained on, left out of evaluations.
+  """
+
+  def __init__(self, root: str, size: int, classes: list[str] | None = None,
+               read_timeout_s: float = READ_TIMEOUT_S):
+    root_path = pathlib.Path(root)
+    if not root_path.is_dir():
+      raise UsageError(f"image folder {root!r} does not exist")
+    files = list_images(root_path)
+    if not files:
+      raise UsageError(f"image folder {root!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    own = folder_classes(root_path)
+    self.classes = own if classes is None else list(classes)
+    unknown = sorted(set(own) - set(self.classes))
+    if unknown:
+      raise UsageError(f"image folder {root!r} has class folders that the training split lacks: "
+                       f"{', '.join(unknown)}; class ids are the training split's {len(self.classes)} classes "
+                       "(add the folders there, or move these images out)")
+    missing = sorted(set(self.classes) - set(own))
+    if own and missing:
+      logging.warning("image folder %s has no folder for %d of the %d training classes (%s); ids stay the "
+                      "training split's", root, len(missing), len(self.classes), ", ".join(missing[:5]))
+    index = {c: i for i, c in enumerate(self.classes)}
+    labels = np.array([index[p.relative_to(root_path).parts[0]] if p.parent != root_path else -1
+                       for p in files], np.int32)
+    if self.classes and (labels < 0).any():
+      logging.warning("image folder %s: %d images are not in a class folder (e.g. %s); they have no class "
+                      "(label -1): training uses them, k-NN and the linear probe leave them out",
+                      root, int((labels < 0).sum()), files[int(np.argmax(labels < 0))].name)
+    super().__init__(files, labels, size, read_timeout_s)
+    self.num_classes = len(self.classes) or None
+
+
+def save_classes(source, workdir: str) -> None:
+  """Writes a folder source's class names (list position = id) to <workdir>/classes.json."""
+  if getattr(source, "classes", None):
+    (pathlib.Path(workdir) / CLASSES_FILE).write_text(json.dumps(source.classes, indent=1) + "\n")
+
+
+def load_classes(workdir: str) -> list[str] | None:
+  """A run's class names (`save_classes`), or None when it trained without class folders."""
+  path = pathlib.Path(workdir) / CLASSES_FILE
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def list_file_source(list_file: str, size: int, read_timeout_s: float = READ_TIMEOUT_S) -> FilesSource:
+  """Unlabeled images named in a file: one path a line, or a curation manifest (JSON lines
+  with a "path", `python -m dino_jax.curate`). Relative paths are taken from its folder."""
+  list_path = pathlib.Path(list_file)
+  if not list_path.is_file():
+    raise UsageError(f"image list {list_file!r} does not exist")
+  lines = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+  if list_path.suffix == ".jsonl":
+    lines = [json.loads(line)["path"] for line in lines]
+  if not lines:
+    raise UsageError(f"image list {list_file!r} names no images")
+  files = [list_path.parent / p for p in lines]  # an absolute p stays as it is
+  return FilesSource(files, np.full(len(files), -1, np.int32), size, read_timeout_s)
+
+
+def make_source(cfg, split: str, classes: list[str] | None = None):
+  """The source named by a `data` config: fashion_mnist_demo | tfds | folder | files (a list
+  of image paths) | manifest (a `dino_jax.curate` manifest).
+
+  A folder split's class ids are indices into `classes`; by default the training split's
+  class folders (`training_classes`), so that every split numbers classes alike.
+  """
+  read_timeout_s = cfg.get("read_timeout_s", READ_TIMEOUT_S)
   if cfg.source == "fashion_mnist_demo":
     return fashion_mnist_demo(split, cfg.image_size)
   if cfg.source == "tfds":
@@ -161,8 +294,15 @@ def make_source(cfg, split: str):
   if cfg.source == "folder":
     if not cfg.path:
       raise UsageError("data.path must name an image folder when data.source is 'folder'")
-    return FolderSource(os.path.join(cfg.path, split) if split else cfg.path, cfg.image_size)
-  raise UsageError(f"data.source must be fashion_mnist_demo, tfds or folder, not {cfg.source!r}")
+    if classes is None and split:
+      classes = training_classes(cfg)
+    return FolderSource(os.path.join(cfg.path, split) if split else cfg.path, cfg.image_size, classes,
+                        read_timeout_s)
+  if cfg.source in ("files", "manifest"):  # the split is ignored: the list is the data
+    if not cfg.path:
+      raise UsageError(f"data.path must name an image list when data.source is {cfg.source!r}")
+    return list_file_source(cfg.path, cfg.image_size, read_timeout_s)
+  raise UsageError(f"data.source must be fashion_mnist_demo, tfds, folder, files or manifest, not {cfg.source!r}")
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -186,8 +326,9 @@ def read_batch(source, indices, pool=None):
 
 def train_batches(source, global_batch: int, seed: int, start_step: int,
                   process_index: int = 0, process_count: int = 1, prefetch: int = 2,
-                  workers: int = 8):
-  """Yields (step, local uint8 images) from `start_step` on, decoded ahead in threads."""
+                  workers: int = 8, interrupt: threading.Event | None = None):
+  """Yields (step, local uint8 images) from `start_step` on, decoded ahead in threads; ends
+  when `interrupt` is set while it waits for a batch (a stop requested during a slow read)."""
   if global_batch % process_count:
     raise UsageError(f"batch_size {global_batch} is not divisible by {process_count} processes")
   local = global_batch // process_count
@@ -215,7 +356,12 @@ def train_batches(source, global_batch: int, seed: int, start_step: int,
   threading.Thread(target=produce, daemon=True).start()
   try:
     while True:
-      item = q.get()
+      try:
+        item = q.get(timeout=0.1)
+      except queue.Empty:
+        if interrupt is not None and interrupt.is_set():
+          return
+        continue
       if isinstance(item, Exception):
         raise item
       yield item

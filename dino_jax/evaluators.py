@@ -65,20 +65,32 @@ def extract_features(feature_fn, params, source, batch_size: int, batch_sharding
   return np.concatenate(feats), np.concatenate(labels)
 
 
+def labelled(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The rows with a class (label >= 0; images outside any class folder have -1)."""
+  keep = labels >= 0
+  return features[keep], labels[keep]
+
+
 class KnnEvaluator:
   """DINO's weighted k-NN (k, T) and optionally the linear probe on frozen embeddings."""
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     self.ecfg = ecfg
     self.memory = data.make_source(cfg.data, ecfg.train_split)
-    self.queries = data.make_source(cfg.data, ecfg.test_split)
+    # Queries use the memory's class ids (a folder split numbers classes by the training split's list).
+    self.queries = data.make_source(cfg.data, ecfg.test_split, classes=getattr(self.memory, "classes", None))
+    for split, source in ((ecfg.train_split, self.memory), (ecfg.test_split, self.queries)):
+      if hasattr(source, "labels") and not (np.asarray(source.labels) >= 0).any():
+        raise UsageError(f"evals: split {split!r} has no image in a class folder, so nothing to score")
     self.features = make_feature_fn(models.make_backbone(cfg.model), cfg.aug.global_size, mesh)
     self.batch_sharding = sharding.batch_sharding(mesh)
 
   def run(self, params) -> dict[str, float]:
     e = self.ecfg
-    train_f, train_y = extract_features(self.features, params, self.memory, e.batch_size, self.batch_sharding)
-    test_f, test_y = extract_features(self.features, params, self.queries, e.batch_size, self.batch_sharding)
+    train_f, train_y = labelled(*extract_features(self.features, params, self.memory, e.batch_size,
+                                                  self.batch_sharding))
+    test_f, test_y = labelled(*extract_features(self.features, params, self.queries, e.batch_size,
+                                                self.batch_sharding))
     out = {"knn_top1": knn.knn_accuracy(train_f, train_y, test_f, test_y, self.memory.num_classes, e.k,
                                         e.temperature)}
     if e.linear_probe:

@@ -8,6 +8,7 @@ The checkpoint is restored with this host's devices (any count); the optimizer s
 rest of the train state are not read.
 """
 import json
+import os
 import pathlib
 
 from absl import app
@@ -75,6 +76,24 @@ def extract(backbone: Backbone, source, batch_size: int, image_size: int, with_p
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def run_classes(workdir: str, run_data: ml_collections.ConfigDict, source: str, path: str) -> list[str] | None:
+  """The run's class list (`data.load_classes`) when extracting from the image folder it was
+  trained on; else None, and the folder's own training split numbers the classes."""
+  same_data = source == run_data.source == "folder" and os.path.realpath(path) == os.path.realpath(run_data.path)
+  return data.load_classes(workdir) if same_data else None
+
+
+def make_out_folder(out: str) -> None:
+  """Creates the folder of `out` (if missing) before any work, so a bad path fails first."""
+  folder = pathlib.Path(out).parent
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"cannot create the folder of --out {out!r} ({e.strerror})") from None
+  if not os.access(folder, os.W_OK):
+    raise UsageError(f"cannot write --out {out!r}: {str(folder)!r} is not writable")
+
+
 # --workdir (the run directory) is the flag dino_jax.train defines.
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _STUDENT = flags.DEFINE_bool("student", False, "Use the student backbone instead of the teacher.")
@@ -97,15 +116,20 @@ def main(argv):
   try:
     if not flags.FLAGS.workdir or not _OUT.value:
       raise UsageError("--workdir and --out are required")
+    make_out_folder(_OUT.value)
     backbone = load_backbone(flags.FLAGS.workdir, _STEP.value, _STUDENT.value)
     size = _IMAGE_SIZE.value or backbone.cfg.aug.global_size
     try:
       backbone.module.grid(size)
     except ValueError as e:
       raise UsageError(f"image_size {e}") from None
+    run_data = backbone.cfg.data
     data_cfg = ml_collections.ConfigDict(dict(source=_SOURCE.value, name=_NAME.value, data_dir=_DATA_DIR.value,
-                                              path=_PATH.value, image_size=backbone.cfg.data.image_size))
-    source = data.make_source(data_cfg, _SPLIT.value)
+                                              path=_PATH.value, image_size=run_data.image_size,
+                                              train_split=run_data.get("train_split", "train"),
+                                              read_timeout_s=run_data.get("read_timeout_s", data.READ_TIMEOUT_S)))
+    classes = run_classes(flags.FLAGS.workdir, run_data, _SOURCE.value, _PATH.value)
+    source = data.make_source(data_cfg, _SPLIT.value, classes)
     feats = extract(backbone, source, _BATCH.value, size, _PATCHES.value)
   except UsageError as e:
     fail(str(e))

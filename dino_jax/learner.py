@@ -16,14 +16,13 @@ import ml_collections
 import optax
 
 from dino_jax import augment
-from dino_jax import evaluators
+from dino_jax import config_checks
 from dino_jax import losses
 from dino_jax import masking
 from dino_jax import models
 from dino_jax import objectives
 from dino_jax import optim
 from dino_jax import sharding
-from dino_jax.errors import UsageError
 
 # ---------------------------------------------------------------------------------------
 # Model and state.
@@ -170,28 +169,6 @@ def augmentation_key(cfg) -> jax.Array:
 # ---------------------------------------------------------------------------------------
 
 
-def check_config(cfg, num_devices: int, backbone):
-  """One UsageError for a config the step cannot run (before anything is compiled)."""
-  if cfg.batch_size % num_devices:
-    raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {num_devices} devices")
-  evaluators.check(cfg, num_devices)
-  if cfg.on_nonfinite not in ("stop", "skip"):
-    raise UsageError(f"on_nonfinite must be 'stop' or 'skip', not {cfg.on_nonfinite!r}")
-  if cfg.loss.centering not in ("centering", "sinkhorn"):
-    raise UsageError(f"loss.centering must be 'centering' or 'sinkhorn', not {cfg.loss.centering!r}")
-  if cfg.model.remat not in ("none", *models.REMAT_POLICIES):
-    raise UsageError(f"model.remat must be one of none, {', '.join(models.REMAT_POLICIES)}, not {cfg.model.remat!r}")
-  if cfg.model.attention == "cudnn" and (jax.default_backend() != "gpu" or cfg.model.dtype == "float32"):
-    raise UsageError("model.attention=cudnn needs a GPU and model.dtype bfloat16 or float16")
-  if cfg.model.attention not in ("xla", "cudnn"):
-    raise UsageError(f"model.attention must be 'xla' or 'cudnn', not {cfg.model.attention!r}")
-  for size in (cfg.aug.global_size, cfg.aug.local_size):
-    try:
-      backbone.grid(size)
-    except ValueError as e:
-      raise UsageError(f"crop size {e}") from None
-
-
 class Trainer(NamedTuple):
   """What a run needs on a mesh: initial state and the jitted, sharded functions."""
   state: dict
@@ -205,9 +182,9 @@ class Trainer(NamedTuple):
 def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int) -> Trainer:
   """Initial state (placed by `fsdp_spec`) and the train step jitted with the batch split
   over all devices."""
+  config_checks.check(cfg, mesh.size)
   batch_sharding = sharding.batch_sharding(mesh)
   model = make_model(cfg, batch_sharding)
-  check_config(cfg, mesh.size, model.backbone)
   schedules = optim.make_schedules(cfg, steps_per_epoch)
   tx = optim.make_optimizer(cfg, schedules, steps_per_epoch, model.backbone)
   replicated = sharding.replicated(mesh)

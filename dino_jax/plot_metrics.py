@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from dino_jax.errors import fail  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PANELS = {  # title: metrics drawn in it (those present in the run)
-    "losses": ("loss", "dino_loss", "ibot_loss", "koleo_loss"),
+    "losses": ("loss", "dino_loss", "ibot_loss", "koleo_loss", "region_loss"),
     "teacher": ("teacher_entropy", "teacher_kl_to_mean"),
     "evaluation (top-1)": ("knn_top1", "linear_top1", "knn_top1_teacher", "linear_top1_teacher"),
     "schedules": ("lr", "weight_decay", "momentum", "teacher_temp"),
@@ -24,10 +24,17 @@ FIGSIZE, DPI = (12, 8), 100  # the PNG is 1200 x 800 pixels
 
 
 def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
-  """metric -> (steps, values) from <workdir>/metrics.jsonl."""
+  """metric -> (steps, values) from <workdir>/metrics.jsonl; a half-written last line (the run
+  is writing it, or was killed while it did) is left out."""
   series = {}
-  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  for i, line in enumerate(lines):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      if i == len(lines) - 1:
+        break
+      raise ValueError(f"line {i + 1} of {workdir}/metrics.jsonl is not JSON") from None
     for k, v in row.items():
       if k != "step":
         series.setdefault(k, ([], []))
@@ -60,7 +67,11 @@ def main(argv):
   if not workdir or not (pathlib.Path(workdir) / "metrics.jsonl").is_file():
     fail(f"{workdir!r} has no metrics.jsonl (pass --workdir of a dino_jax run)")
   out = flags.FLAGS.out or str(pathlib.Path(workdir) / "curves.png")
-  plot(read_metrics(workdir), out)
+  try:
+    series = read_metrics(workdir)
+  except ValueError as e:
+    fail(str(e))
+  plot(series, out)
   print(f"wrote {out}")
 
 

@@ -7,10 +7,13 @@ Everything a run does is in its config. The pieces: `learner` (train state, jitt
 `objectives` (losses), `models` (backbone registry, heads), `sharding` (mesh, placement),
 `checkpoints` (Orbax), `evaluators` (k-NN / linear probe), `data` and `augment` (inputs).
 """
+import contextlib
 import json
+import logging as std_logging
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 
@@ -21,10 +24,10 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 
 from dino_jax import checkpoints
+from dino_jax import config_checks
 from dino_jax import data
 from dino_jax import evaluators
 from dino_jax import optim
@@ -42,7 +45,7 @@ class DivergenceError(RuntimeError):
   """The loss or gradients became non-finite and the config says to stop."""
 
 
-stop_requested = threading.Event()  # set by SIGTERM: save at the next step boundary and exit
+stop_requested = threading.Event()  # set by SIGTERM / Ctrl-C: save at the next step boundary and exit
 
 
 def collapse_warnings(metrics: dict, num_prototypes: int) -> list[str]:
@@ -58,13 +61,35 @@ def collapse_warnings(metrics: dict, num_prototypes: int) -> list[str]:
   return out
 
 
-class MetricWriter:
-  """Scalars to <workdir>/metrics.jsonl and TensorBoard (process 0 only)."""
+def _row_step(line: str) -> int | None:
+  """The step of a metrics.jsonl row, None for a half-written line."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
-  def __init__(self, workdir: str):
+
+def keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
+  """Drops the rows of `path` past `step` (written after the checkpoint a resume starts from,
+  so written again) and half-written lines, so that every step appears once."""
+  if not path.is_file():
+    return
+  lines = path.read_text().splitlines()
+  kept = [line for line in lines if (s := _row_step(line)) is not None and s <= step]
+  if len(kept) < len(lines):
+    path.with_name(path.name + ".tmp").write_text("".join(line + "\n" for line in kept))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
+
+class MetricWriter:
+  """Scalars to <workdir>/metrics.jsonl and TensorBoard (process 0 only), from `start_step` on
+  (rows past it, from before a resume, are dropped)."""
+
+  def __init__(self, workdir: str, start_step: int = 0):
     self.active = jax.process_index() == 0
     if self.active:
       import tensorboardX  # pylint: disable=g-import-not-at-top
+      keep_metrics_up_to(pathlib.Path(workdir) / "metrics.jsonl", start_step)
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -84,52 +109,106 @@ class MetricWriter:
       self.tb.close()
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """"key: old -> new" for every (nested, dotted) key whose value differs."""
+  out = []
+  for k in sorted(old.keys() | new.keys()):
+    a, b = old.get(k, "(none)"), new.get(k, "(none)")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_changes(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}")
+  return out
+
+
+def record_config(workdir: str, cfg: ml_collections.ConfigDict, step: int) -> None:
+  """Writes the config in force to <workdir>/config.json. A resume at `step` > 0 with another
+  (compatible) config keeps the history: config.<N>.json is the config used from step N on
+  (config.0.json the first one), and the changes are printed."""
+  path = pathlib.Path(workdir) / "config.json"
+  text = cfg.to_json(indent=2)
+  changes = config_changes(json.loads(path.read_text()), json.loads(text)) if path.is_file() and step else []
+  if changes:
+    if not any(path.parent.glob("config.*.json")):
+      path.rename(path.with_name("config.0.json"))
+    path.with_name(f"config.{step}.json").write_text(text)
+    print(f"config changed on resuming at step {step} (kept as config.{step}.json; the earlier ones as "
+          f"config.<step>.json): {'; '.join(changes)}", flush=True)
+  path.write_text(text)
+
+
+def eval_every_steps(name: str, ecfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """How often evaluator `name` runs, in steps: evals.<name>.every_steps (N > 0 every N steps,
+  0 at the end only, -1 never) or evals.<name>.every_epochs (E > 0: every E epochs of this
+  data), one of the two."""
+  every_epochs = ecfg.get("every_epochs", 0)
+  if every_epochs and every_epochs > 0:
+    if ecfg.every_steps != 0:
+      raise UsageError(f"evals.{name}: set every_steps ({ecfg.every_steps}) or every_epochs ({every_epochs}), "
+                       "not both")
+    return max(round(every_epochs * steps_per_epoch), 1)
+  return ecfg.every_steps
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final state and evaluation results.
+  """Trains (or resumes) the run in `workdir`, holding its `WorkdirLock`; returns the final
+  state and evaluation results.
 
   `max_steps` stops early (after that many total steps) without changing any schedule:
   the way tests and users simulate an interrupted run.
   """
+  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with checkpoints.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train(cfg, workdir, max_steps)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) -> dict:
   mesh = sharding.make_mesh(cfg)
   train_src = data.make_source(cfg.data, cfg.data.train_split)
   evals = evaluators.make(cfg, mesh, labelled=bool(getattr(train_src, "num_classes", None)))
   steps_per_epoch = max(len(train_src) // cfg.batch_size, 1)
   total_steps = optim.total_steps(cfg, steps_per_epoch)
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-  (pathlib.Path(workdir) / "config.json").write_text(cfg.to_json(indent=2))
+  eval_every = {name: eval_every_steps(name, e, steps_per_epoch) for name, e in cfg.evals.items()}
 
   trainer = learner.build(cfg, mesh, steps_per_epoch)
   if jax.process_index() == 0:
     print(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, "
           f"mesh {dict(mesh.shape)}, {total_steps} steps", flush=True)
   mngr = checkpoints.checkpoint_manager(workdir, cfg)
-  state = checkpoints.restore_or_keep(mngr, trainer.state)
+  state = checkpoints.restore_or_keep(mngr, trainer.state)  # refuses another config: nothing written yet
+  checkpoints.prune(mngr, cfg.checkpoint.keep)
   if cfg.model.init_from and mngr.latest_step() is None:
     state = checkpoints.init_from_run(state, cfg.model.init_from)
   start_step = int(state["step"])
+  if jax.process_index() == 0:
+    record_config(workdir, cfg, start_step)
+  data.save_classes(train_src, workdir)  # the class ids of evaluations and extract
   aug_key = learner.augmentation_key(cfg)
   to_global = lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x)
 
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step)
   end_step = total_steps if max_steps is None else min(max_steps, total_steps)
   batches = data.train_batches(train_src, cfg.batch_size, cfg.seed, start_step,
-                               jax.process_index(), jax.process_count())
+                               jax.process_index(), jax.process_count(), interrupt=stop_requested)
+  # The bar moves at log steps, where the host waits for the device: between them, asynchronous
+  # dispatch runs ahead of the computation and the rate would swing.
   bar = tqdm.tqdm(total=end_step, initial=start_step, desc="train", unit="step",
                   disable=jax.process_index() != 0 or not cfg.progress_bar, dynamic_ncols=True)
   results = {}
-  for step, images in batches:
+  done = saved = start_step
+  for step, images in batches:  # ends early when a stop is requested while it waits for data
     if step >= end_step:
       break
     batch = dict(trainer.make_views(aug_key, step, to_global(images)))
     if trainer.step_masks:
       batch["masks"] = to_global(trainer.step_masks(step))
     state, metrics = trainer.train_step(state, batch)
-    bar.update(1)
     done = step + 1
     if done % cfg.log_every_steps == 0 or done == end_step:
       metrics = dict(jax.device_get(metrics), skipped_images=getattr(train_src, "skipped", 0))
+      bar.update(done - bar.n)
       if metrics["nonfinite_steps"] > 0 and cfg.on_nonfinite == "stop":
-        mngr.wait_until_finished()
+        checkpoints.wait_until_saved(mngr)
         bad = int(state["first_nonfinite_step"])
         good = max([s for s in mngr.all_steps() if s < bad], default=None)
         raise DivergenceError(
@@ -140,23 +219,28 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
         logging.warning("step %d: %s", done, warning)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
       writer.write(done, metrics)
-    preempted = stop_requested.is_set() or mngr.reached_preemption(done)
-    mngr.save(done, args=ocp.args.StandardSave(state), force=done == end_step or preempted)
-    if preempted:
-      mngr.wait_until_finished()
-      bar.write(f"stopped at step {done} on request (SIGTERM or preemption); checkpoint saved, "
-                "rerun the same command to resume")
-      end_step = done
-      results["preempted_at"] = done
+    if checkpoints.save(mngr, done, state, force=done == end_step):
+      saved = done
+    if stop_requested.is_set() or mngr.reached_preemption(done):
       break
-    for evaluator in evals.values():
-      every = evaluator.ecfg.every_steps
+    for name, evaluator in evals.items():
+      every = eval_every[name]
       if every > 0 and done % every == 0 and done < end_step:
         scores = evaluator.run(state["teacher"].value["backbone"])
         writer.write(done, scores)
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+  if done < end_step:  # stopped on request (SIGTERM, Ctrl-C or a preemption notice)
+    if saved != done:
+      checkpoints.save(mngr, done, state, force=True)
+    checkpoints.wait_until_saved(mngr)
+    bar.update(done - bar.n)
+    bar.write(f"stopped at step {done} on request (SIGTERM, Ctrl-C or preemption); "
+              f"{'checkpoint saved' if done > start_step else 'nothing new to save'}, "
+              "rerun the same command to resume")
+    end_step = done
+    results["preempted_at"] = done
   bar.close()
-  mngr.wait_until_finished()
+  checkpoints.wait_until_saved(mngr)
 
   if evals and end_step == total_steps and "preempted_at" not in results:
     for evaluator in evals.values():
@@ -186,14 +270,70 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 
 
+def unknown_key_message(error: LookupError | AttributeError, argv) -> str:
+  """An override of a key the config lacks (a section or the last key), with its flag and
+  ml_collections' suggestion where it has one."""
+  message = error
+  while isinstance(message, BaseException):  # a last key: AttributeError(KeyError(key))
+    message = message.args[0] if message.args else ""
+  key, *suggestion = str(message).splitlines()
+  key = key.strip("'\"")
+  names = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
+  flag = next((name for name in names if key in name.split(".")), None)
+  return "; ".join([f"unknown config key {key!r}" + (f" in {flag}" if flag else ""), *suggestion])
+
+
+def innermost_usage_error(error: BaseException) -> UsageError | None:
+  """The first UsageError raised along `error`'s chain (a config file's get_config raised it;
+  ml_collections and absl wrap it with the traceback)."""
+  found = None
+  while error is not None:
+    found = error if isinstance(error, UsageError) else found
+    error = error.__cause__ or error.__context__
+  return found
+
+
 def parse_flags(argv):
-  """absl flag parsing with bad flags and config overrides reported as one line."""
+  """absl flag parsing with bad flags, config files and config overrides reported as one line."""
   try:
-    return flags.FLAGS(argv)
-  except KeyError as e:
-    fail(f"unknown config key {e.args[0] if e.args else e}")
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.get("seed")  # a config file that failed to load raises here
+    return rest
+  except OSError as e:  # ml_collections' message ends with the reason, e.g. "No such file"
+    fail(f"cannot load the config file: {str(e).splitlines()[-1].strip()}")
+  except (KeyError, AttributeError) as e:
+    fail(unknown_key_message(e, argv))
   except (flags.Error, TypeError, ValueError) as e:
-    fail(str(e))
+    fail(str(innermost_usage_error(e) or e))
+
+
+def request_stop(signum, frame):
+  """SIGTERM / Ctrl-C: save at the next step boundary and exit 0. A second one exits at once
+  (the default action of the signal, which works even while the host waits for the device)."""
+  del frame
+  stop_requested.set()
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint; send it again "
+        "(press Ctrl-C again) to quit at once without one", file=sys.stderr, flush=True)
+
+
+def exit_now(message: str):
+  """`fail(message)` without waiting for other threads at exit: those of a failed Orbax save
+  can wait for ever on each other and keep the interpreter from shutting down."""
+  try:
+    fail(message)
+  finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # pylint: disable=protected-access
+
+
+def _not_from_orbax_errors(record) -> bool:
+  """Log filter: Orbax's error logs (tracebacks of its threads) are left out; the failure
+  reaches the loop, which reports it in one line."""
+  return record.levelno < std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def main(argv):
@@ -202,19 +342,26 @@ def main(argv):
     fail("--config and --workdir are required")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  t0 = time.time()
+    logging.get_absl_logger().addFilter(_not_from_orbax_errors)
+  cfg = _CONFIG.value
   try:
-    cfg = _CONFIG.value
-    cfg.get("seed")  # a config file that failed to load raises here
-  except OSError as e:
+    config_checks.check_workdir(_WORKDIR.value)
+    if _DISTRIBUTED.value:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config_checks.check(cfg, jax.device_count())
+  except UsageError as e:
     fail(str(e))
-  signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
+  for warning in config_checks.size_warnings(cfg, config_flags.get_override_values(flags.FLAGS["config"])):
+    logging.warning(warning)
+  t0 = time.time()
+  signal.signal(signal.SIGTERM, request_stop)
+  signal.signal(signal.SIGINT, request_stop)
   try:
     out = train(cfg, _WORKDIR.value)
   except (UsageError, DivergenceError) as e:
     fail(str(e))
+  except (checkpoints.SaveError, OSError) as e:
+    exit_now(str(e))
   res = out["results"]
   if "knn_top1_teacher" in res:
     metrics = [m for m in ("knn_top1", "linear_top1") if f"{m}_teacher" in res]

@@ -1,0 +1,181 @@
+"""Checks of a training run's settings, done before anything is compiled.
+
+  check(cfg, num_devices)        one UsageError for a config the step cannot run, or would run
+                                 without meaning (a zero count, a scale outside (0, 1], ...)
+  size_warnings(cfg, overridden) image and crop sizes that look unintended (the run goes on)
+  check_workdir(path)            the run directory exists (created) and takes files
+
+`train.main` runs all three before the first step; `learner.build` runs `check` too, so a
+config built in Python is checked the same way.
+"""
+import functools
+import os
+import pathlib
+import tempfile
+
+import jax
+import ml_collections
+
+from dino_jax import augment
+from dino_jax import evaluators
+from dino_jax import models
+from dino_jax import objectives
+from dino_jax.errors import UsageError
+
+DTYPES = ("float32", "bfloat16", "float16")
+MIN_MASKED_PATCHES = 3  # the smallest block `masking.block_mask` places
+
+
+def _get(cfg: ml_collections.ConfigDict, key: str):
+  return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(cfg, key: str, integer: bool = True) -> None:
+  value = _get(cfg, key)
+  if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
+    raise UsageError(f"{key} must be a positive {'integer' if integer else 'number'}, not {value!r}")
+
+
+def _one_of(cfg, key: str, choices) -> None:
+  if _get(cfg, key) not in choices:
+    named = " or ".join(map(repr, choices)) if len(choices) == 2 else "one of " + ", ".join(choices)
+    raise UsageError(f"{key} must be {named}, not {_get(cfg, key)!r}")
+
+
+def _fraction_range(cfg, key: str, low_may_be_zero: bool = False) -> None:
+  """A (low, high) pair of fractions: 0 < low <= high <= 1 (0 <= low where allowed)."""
+  value = _get(cfg, key)
+  pair = isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value))
+  if not pair or not ((value[0] >= 0 if low_may_be_zero else value[0] > 0) and value[0] <= value[1] <= 1):
+    raise UsageError(f"{key} must be a pair (low, high) with {'0 <=' if low_may_be_zero else '0 <'} low <= "
+                     f"high <= 1, not {value!r}")
+
+
+def _check_counts(cfg, num_devices: int) -> None:
+  for key in ("batch_size", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "head.out_dim",
+              "head.hidden_dim", "head.bottleneck_dim", "aug.global_size", "aug.local_size", "data.image_size",
+              "model.patch_size"):
+    _positive(cfg, key)
+  _positive(cfg, "epochs", integer=False)
+  if cfg.batch_size % num_devices:
+    raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {num_devices} devices")
+  evaluators.check(cfg, num_devices)
+
+
+def _check_choices(cfg) -> None:
+  _one_of(cfg, "on_nonfinite", ("stop", "skip"))
+  _one_of(cfg, "loss.centering", ("centering", "sinkhorn"))
+  _one_of(cfg, "model.remat", ("none", *models.REMAT_POLICIES))
+  _one_of(cfg, "model.attention", ("xla", "cudnn"))
+  _one_of(cfg, "model.dtype", DTYPES)
+  if cfg.model.attention == "cudnn" and (jax.default_backend() != "gpu" or cfg.model.dtype == "float32"):
+    raise UsageError("model.attention=cudnn needs a GPU and model.dtype bfloat16 or float16")
+
+
+def _check_heads(m: ml_collections.ConfigDict) -> None:
+  """Attention heads split each width evenly (ViT: width; Swin: every stage's width)."""
+  if m.get("name", "vit") == "swin":
+    if len(m.depths) != len(m.num_heads):
+      raise UsageError(f"model.num_heads {tuple(m.num_heads)} must give one head count per stage of "
+                       f"model.depths {tuple(m.depths)}")
+    widths = [m.width * 2 ** s for s in range(len(m.depths))]
+    heads = list(m.num_heads)
+  else:
+    widths, heads = [m.width], [m.num_heads]
+  for stage, (width, num_heads) in enumerate(zip(widths, heads)):
+    if num_heads <= 0 or width % num_heads:
+      where = f"stage {stage}'s width {width}" if len(widths) > 1 else f"model.width {width}"
+      raise UsageError(f"model.num_heads {num_heads} does not divide {where}")
+
+
+def _check_crops(cfg, backbone) -> None:
+  _fraction_range(cfg, "aug.global_scale")
+  _fraction_range(cfg, "aug.local_scale")
+  if cfg.aug.num_local < 0:
+    raise UsageError(f"aug.num_local must be >= 0, not {cfg.aug.num_local}")
+  if cfg.aug.num_local and cfg.aug.local_size > cfg.aug.global_size:
+    raise UsageError(f"aug.global_size {cfg.aug.global_size} is smaller than aug.local_size {cfg.aug.local_size}: "
+                     "global crops are the large views")
+  for key in ("aug.global_size", "aug.local_size")[:2 if cfg.aug.num_local else 1]:
+    try:
+      backbone.grid(_get(cfg, key))
+    except ValueError as e:
+      raise UsageError(f"{key} {e}") from None
+
+
+def _check_masking(cfg, backbone) -> None:
+  """With iBOT on, every step masks some patches (else its loss and targets are empty)."""
+  if "ibot" not in objectives.active(cfg):
+    return
+  if cfg.model.get("name", "vit") != "vit":
+    raise UsageError(f"loss.ibot_weight > 0 needs a ViT (model.name=vit): {cfg.model.name} has no mask token")
+  mask_prob = cfg.mask.mask_prob
+  if not _is_number(mask_prob) or not 0 < mask_prob <= 1:
+    raise UsageError(f"mask.mask_prob must be in (0, 1] while iBOT is on (loss.ibot_weight > 0), not {mask_prob!r}")
+  _fraction_range(cfg, "mask.mask_ratio", low_may_be_zero=True)
+  num_global = len(augment.view_specs(cfg.aug)[0])
+  if int(cfg.batch_size * num_global * mask_prob) < 1:
+    raise UsageError(f"mask.mask_prob {mask_prob} masks none of the {cfg.batch_size * num_global} global crops "
+                     "of a batch")
+  h, w = backbone.grid(cfg.aug.global_size)
+  if int(h * w * cfg.mask.mask_ratio[1]) < MIN_MASKED_PATCHES:
+    raise UsageError(f"mask.mask_ratio {tuple(cfg.mask.mask_ratio)} masks fewer than {MIN_MASKED_PATCHES} of the "
+                     f"{h * w} patches of a global crop: nothing would be masked")
+
+
+def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+  """One UsageError for a config the train step cannot run or would run without meaning."""
+  _check_counts(cfg, num_devices)
+  _check_choices(cfg)
+  models.backbone_class(cfg.model)  # a known model.name
+  _check_heads(cfg.model)
+  backbone = models.make_backbone(cfg.model)
+  _check_crops(cfg, backbone)
+  _check_masking(cfg, backbone)
+
+
+def size_warnings(cfg: ml_collections.ConfigDict, overridden=()) -> list[str]:
+  """Image and crop sizes that look unintended, one line each. `overridden`: the config keys
+  set on the command line (changing data.image_size alone leaves the crops as they were)."""
+  image, glob, local = cfg.data.image_size, cfg.aug.global_size, cfg.aug.local_size
+  out = []
+  if "data.image_size" in overridden and not {"aug.global_size", "aug.local_size"} & set(overridden):
+    out.append(f"data.image_size={image} is set without aug.global_size / aug.local_size: training still takes "
+               f"{glob} px global and {local} px local crops; to train at another size set those too "
+               "(multiples of model.patch_size) and model.pos_embed_grid")
+  if image < glob:
+    out.append(f"data.image_size {image} is smaller than aug.global_size {glob}: every global crop is upsampled")
+  elif 2 * glob < image:
+    out.append(f"aug.global_size {glob} is less than half of data.image_size {image}: global crops throw most of "
+               "the image's resolution away")
+  m = cfg.model
+  if m.get("name", "vit") == "vit" and not m.get("init_from") and glob // m.patch_size != m.pos_embed_grid:
+    out.append(f"model.pos_embed_grid {m.pos_embed_grid} is not the global crops' grid {glob // m.patch_size} "
+               f"(aug.global_size {glob} / model.patch_size {m.patch_size}): the position embedding is resized "
+               "at every step")
+  return out
+
+
+def check_workdir(path: str) -> None:
+  """Creates the local run directory `path` and writes a test file in it; one UsageError where
+  it is a file, lies under one, or takes no files (/proc). Remote paths (gs://...) are left to
+  the storage library."""
+  if "://" in path:
+    return
+  workdir = pathlib.Path(path)
+  files = [p for p in (workdir, *workdir.parents) if p.exists() and not p.is_dir()]
+  if files:
+    where = "is a file" if files[0] == workdir else f"lies under the file {files[0]}"
+    raise UsageError(f"--workdir {path} {where}, not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"--workdir {path} cannot be created: {e.strerror or e}") from None
+  try:
+    tempfile.TemporaryFile(dir=path).close()
+  except OSError as e:
+    raise UsageError(f"--workdir {path} takes no files: {e.strerror or e}") from None
