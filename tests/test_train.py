@@ -16,8 +16,10 @@ from PIL import Image
 from configs import demo_fashion_mnist
 from configs import dino_vits16
 from configs import dinov2_vits14
+from configs import esvit_swin_t
 from dino_jax import data
 from dino_jax import learner
+from dino_jax import objectives
 from dino_jax import sharding
 from dino_jax import train
 from dino_jax.errors import UsageError
@@ -52,25 +54,27 @@ def one_step(cfg, devices, steps=1):
   for step in range(steps):
     images, _ = src.get(data.batch_indices(len(src), cfg.batch_size, step, cfg.seed))
     batch = dict(trainer.make_views(learner.augmentation_key(cfg), step, jax.device_put(images, trainer.batch_sharding)))
-    if cfg.loss.ibot_weight > 0:
+    if trainer.step_masks:
       batch["masks"] = jax.device_put(trainer.step_masks(step), trainer.batch_sharding)
     state, metrics = trainer.train_step(state, batch)
   return jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("module", [dino_vits16, dinov2_vits14], ids=["dino", "dinov2"])
-def test_sharded_step_equals_unsharded(module):
+@pytest.mark.parametrize("module,terms", [
+    (dino_vits16, {"dino_loss"}), (dinov2_vits14, {"dino_loss", "ibot_loss", "koleo_loss"}),
+    (esvit_swin_t, {"dino_loss", "region_loss"})], ids=["dino", "dinov2", "esvit"])
+def test_sharded_step_equals_unsharded(module, terms):
   cfg = tiny(module)
   assert len(jax.devices()) == 8
   s1, m1 = one_step(cfg, jax.devices()[:1], steps=2)
   s8, m8 = one_step(cfg, jax.devices(), steps=2)
   assert_trees_close(s8["params"], s1["params"], atol=1e-5)
   assert_trees_close(s8["teacher"], s1["teacher"], atol=1e-5)
-  assert_trees_close(s8["center"], s1["center"], atol=1e-5)
+  for center in objectives.centers(cfg):
+    assert_trees_close(s8[center], s1[center], atol=1e-5)
   for k in m1:
     np.testing.assert_allclose(m8[k], m1[k], atol=1e-5, rtol=1e-5, err_msg=k)
-  expected_terms = {"dino_loss"} | ({"ibot_loss", "koleo_loss"} if module is dinov2_vits14 else set())
-  assert expected_terms <= set(m1)
+  assert set(m1) & {"dino_loss", "ibot_loss", "koleo_loss", "region_loss"} == terms
   assert all(np.isfinite(v) for v in m1.values())
 
 
