@@ -1,0 +1,398 @@
+r"""Data curation as in DINOv2's LVD-142M (Oquab et al. 2023, Sec. 3 and App. A).
+
+  python -m dino_jax.curate --config configs/curate_fashion_mnist.py --workdir OUT [--stages all]
+
+Stages (`--stages a,b`; `all` = embed,dedup,retrieve,manifest). Each resumes: a finished
+stage's outputs are kept (delete them to redo it) and `embed` goes on from its last shard.
+  embed     l2-normalized global embeddings of the pool, the evaluation sets and the seed
+            set with a run's backbone (`backbone`: a dino_jax.train or dino_jax.convert run),
+            batches split over the mesh and the processes; OUT/embeddings/<set>/shard_*.npz,
+            index.txt (image ids), unreadable.txt (skipped files)
+  dedup     pool near-duplicates: k-NN graph with cosine >= dedup.threshold, connected
+            components, the first image of each kept; pool images within
+            dedup.eval_threshold of an evaluation image dropped; OUT/dropped.jsonl, kept.npy
+  retrieve  pool images near the seed set: retrieve.method=knn (k nearest per seed image,
+            for large seed sets) or clusters (k-means of the pool, per_seed images sampled
+            from each seed's nearest clusters, for small ones); OUT/retrieved.jsonl
+  manifest  OUT/manifest.jsonl (path, source, reason per image) and OUT/summary.json;
+            train on it with --config.data.source=manifest --config.data.path=OUT/manifest.jsonl
+Demo and measurements: make_demo_pool (the Fashion-MNIST pool with known defects, under
+demo.out), score_demo (pipeline against its ground truth), bench (search and k-means timed
+on synthetic features).
+"""
+import concurrent.futures
+import json
+import os
+import pathlib
+import resource
+import statistics
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import tqdm
+
+from dino_jax import data
+from dino_jax import extract
+from dino_jax import knn
+from dino_jax import sharding
+from dino_jax import train
+from dino_jax.curation import demo
+from dino_jax.curation import search
+from dino_jax.errors import UsageError
+from dino_jax.errors import fail
+
+PIPELINE = ("embed", "dedup", "retrieve", "manifest")
+
+
+def embedding(features: dict) -> jax.Array:
+  """The global image embedding among the backbone's outputs (`extract.Backbone`)."""
+  return features["embedding"]
+
+
+# ---------------------------------------------------------------------------------------
+# Image sets: the pool, the evaluation sets and the seed set, each a `data` source.
+# ---------------------------------------------------------------------------------------
+
+
+def image_sets(cfg) -> dict:
+  """{set name: source spec}: "pool", "eval_<name>" per evaluation set, "seeds"."""
+  return {"pool": cfg.pool, **{f"eval_{k}": v for k, v in cfg.eval_sets.items()}, "seeds": cfg.seeds}
+
+
+def open_source(spec, image_size: int):
+  """The `data` source of a spec (source, path, name, data_dir, split) decoding to image_size."""
+  cfg = ml_collections.ConfigDict(dict(source=spec.source, path=spec.get("path", ""), name=spec.get("name", ""),
+                                       data_dir=spec.get("data_dir", ""), image_size=image_size))
+  return data.make_source(cfg, spec.get("split", ""))
+
+
+def dataset_image_id(spec, index: int) -> str:
+  """source/name/split/index: the id of a dataset (not file) image."""
+  return "/".join(str(p) for p in (spec.source, spec.get("name", ""), spec.get("split", ""), index) if p != "")
+
+
+def image_ids(source, spec) -> list[str]:
+  """A file's path, or the dataset image id."""
+  if hasattr(source, "files"):
+    return [str(f) for f in source.files]
+  return [dataset_image_id(spec, i) for i in range(len(source))]
+
+
+def read_images(source, indices, pool, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 images [n, size, size, 3] and a readable mask [n]; an unreadable file is a zero
+  image with mask False (never a substitute: each embedding belongs to its image)."""
+  if not hasattr(source, "get_or_none"):
+    return data.read_batch(source, indices, pool)[0], np.ones(len(indices), bool)
+  items = list(pool.map(source.get_or_none, indices))
+  blank = np.zeros((size, size, 3), np.uint8)
+  return (np.stack([blank if item is None else item[0] for item in items]),
+          np.array([item is not None for item in items]))
+
+
+# ---------------------------------------------------------------------------------------
+# embed
+# ---------------------------------------------------------------------------------------
+
+
+def embed_set(backbone, source, ids: list[str], out: pathlib.Path, cfg, mesh) -> None:
+  """Writes out/shard_*.npz (features, ids of readable images), then index.txt and
+  unreadable.txt; shards already written are kept (resume)."""
+  batch, shard_size = cfg.embed.batch_size, cfg.embed.shard_size
+  if batch % mesh.size or batch % jax.process_count():
+    raise UsageError(f"embed.batch_size {batch} is not divisible by the {mesh.size} devices")
+  if shard_size % batch:
+    raise UsageError(f"embed.shard_size {shard_size} is not a multiple of embed.batch_size {batch}")
+  size = cfg.embed.image_size or backbone.cfg.aug.global_size
+  local = batch // jax.process_count()
+  start = jax.process_index() * local
+  to_global = lambda x: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), x)
+  gather = jax.jit(lambda f, ok: (knn.l2_normalize(f.astype(np.float32)), ok),
+                   out_shardings=sharding.replicated(mesh))
+  shards = [(lo, min(lo + shard_size, len(ids))) for lo in range(0, len(ids), shard_size)]
+  out.mkdir(parents=True, exist_ok=True)
+  todo = [s for s in range(len(shards)) if not (out / f"shard_{s:05d}.npz").exists()]
+  bar = tqdm.tqdm(total=len(ids), initial=len(ids) - sum(shards[s][1] - shards[s][0] for s in todo),
+                  desc=f"embed {out.name}", unit="img", disable=jax.process_index() != 0, dynamic_ncols=True)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    for s in todo:
+      lo, hi = shards[s]
+      feats, readable = [], []
+      for i in range(lo, hi, batch):
+        index = np.arange(i, i + batch)
+        images, ok = read_images(source, np.where(index < hi, index, lo)[start:start + local], pool,
+                                 backbone.cfg.data.image_size)
+        f, ok = gather(embedding(backbone(to_global(images), size)), to_global(ok))
+        feats.append(np.asarray(f)[index < hi])
+        readable.append(np.asarray(ok)[index < hi])
+        bar.update(int(np.sum(index < hi)))
+      feats, readable = np.concatenate(feats), np.concatenate(readable)
+      if jax.process_index() == 0:
+        tmp = out / f"shard_{s:05d}.tmp.npz"
+        np.savez(tmp, features=feats[readable], ids=np.array(ids[lo:hi])[readable],
+                 unreadable=np.array(ids[lo:hi])[~readable])
+        os.replace(tmp, out / f"shard_{s:05d}.npz")
+  bar.close()
+  if jax.process_index() == 0:
+    parts = [np.load(out / f"shard_{s:05d}.npz") for s in range(len(shards))]
+    (out / "unreadable.txt").write_text("".join(f"{i}\n" for p in parts for i in p["unreadable"]))
+    (out / "index.txt").write_text("".join(f"{i}\n" for p in parts for i in p["ids"]))
+
+
+def run_embed(cfg, workdir: pathlib.Path, mesh) -> None:
+  if not cfg.backbone:
+    raise UsageError("config.backbone must name a run directory (dino_jax.train or dino_jax.convert)")
+  backbone = extract.load_backbone(cfg.backbone, None if cfg.backbone_step < 0 else cfg.backbone_step)
+  for name, spec in image_sets(cfg).items():
+    out = workdir / "embeddings" / name
+    if (out / "index.txt").exists():
+      continue
+    source = open_source(spec, backbone.cfg.data.image_size)
+    embed_set(backbone, source, image_ids(source, spec), out, cfg, mesh)
+    skipped = (out / "unreadable.txt").read_text().splitlines() if jax.process_index() == 0 else []
+    if skipped:
+      print(f"{name}: skipped {len(skipped)} unreadable images (listed in {out / 'unreadable.txt'})")
+
+
+def load_embeddings(workdir: pathlib.Path, name: str) -> tuple[np.ndarray, list[str]]:
+  """(features [N, D] float32, image ids) of an embedded set."""
+  out = workdir / "embeddings" / name
+  if not (out / "index.txt").exists():
+    raise UsageError(f"no finished embeddings of {name!r} in {out}: run the embed stage first")
+  parts = [np.load(f) for f in sorted(out.glob("shard_[0-9]*.npz"))]
+  ids = [str(i) for p in parts for i in p["ids"]]
+  features = np.concatenate([p["features"] for p in parts]) if parts else np.zeros((0, 0))
+  return features.astype(np.float32), ids
+
+
+# ---------------------------------------------------------------------------------------
+# dedup
+# ---------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+  if jax.process_index() == 0:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def pool_duplicates(pool: np.ndarray, ids: list[str], cfg, mesh) -> dict[int, dict]:
+  """{dropped row: why} for the pool's near-duplicate groups, one image kept per group."""
+  sims, index = search.top_k_search(pool, pool, cfg.dedup.k + 1, mesh, cfg.search.block_size, desc="dedup pool")
+  kept = search.representatives(search.duplicate_groups(sims, index, cfg.dedup.threshold))
+  return {int(i): dict(path=ids[i], reason="duplicate", kept=ids[kept[i]],
+                       similarity=round(float(pool[i] @ pool[kept[i]]), 4))
+          for i in np.flatnonzero(kept != np.arange(len(pool)))}
+
+
+def eval_copies(pool: np.ndarray, ids: list[str], eval_set: str, eval_feats: np.ndarray, eval_ids: list[str],
+                cfg, mesh) -> dict[int, dict]:
+  """{dropped row: why} for pool images within dedup.eval_threshold of an evaluation image."""
+  sims, index = search.top_k_search(pool, eval_feats, 1, mesh, cfg.search.block_size, desc=f"dedup {eval_set}")
+  return {int(i): dict(path=ids[i], reason="eval_copy", eval_set=eval_set, matched=eval_ids[index[i, 0]],
+                       similarity=round(float(sims[i, 0]), 4))
+          for i in np.flatnonzero(sims[:, 0] >= cfg.dedup.eval_threshold)}
+
+
+def run_dedup(cfg, workdir: pathlib.Path, mesh) -> None:
+  if (workdir / "kept.npy").exists():
+    return
+  search.check_threshold("dedup.threshold", cfg.dedup.threshold)
+  search.check_threshold("dedup.eval_threshold", cfg.dedup.eval_threshold)
+  pool, ids = load_embeddings(workdir, "pool")
+  if not len(pool):
+    raise UsageError("the pool is empty: no readable images were embedded")
+  dropped = pool_duplicates(pool, ids, cfg, mesh)
+  for name in cfg.eval_sets:
+    dropped |= eval_copies(pool, ids, name, *load_embeddings(workdir, f"eval_{name}"), cfg, mesh)
+  write_jsonl(workdir / "dropped.jsonl", [dropped[i] for i in sorted(dropped)])
+  kept = np.ones(len(pool), bool)
+  kept[list(dropped)] = False
+  if jax.process_index() == 0:
+    np.save(workdir / "kept.tmp.npy", kept)
+    os.replace(workdir / "kept.tmp.npy", workdir / "kept.npy")
+
+
+# ---------------------------------------------------------------------------------------
+# retrieve
+# ---------------------------------------------------------------------------------------
+
+
+def knn_retrieval(seeds, seed_ids, pool, pool_ids, cfg, mesh) -> list[dict]:
+  """The k nearest pool images of each seed image (DINOv2: k=4 for large seed sets); an
+  image retrieved by several seeds is listed once, for its most similar one."""
+  sims, index = search.top_k_search(seeds, pool, cfg.retrieve.k, mesh, cfg.search.block_size, desc="retrieve")
+  order = np.argsort(-sims, axis=None, kind="stable")
+  images, first = np.unique(index.reshape(-1)[order], return_index=True)
+  seed, rank = np.unravel_index(order[first], index.shape)
+  return [dict(path=pool_ids[i], seed=seed_ids[s], reason=f"neighbour {r + 1} of seed",
+               similarity=round(float(sims[s, r]), 4)) for i, s, r in zip(images, seed, rank)]
+
+
+def cluster_retrieval(seeds, seed_ids, pool, pool_ids, cfg, mesh) -> list[dict]:
+  """k-means over the pool; for each seed image, retrieve.per_seed images sampled (with
+  retrieve.seed) from its retrieve.clusters_per_seed nearest clusters (DINOv2's retrieval
+  for small seed sets)."""
+  r = cfg.retrieve
+  centroids, cluster = search.kmeans(pool, min(r.num_clusters, len(pool)), r.iterations, r.seed, mesh,
+                                     cfg.search.block_size)
+  nearest = search.nearest_clusters(seeds, centroids, min(r.clusters_per_seed, len(centroids)), mesh,
+                                    cfg.search.block_size)
+  chosen = {}
+  for s, clusters in enumerate(nearest):
+    members = np.flatnonzero(np.isin(cluster, clusters))
+    sample = np.random.default_rng([r.seed, s]).choice(members, min(r.per_seed, len(members)), replace=False)
+    for i in sorted(sample):
+      chosen.setdefault(int(i), dict(path=pool_ids[i], seed=seed_ids[s], cluster=int(cluster[i]),
+                                     reason="sampled from a cluster nearest to seed"))
+  return [chosen[i] for i in sorted(chosen)]
+
+
+def run_retrieve(cfg, workdir: pathlib.Path, mesh) -> None:
+  if (workdir / "retrieved.jsonl").exists():
+    return
+  if cfg.retrieve.method not in ("knn", "clusters"):
+    raise UsageError(f"retrieve.method must be 'knn' or 'clusters', not {cfg.retrieve.method!r}")
+  if not (workdir / "kept.npy").exists():
+    raise UsageError(f"no deduplicated pool in {workdir}: run the dedup stage first")
+  pool, ids = load_embeddings(workdir, "pool")
+  kept = np.load(workdir / "kept.npy")
+  seeds, seed_ids = load_embeddings(workdir, "seeds")
+  if not len(seeds):
+    raise UsageError("the seed set has no (readable) images")
+  if not kept.any():
+    raise UsageError("no pool image is left after deduplication")
+  retrieval = knn_retrieval if cfg.retrieve.method == "knn" else cluster_retrieval
+  write_jsonl(workdir / "retrieved.jsonl",
+              retrieval(seeds, seed_ids, pool[kept], [i for i, k in zip(ids, kept) if k], cfg, mesh))
+
+
+# ---------------------------------------------------------------------------------------
+# manifest
+# ---------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    raise UsageError(f"{path} does not exist: run the earlier stages first")
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_manifest(cfg, workdir: pathlib.Path, mesh) -> None:
+  del mesh
+  retrieved = read_jsonl(workdir / "retrieved.jsonl")
+  dropped = read_jsonl(workdir / "dropped.jsonl")
+  _, seed_ids = load_embeddings(workdir, "seeds")
+  rows = [dict(path=i, source="seeds", reason="seed image") for i in seed_ids] if cfg.retrieve.include_seeds else []
+  rows += [dict(path=r["path"], source="pool", reason=f"{r['reason']} {r['seed']}"
+                + (f" (cosine {r['similarity']})" if "similarity" in r else f" (cluster {r['cluster']})"))
+           for r in retrieved]
+  unreadable = {name: len((workdir / "embeddings" / name / "unreadable.txt").read_text().splitlines())
+                for name in image_sets(cfg)}
+  pool_size = len((workdir / "embeddings" / "pool" / "index.txt").read_text().splitlines())
+  summary = dict(pool_images=pool_size, unreadable=unreadable,
+                 dropped_duplicates=sum(r["reason"] == "duplicate" for r in dropped),
+                 dropped_eval_copies={name: sum(r.get("eval_set") == name for r in dropped) for name in cfg.eval_sets},
+                 kept_after_dedup=pool_size - len(dropped), seed_images=len(seed_ids),
+                 retrieval=cfg.retrieve.method, retrieved=len(retrieved), manifest_images=len(rows),
+                 dedup_threshold=cfg.dedup.threshold, eval_threshold=cfg.dedup.eval_threshold)
+  write_jsonl(workdir / "manifest.jsonl", rows)
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    print(f"manifest: {workdir / 'manifest.jsonl'} ({len(rows)} images)")
+
+
+# ---------------------------------------------------------------------------------------
+# Demo and measurements.
+# ---------------------------------------------------------------------------------------
+
+
+def run_make_demo_pool(cfg, workdir: pathlib.Path, mesh) -> None:
+  del workdir, mesh
+  if not cfg.demo.out:
+    raise UsageError("config.demo.out must name the folder for the demo pool")
+  counts = demo.make_pool(cfg.demo.out, cfg.demo)
+  print(f"demo pool in {cfg.demo.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+def run_score_demo(cfg, workdir: pathlib.Path, mesh) -> None:
+  del mesh
+  test_set = cfg.eval_sets[next(iter(cfg.eval_sets))]
+  scores = demo.score(os.path.join(cfg.demo.out, "ground_truth.json"), str(workdir),
+                      lambda i: dataset_image_id(test_set, i))
+  (workdir / "scores.json").write_text(json.dumps(scores, indent=1))
+  for k, v in scores.items():
+    print(f"  {k:<38} {v:.4f}" if isinstance(v, float) else f"  {k:<38} {v}")
+
+
+def median_seconds(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def run_bench(cfg, workdir: pathlib.Path, mesh) -> None:
+  """Times the pool self-search (top-k, as dedup) and k-means Lloyd iterations on random
+  l2-normalized features of each size in bench.sizes; appends JSON lines to bench.jsonl."""
+  b = cfg.bench
+  workdir.mkdir(parents=True, exist_ok=True)
+  for n in b.sizes:
+    x = np.random.default_rng(0).normal(size=(n, b.dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    search.top_k_search(x[:cfg.search.block_size], x, cfg.dedup.k + 1, mesh, cfg.search.block_size)  # compile
+    search_s = median_seconds(lambda: search.top_k_search(x, x, cfg.dedup.k + 1, mesh, cfg.search.block_size),
+                              b.repeats)
+    kmeans_s = median_seconds(lambda: search.kmeans(x, b.num_clusters, b.iterations, 0, mesh,
+                                                    cfg.search.block_size), b.repeats)
+    row = dict(images=n, dim=b.dim, devices=mesh.size, block_size=cfg.search.block_size, k=cfg.dedup.k + 1,
+               search_s=round(search_s, 3), kmeans_clusters=b.num_clusters, kmeans_iterations=b.iterations,
+               kmeans_s=round(kmeans_s, 3), max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    print(json.dumps(row), flush=True)
+    with open(workdir / "bench.jsonl", "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+STAGES = dict(embed=run_embed, dedup=run_dedup, retrieve=run_retrieve, manifest=run_manifest,
+              make_demo_pool=run_make_demo_pool, score_demo=run_score_demo, bench=run_bench)
+
+# --config, --workdir and --distributed (with its settings) are the flags dino_jax.train defines.
+_STAGES = flags.DEFINE_list("stages", ["all"], f"Stages to run, in order: all (= {','.join(PIPELINE)}) or "
+                            f"any of {', '.join(STAGES)}.")
+
+
+def main(argv):
+  del argv
+  fl = flags.FLAGS
+  if not fl["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if fl.distributed:
+    jax.distributed.initialize(fl.coordinator_address, fl.num_processes, fl.process_id)
+  try:
+    if fl.workdir is None or fl.config is None:
+      raise UsageError("--config and --workdir are required")
+    stages = [s for name in _STAGES.value for s in (PIPELINE if name == "all" else [name])]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+      raise UsageError(f"unknown stage(s) {', '.join(unknown)}; stages: all, {', '.join(STAGES)}")
+    mesh = sharding.make_mesh()
+    for stage in stages:
+      t0 = time.time()
+      STAGES[stage](fl.config, pathlib.Path(fl.workdir), mesh)
+      if jax.process_index() == 0:
+        print(f"{stage}: done in {time.time() - t0:.1f} s", flush=True)
+  except (UsageError, OSError) as e:
+    fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=train.parse_flags)

@@ -1,0 +1,195 @@
+"""Curation (DINOv2 App. A): sharded search and k-means against numpy, duplicate groups, the
+pipeline on a tiny demo pool, the manifest source, and bad input."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import curate_fashion_mnist
+from dino_jax import curate
+from dino_jax import data
+from dino_jax import sharding
+from dino_jax import train
+from dino_jax.curation import search
+from dino_jax.errors import UsageError
+from tests.test_train import REPO, tiny
+
+
+def unit_rows(n, d, seed):
+  x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  m = sharding.make_mesh()
+  assert m.size == 8
+  return m
+
+
+@pytest.mark.parametrize("n,q,k,block", [(203, 37, 5, 8), (50, 9, 50, 4), (8, 3, 1, 1024), (5, 4, 3, 2)])
+def test_sharded_search_equals_exact_numpy_search(mesh, n, q, k, block):
+  database, queries = unit_rows(n, 16, 0), unit_rows(q, 16, 1)
+  sims, index = search.top_k_search(queries, database, k, mesh, block)
+  exact = queries @ database.T
+  order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+  np.testing.assert_array_equal(index, order)
+  np.testing.assert_allclose(sims, np.take_along_axis(exact, order, axis=1), atol=1e-6)
+
+
+def numpy_kmeans(x, init, iterations):
+  centroids = x[init]
+  for _ in range(iterations):
+    nearest = np.argmin(((x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    for c in range(len(centroids)):
+      if np.any(nearest == c):
+        centroids[c] = x[nearest == c].mean(0)
+  return centroids, np.argmin(((x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+
+
+def test_kmeans_equals_a_numpy_reference(mesh):
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(6, 8)) * 3
+  x = (centers[rng.integers(0, 6, 301)] + rng.normal(size=(301, 8))).astype(np.float32)
+  centroids, nearest = search.kmeans(x, 6, 7, seed=3, mesh=mesh, block_size=16)
+  init = np.sort(np.random.default_rng(3).choice(len(x), 6, replace=False))
+  ref_centroids, ref_nearest = numpy_kmeans(x.astype(np.float64), init, 7)
+  np.testing.assert_allclose(centroids, ref_centroids, atol=1e-4)
+  np.testing.assert_array_equal(nearest, ref_nearest)
+  queries = x[::37] + 0.1
+  clusters = search.nearest_clusters(queries, centroids, 2, mesh, 16)
+  distances = ((queries[:, None] - centroids[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(clusters, np.argsort(distances, axis=1)[:, :2])
+
+
+def test_duplicate_groups_are_connected_components():
+  # edges >= 0.9: 0-1, 1-2 (so 0-1-2 by transitivity), 4-5 (found from 5's side only); 3 alone.
+  index = np.array([[0, 1], [1, 2], [2, 1], [3, 0], [4, 3], [5, 4]])
+  sims = np.array([[1.0, 0.95], [1.0, 0.91], [1.0, 0.91], [1.0, 0.5], [1.0, 0.89], [1.0, 0.92]])
+  groups = search.duplicate_groups(sims, index, 0.9)
+  assert groups[0] == groups[1] == groups[2] and groups[4] == groups[5]
+  assert len({groups[0], groups[3], groups[4]}) == 3
+  np.testing.assert_array_equal(search.representatives(groups), [0, 0, 0, 3, 4, 4])
+
+
+@pytest.fixture(scope="module")
+def backbone_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("backbone")
+  train.train(tiny(steps=1), str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, backbone_run, mesh):
+  root = tmp_path_factory.mktemp("curate")
+  cfg = curate_fashion_mnist.get_config("tiny")
+  cfg.demo_dir = str(root / "pool")
+  cfg.backbone = backbone_run
+  out = root / "out"
+  for stage in ("make_demo_pool", *curate.PIPELINE, "score_demo"):
+    curate.STAGES[stage](cfg, out, mesh)
+  return cfg, out
+
+
+def test_pipeline_on_the_tiny_demo_pool(curated):
+  cfg, out = curated
+  truth = json.loads((pathlib.Path(cfg.demo_dir) / "ground_truth.json").read_text())
+  corrupt = {n for n, t in truth["pool"].items() if t["kind"] == "corrupt"}
+  unreadable = {pathlib.Path(p).name for p in (out / "embeddings/pool/unreadable.txt").read_text().split()}
+  assert unreadable == corrupt and len(corrupt) == 3  # skipped, counted, listed
+  assert len((out / "embeddings/pool/index.txt").read_text().split()) == len(truth["pool"]) - 3
+  scores = json.loads((out / "scores.json").read_text())
+  # Exact copies are at cosine 1: every dedup group holds them (and any other match >= 0.95).
+  dropped = [json.loads(line) for line in (out / "dropped.jsonl").read_text().splitlines()]
+  exact = {n: t for n, t in truth["pool"].items() if t.get("transform") == "exact"}
+  dropped_names = {pathlib.Path(r["path"]).name: r for r in dropped}
+  test_copies = [n for n, t in exact.items() if t["kind"] == "test_copy"]
+  assert test_copies and all(dropped_names[n]["reason"] == "eval_copy" for n in test_copies)
+  assert all(dropped_names[n]["matched"] == f"fashion_mnist_demo/test/{exact[n]['test_index']}" for n in test_copies)
+  assert scores["dedup_recall"] > 0 and 0 <= scores["dedup_precision"] <= 1
+  summary = json.loads((out / "summary.json").read_text())
+  manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+  assert summary["manifest_images"] == len(manifest) == summary["seed_images"] + summary["retrieved"]
+  assert summary["pool_images"] == len(truth["pool"]) - 3
+  assert {r["source"] for r in manifest} == {"seeds", "pool"} and all(r["reason"] for r in manifest)
+  pool_rows = [r for r in manifest if r["source"] == "pool"]
+  assert not {pathlib.Path(r["path"]).name for r in pool_rows} & set(dropped_names)  # retrieved from kept images
+
+
+def test_manifest_is_a_training_source(curated):
+  cfg, out = curated
+  spec = dict(source="manifest", path=str(out / "manifest.jsonl"), name="", data_dir="", image_size=20)
+  source = data.make_source(ml_collections.ConfigDict(spec), "train")
+  manifest = (out / "manifest.jsonl").read_text().splitlines()
+  assert len(source) == len(manifest) and source.num_classes is None
+  image, label = source.get(0)
+  assert image.shape == (20, 20, 3) and label == -1
+
+
+def test_cluster_retrieval_is_reproducible(curated, mesh, tmp_path):
+  cfg, out = curated
+  cfg = cfg.copy_and_resolve_references()
+  cfg.retrieve.method = "clusters"
+  for run in ("a", "b"):
+    (tmp_path / run).mkdir()
+    for name in ("embeddings", "kept.npy"):
+      (tmp_path / run / name).symlink_to(out / name)
+    curate.run_retrieve(cfg, tmp_path / run, mesh)
+  a, b = ((tmp_path / r / "retrieved.jsonl").read_text() for r in ("a", "b"))
+  assert a == b and len(a.splitlines()) > 0
+  assert all(json.loads(line)["reason"].startswith("sampled from a cluster") for line in a.splitlines())
+
+
+def test_embed_resumes_from_its_last_shard(curated, mesh):
+  cfg, out = curated
+  pool = out / "embeddings" / "pool"
+  before = curate.load_embeddings(out, "pool")
+  shard = pool / "shard_00001.npz"
+  shard.unlink()
+  (pool / "index.txt").unlink()
+  mtime = (pool / "shard_00000.npz").stat().st_mtime_ns
+  curate.run_embed(cfg, out, mesh)
+  after = curate.load_embeddings(out, "pool")
+  assert (pool / "shard_00000.npz").stat().st_mtime_ns == mtime  # kept, not recomputed
+  assert after[1] == before[1]
+  np.testing.assert_allclose(after[0], before[0], atol=1e-5)
+
+
+def test_bad_input_is_one_clear_error(curated, mesh, tmp_path):
+  cfg, out = curated
+  with pytest.raises(UsageError, match="must be in \\[-1, 1\\]"):
+    search.check_threshold("dedup.threshold", 1.5)
+  with pytest.raises(UsageError, match="empty"):
+    search.top_k_search(unit_rows(3, 4, 0), np.zeros((0, 4), np.float32), 2, mesh, 8)
+  empty = cfg.copy_and_resolve_references()
+  (tmp_path / "seeds_empty").mkdir()
+  empty.seeds.path, empty.seeds.split = str(tmp_path), "seeds_empty"
+  with pytest.raises(UsageError, match="has no images"):
+    curate.open_source(empty.seeds, 20)
+  (tmp_path / "work" / "embeddings" / "seeds").mkdir(parents=True)
+  (tmp_path / "work" / "embeddings" / "seeds" / "index.txt").write_text("")
+  (tmp_path / "work" / "kept.npy").symlink_to(out / "kept.npy")
+  (tmp_path / "work" / "embeddings" / "pool").symlink_to(out / "embeddings" / "pool")
+  with pytest.raises(UsageError, match="seed set has no"):
+    curate.run_retrieve(cfg, tmp_path / "work", mesh)
+
+
+def test_cli_threshold_outside_the_range(curated, tmp_path):
+  cfg, out = curated
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-m", "dino_jax.curate", "--config", "configs/curate_fashion_mnist.py:tiny",
+                         "--workdir", str(tmp_path), "--stages", "dedup", "--config.dedup.threshold=1.2"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == ["error: dedup.threshold 1.2 is a cosine similarity and must be in [-1, 1]"]
+
+
+def test_bench_stage_times_search_and_kmeans(mesh, tmp_path):
+  curate.run_bench(curate_fashion_mnist.get_config("tiny"), tmp_path, mesh)
+  row = json.loads((tmp_path / "bench.jsonl").read_text())
+  assert row["images"] == 256 and row["devices"] == 8 and row["search_s"] > 0 and row["kmeans_s"] > 0
