@@ -30,9 +30,9 @@ from dino_jax import checkpoints
 from dino_jax import config_checks
 from dino_jax import data
 from dino_jax import evaluators
+from dino_jax import learner
 from dino_jax import optim
 from dino_jax import sharding
-from dino_jax import learner
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
 
@@ -164,6 +164,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) -> dict:
   mesh = sharding.make_mesh(cfg)
+  config_checks.check(cfg, mesh.size)  # also for configs built in Python (main has checked the CLI's)
   train_src = data.make_source(cfg.data, cfg.data.train_split)
   evals = evaluators.make(cfg, mesh, labelled=bool(getattr(train_src, "num_classes", None)))
   steps_per_epoch = max(len(train_src) // cfg.batch_size, 1)

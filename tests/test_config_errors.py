@@ -11,6 +11,7 @@ from dino_jax import config_checks
 from dino_jax import convert
 from dino_jax import learner
 from dino_jax import sharding
+from dino_jax import train
 from dino_jax.errors import UsageError
 from tests.test_train import run_cli, tiny
 
@@ -139,3 +140,9 @@ def test_cli_refuses_with_one_line_before_any_work(tmp_path, args, message):
   assert proc.returncode == 2 and len(lines) == 1, err[-2000:]
   assert lines[0].startswith(message.format(workdir=workdir)), lines[0]
   assert not workdir.is_dir() or not any(workdir.iterdir())  # nothing written
+
+
+def test_train_called_from_python_checks_the_config_first(tmp_path):
+  """`train.train` with a config built in Python is refused like the command line's."""
+  with pytest.raises(UsageError, match="batch_size must be a positive integer"):
+    train.train(tiny(**{"batch_size": 0}), str(tmp_path / "run"))
