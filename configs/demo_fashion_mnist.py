@@ -31,7 +31,7 @@ def get_config(arg=None):
   config.epochs = 8.0
   config.optim.update(base_lr=1e-3, warmup_epochs=1.0, freeze_last_layer_epochs=1.0,
                       teacher_momentum=(0.99, 1.0))
-  config.evals.knn.every_epochs = 4.0
+  config.evals.knn.every_steps = 312  # every 4 epochs of the 10k demo images
   config.checkpoint.every_steps = 200
   config.log_every_steps = 20
 
