@@ -436,7 +436,7 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, out)
   elif out.endswith(".pth"):
     import torch  # pylint: disable=import-outside-toplevel
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, out)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, out)  # writable copies
   else:
     raise UsageError(f"--out {out!r}: export writes .pth or .safetensors")
   return {"state": state, "config": backbone.cfg, "step": backbone.step}
