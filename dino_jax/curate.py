@@ -32,7 +32,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import tqdm

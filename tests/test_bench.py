@@ -12,7 +12,6 @@ from configs import dino_vits16
 from configs import dinov2_vits14
 from dino_jax import bench
 from dino_jax import models
-from dino_jax import train
 from tests.test_train import REPO
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from dino_jax import models
-from dino_jax import sharding
 from dino_jax.models import layers, vit
 
 WIDTH, DEPTH, HEADS, PATCH, GRID = 32, 2, 2, 4, 4

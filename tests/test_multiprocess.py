@@ -14,7 +14,6 @@ import numpy as np
 from configs import dinov2_vits14
 from dino_jax import learner
 from dino_jax import sharding
-from dino_jax import train
 from tests.test_train import REPO, TRAIN_STEPS_PER_EPOCH, assert_trees_close, final_state, tiny
 
 STEPS = 4

@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 import pytest
 
