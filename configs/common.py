@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 1024  # global, over all devices and processes
   c.epochs = 100.0
+  c.epoch_length = 0  # steps per epoch of the schedules and evals; 0: len(training data) // batch_size
   c.log_every_steps = 50
   c.progress_bar = True
   c.on_nonfinite = "stop"  # or "skip": a step with non-finite loss/gradients is not applied
@@ -30,19 +31,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(source="tfds", name="imagenet2012", path="", data_dir="", image_size=256,
                 train_split="train", read_timeout_s=60.0)  # a longer image read stops the run (dino_jax.data)
   c.model = dict(vit("small", 16), name="vit", ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
-                 pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
+                 drop_path_uniform=False, pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
                  init_from="",  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
                  dtype="float32", remat="none", attention="xla")  # speed knobs: see models.ViT
-  c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, share_ibot_head=False)
+  c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, share_ibot_head=False,
+                norm_last_layer=True)  # False: a trainable weight-norm gain (models.DINOHead)
   c.aug = dict(global_size=224, local_size=96, num_local=8, global_scale=(0.4, 1.0),
                local_scale=(0.05, 0.4), jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1),
                grayscale_prob=0.2, blur_sigma=(0.1, 2.0), solarize_prob=0.2)
   c.mask = dict(mask_prob=0.5, mask_ratio=(0.1, 0.5))
   c.loss = dict(dino_weight=1.0, ibot_weight=0.0, koleo_weight=0.0, region_weight=0.0, student_temp=0.1,
-                teacher_temp=(0.04, 0.04), teacher_temp_warmup_epochs=0.0, centering="centering",
-                center_momentum=0.9)
-  c.optim = dict(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10.0, weight_decay=(0.04, 0.4),
-                 betas=(0.9, 0.999), clip_grad=3.0, layer_decay=1.0, patch_embed_lr_mult=1.0,
+                teacher_temp=(0.04, 0.04), teacher_temp_warmup_epochs=0.0,
+                teacher_temp_steps="per_epoch",  # DINO; DINOv2: "per_step" (optim.teacher_temp_schedule)
+                centering="centering", center_momentum=0.9)
+  # lr_scaling: "linear_256" (DINO) or "sqrt_1024" (DINOv2); clip_mode: "per_tensor" (DINO),
+  # "per_module" (DINOv2) or "global" (dino_jax.optim).
+  c.optim = dict(base_lr=5e-4, lr_scaling="linear_256", min_lr=1e-6, warmup_epochs=10.0, weight_decay=(0.04, 0.4),
+                 betas=(0.9, 0.999), clip_grad=3.0, clip_mode="per_tensor", layer_decay=1.0, patch_embed_lr_mult=1.0,
                  freeze_last_layer_epochs=1.0, teacher_momentum=(0.996, 1.0))
   # Evaluators by name (dino_jax.evaluators): every_steps N > 0 every N steps and at the end,
   # 0 at the end only, -1 never; baselines: also random init and raw pixels at the end.
@@ -67,6 +72,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   c.data.image_size = 20
   c.batch_size = 16
   c.epochs = 0.02
+  c.epoch_length = 0
   c.evals.knn.batch_size = 64
   c.evals.knn.linear_epochs = 10
   c.checkpoint.every_steps = 2
@@ -75,20 +81,24 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
 
 
 def dinov2_config(size: str) -> ml_collections.ConfigDict:
-  """DINOv2 recipe (Oquab et al. 2023, App. B/Table 16): iBOT + Sinkhorn-Knopp + KoLeo,
-  LayerScale, layer-wise lr decay, patch 14, 98 px local crops, global scale (0.32, 1)."""
+  """DINOv2 recipe (Oquab et al. 2023, App. B/Table 16; facebookresearch/dinov2
+  `ssl_default_config.yaml`): iBOT + Sinkhorn-Knopp + KoLeo, LayerScale, layer-wise lr decay,
+  patch 14, 98 px local crops, global scale (0.32, 1); lr `base_lr * sqrt(batch / 1024)`,
+  epochs of 1250 steps, clipping per module, uniform stochastic depth, a trainable gain in the
+  heads' weight-normalized last layers, teacher temperature warmed up per step."""
   c = base_config()
   c.model = dict(vit(size, 14), name="vit", ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
                  layerscale=1e-5, drop_path_rate={"small": 0.1, "base": 0.1}.get(size, 0.4),
-                 pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
+                 drop_path_uniform=True, pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
                  init_from="", dtype="float32", remat="none", attention="xla")
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=384 if size == "giant" else 256,
-                num_layers=3, share_ibot_head=False)
+                num_layers=3, share_ibot_head=False, norm_last_layer=False)
   c.aug.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), local_size=98)
   c.loss.update(ibot_weight=1.0, koleo_weight=0.1, teacher_temp=(0.04, 0.07),
-                teacher_temp_warmup_epochs=30.0, centering="sinkhorn")
-  c.optim.update(base_lr=2e-3 / 4, min_lr=1e-6, warmup_epochs=10.0, layer_decay=0.9,
-                 patch_embed_lr_mult=0.2, teacher_momentum=(0.994, 1.0), clip_grad=3.0)
+                teacher_temp_warmup_epochs=30.0, teacher_temp_steps="per_step", centering="sinkhorn")
+  c.optim.update(base_lr=0.004, lr_scaling="sqrt_1024", min_lr=1e-6, warmup_epochs=10.0, layer_decay=0.9,
+                 patch_embed_lr_mult=0.2, teacher_momentum=(0.994, 1.0), clip_grad=3.0, clip_mode="per_module")
+  c.epoch_length = 1250  # DINOv2's OFFICIAL_EPOCH_LENGTH, whatever the dataset size
   c.batch_size = 2048
   c.epochs = 100.0
   return c

@@ -20,6 +20,7 @@ from dino_jax import augment
 from dino_jax import evaluators
 from dino_jax import models
 from dino_jax import objectives
+from dino_jax import optim
 from dino_jax.errors import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -61,6 +62,10 @@ def _check_counts(cfg, num_devices: int) -> None:
               "model.patch_size"):
     _positive(cfg, key)
   _positive(cfg, "epochs", integer=False)
+  length = cfg.get("epoch_length", 0)
+  if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+    raise UsageError(f"epoch_length must be 0 (the training data's size / batch_size) or a positive number of "
+                     f"steps, not {length!r}")
   if cfg.batch_size % num_devices:
     raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {num_devices} devices")
   evaluators.check(cfg, num_devices)
@@ -69,6 +74,9 @@ def _check_counts(cfg, num_devices: int) -> None:
 def _check_choices(cfg) -> None:
   _one_of(cfg, "on_nonfinite", ("stop", "skip"))
   _one_of(cfg, "loss.centering", ("centering", "sinkhorn"))
+  _one_of(cfg, "loss.teacher_temp_steps", optim.TEACHER_TEMP_STEPS)
+  _one_of(cfg, "optim.lr_scaling", optim.LR_SCALING)
+  _one_of(cfg, "optim.clip_mode", optim.CLIP_MODES)
   _one_of(cfg, "model.remat", ("none", *models.REMAT_POLICIES))
   _one_of(cfg, "model.attention", ("xla", "cudnn"))
   _one_of(cfg, "model.dtype", DTYPES)

@@ -11,8 +11,10 @@ run directory (`config.json` + Orbax step 0 holding the teacher) that `dino_jax.
 `evaluate` and `pictures` read, and that `--config.model.init_from` starts training from.
 
 The position embedding stays at its trained grid; at other image sizes it is resized the way
-the original code does (`models.vit.resize_pos_embed`): official DINO/DINOv2 with offset 0.1,
-DINOv2 with registers and timm antialiased with offset 0. The CLS slot of the PyTorch position
+the original code does (`models.vit.resize_pos_embed`): `--pos_interpolation train` (offset 0.1,
+no antialias: the official training code, for DINO, DINOv2 and every training checkpoint) or
+`hub` (offset 0, antialiased: the released DINOv2 register backbones, and timm); `auto` picks
+hub for timm's layout and released register backbones, train otherwise. The CLS slot of the PyTorch position
 embedding is added into the CLS token (dino_jax's CLS token has no position embedding).
 
 Export writes the backbone in the official DINOv2 layout (DINO's for models without
@@ -93,7 +95,21 @@ ARCHS = {
 }
 
 # Position-embedding resize (offset, antialias) of each source: the original code's convention.
-INTERPOLATION = {"official": (0.1, False), "official_registers": (0.0, True), "timm": (0.0, True)}
+# Position-embedding resize conventions (offset, antialias): the official training code's
+# (`interpolate_offset` 0.1, no antialias: DINO, and DINOv2's training config for every model),
+# and the released DINOv2 register backbones' (torch hub: 0, antialias), also timm's.
+INTERPOLATION = {"train": (0.1, False), "hub": (0.0, True)}
+
+
+def interpolation_choice(choice: str, layout: str, arch: "Arch", training_checkpoint: bool) -> str:
+  """`--pos_interpolation` with `auto` resolved: `hub` for timm's layout and for a released
+  register backbone, `train` for everything else, including every training checkpoint
+  (the official training config uses offset 0.1 without antialias, registers or not)."""
+  if choice != "auto":
+    return choice
+  if layout == "timm" or (arch.num_registers and not training_checkpoint):
+    return "hub"
+  return "train"
 
 # ---------------------------------------------------------------------------------------
 # One table maps both ways: (flax path, torch key, torch->flax, flax->torch).
@@ -283,28 +299,35 @@ def to_torch(params: dict, arch: Arch | SwinArch) -> dict[str, np.ndarray]:
 def head_to_flax(state: dict[str, np.ndarray]) -> dict:
   """A DINO head (mlp.0/2/4 Linear + weight-normed last_layer) as flax `DINOHead` params.
 
-  dino_jax's last layer is weight-normalized with the gain fixed to 1 (DINO's
-  norm_last_layer=True); a head with learned gains is refused.
+  A last layer whose gains are all 1 (DINO's norm_last_layer=True) becomes a fixed-gain head;
+  learned gains (norm_last_layer=False, DINOv2's heads) become its `last_layer_gain`.
   """
   gain = state.get("last_layer.weight_g", state.get("last_layer.parametrizations.weight.original0"))
   direction = state.get("last_layer.weight_v", state.get("last_layer.parametrizations.weight.original1"))
   layers = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)))
   if gain is None or direction is None or layers != list(range(0, 2 * len(layers), 2)):
     raise UsageError(f"not a DINO head (mlp.0/2/4 + weight-normed last_layer): {', '.join(sorted(state))}")
-  if not np.allclose(gain, 1.0):
-    raise UsageError("the head's last layer has learned weight-norm gains (norm_last_layer=False); "
-                     "dino_jax fixes them to 1: convert the backbone only (--no_head)")
   flat = {}
   for j, layer in enumerate(layers):
     flat[f"mlp{j}/kernel"] = state[f"mlp.{layer}.weight"].T
     flat[f"mlp{j}/bias"] = state[f"mlp.{layer}.bias"]
   flat["last_layer"] = direction.T
+  if not np.array_equal(gain, np.ones_like(gain)):
+    flat["last_layer_gain"] = gain.reshape(1, -1)  # torch [K, 1]
   return _nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 # ---------------------------------------------------------------------------------------
 # Files and run directories.
 # ---------------------------------------------------------------------------------------
+
+
+def load_error_cause(error: Exception) -> str:
+  """One line of torch.load's multi-line message that keeps its cause (the unpickler's
+  complaint, e.g. which global it refused), not only the generic first line."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  cause = [line for line in lines if "error:" in line.lower() or "unsupported global" in line.lower()]
+  return " ".join(dict.fromkeys(cause[:1] + lines[:1] if cause else lines[:2])) or type(error).__name__
 
 
 def read_state_dict(path: str, key: Optional[str] = None) -> dict[str, np.ndarray]:
@@ -325,9 +348,12 @@ def read_state_dict(path: str, key: Optional[str] = None) -> dict[str, np.ndarra
   except ImportError:
     raise UsageError("reading .pth files needs PyTorch (pip install torch); .safetensors files do not") from None
   try:
-    obj = torch.load(file, map_location="cpu", weights_only=True)
+    # DINO's checkpoint.pth also holds its command line (`args`, an argparse.Namespace):
+    # exactly that type is allowed besides tensors and plain containers.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(file, map_location="cpu", weights_only=True)
   except Exception as e:  # pickle errors of all kinds: the file is refused, not executed
-    raise UsageError(f"{path}: not loadable with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    raise UsageError(f"{path}: not loadable with torch.load(weights_only=True): {load_error_cause(e)}") from None
   if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
     nested = [k for k in (key,) if k] or [k for k in ("teacher", "model", "state_dict") if k in obj]
     if not nested or nested[0] not in obj:
@@ -378,7 +404,8 @@ def run_config(arch: Arch | SwinArch, grid: Optional[int], interpolation: Option
                      interpolate_antialias=interpolation[1])
   if head is not None:
     cfg.head.update(out_dim=head["last_layer"].shape[1], hidden_dim=head["mlp0"]["kernel"].shape[1],
-                    bottleneck_dim=head["last_layer"].shape[0], num_layers=len(head) - 1)
+                    bottleneck_dim=head["last_layer"].shape[0],
+                    num_layers=sum(k.startswith("mlp") for k in head), norm_last_layer="last_layer_gain" not in head)
   cfg.aug.global_size, cfg.data.image_size = 224, 256  # the usual evaluation view
   return cfg
 
@@ -398,23 +425,26 @@ def write_run(out: str, cfg, teacher: dict) -> pathlib.Path:
 
 
 def import_file(path: str, arch_name: str, out: str, layout: str = "official", key: Optional[str] = None,
-                with_head: bool = True):
+                with_head: bool = True, pos_interpolation: str = "auto"):
   """`--from` conversion: PyTorch file -> dino_jax run directory; returns (the directory, the
   converted parts, the run's config)."""
   if arch_name not in ARCHS:
     raise UsageError(f"unknown --arch {arch_name!r}; one of: {', '.join(ARCHS)}")
   arch = ARCHS[arch_name]
-  parts = split_state_dict(read_state_dict(path, key))
+  state = read_state_dict(path, key)
+  training_checkpoint = any(k.removeprefix("module.").startswith("backbone.") for k in state)
+  parts = split_state_dict(state)
   teacher = {"backbone": to_flax(parts["backbone"], arch, layout)}
   if with_head:
     teacher |= {name: head_to_flax(parts[name]) for name in HEADS if parts[name]}
+    if any("last_layer_gain" in teacher[name] for name in HEADS if name in teacher):  # one setting for all heads
+      for name in HEADS:
+        if name in teacher:
+          teacher[name].setdefault("last_layer_gain", np.ones((1, teacher[name]["last_layer"].shape[1]), np.float32))
   if isinstance(arch, SwinArch):
     cfg = run_config(arch, None, None, teacher.get("head"))
     return write_run(out, cfg, teacher), sorted(teacher), cfg
-  if layout == "timm":
-    interpolation = INTERPOLATION["timm"]
-  else:
-    interpolation = INTERPOLATION["official_registers" if arch.num_registers else "official"]
+  interpolation = INTERPOLATION[interpolation_choice(pos_interpolation, layout, arch, training_checkpoint)]
   grid = teacher["backbone"]["pos_embed"].shape[1]
   cfg = run_config(arch, grid, interpolation, teacher.get("head"))
   return write_run(out, cfg, teacher), sorted(teacher), cfg
@@ -459,6 +489,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="Import: key layout and position-embedding resize convention of the file.")
   parser.add_argument("--key", help="Import: entry of a training checkpoint (default teacher/model/state_dict).")
   parser.add_argument("--no_head", action="store_true", help="Import: leave out the DINO/iBOT/region heads.")
+  parser.add_argument("--pos_interpolation", choices=["auto", "train", "hub"], default="auto",
+                      help="Import, ViTs: how the position embedding is resized at other sizes. train: offset 0.1, "
+                           "no antialias (the official training code; models trained with it, registers or not); "
+                           "hub: offset 0, antialias (the released DINOv2 register backbones, timm). auto: hub for "
+                           "timm's layout and released register backbones, train otherwise (training checkpoints "
+                           "included).")
   parser.add_argument("--step", type=int, help="Export: checkpoint step (default: the latest).")
   parser.add_argument("--student", action="store_true", help="Export: the student instead of the teacher.")
   args = parser.parse_args(argv)
@@ -472,7 +508,8 @@ def main(argv: list[str]):
   logging.set_verbosity(logging.WARNING)
   try:
     if args.source:
-      workdir, parts, cfg = import_file(args.source, args.arch, args.out, args.layout, args.key, not args.no_head)
+      workdir, parts, cfg = import_file(args.source, args.arch, args.out, args.layout, args.key, not args.no_head,
+                                         args.pos_interpolation)
       m = cfg.model
       if m.get("name", "vit") == "swin":
         print(f"{args.arch} ({args.layout} layout): {' + '.join(parts)} -> {workdir}")

@@ -33,7 +33,8 @@ def make_model(cfg: ml_collections.ConfigDict, batch_sharding=None) -> models.DI
   """The config's backbone with a DINO head, and the iBOT head (unless shared) and EsViT's
   region head when their objectives are on."""
   h = cfg.head
-  head = lambda: models.DINOHead(h.out_dim, h.hidden_dim, h.bottleneck_dim, h.num_layers)
+  head = lambda: models.DINOHead(h.out_dim, h.hidden_dim, h.bottleneck_dim, h.num_layers,
+                                 h.get("norm_last_layer", True))
   names = objectives.active(cfg)
   separate_ibot = "ibot" in names and not h.share_ibot_head
   return models.DINOModel(models.make_backbone(cfg.model, batch_sharding), head(),

@@ -1,10 +1,16 @@
 """Optimizer, schedules and the optax-style EMA used for the teacher and the centers.
 
-Schedules follow DINO (Caron et al. 2021, App. B) and DINOv2 (Oquab et al. 2023, App. B):
-lr = base_lr * batch / 256 with linear warmup then cosine decay; weight decay cosine
-0.04 -> 0.4; teacher momentum cosine 0.996 -> 1; teacher temperature linear warmup
-0.04 -> 0.07 then constant; DINOv2's layer-wise lr decay and patch-embed lr multiplier.
+Schedules follow the official code of DINO (Caron et al. 2021, App. B; `utils.cosine_scheduler`)
+and DINOv2 (Oquab et al. 2023, App. B; `CosineScheduler`), which share one formula: a linear
+warmup `np.linspace(start, peak, warmup)` (it reaches the peak at warmup - 1), then a cosine from
+the peak to the end value, then the end value. Peak lr: `base_lr * batch / 256` (DINO's linear
+rule) or `base_lr * sqrt(batch / 1024)` (DINOv2's `sqrt_wrt_1024`). Weight decay cosine
+0.04 -> 0.4; teacher momentum cosine 0.996 -> 1; teacher temperature warmed up linearly per
+epoch (DINO) or per step (DINOv2). Gradient clipping per parameter tensor (DINO), per module
+(DINOv2: backbone and each head) or on the global norm; DINOv2's layer-wise lr decay and
+patch-embed lr multiplier.
 """
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -12,33 +18,65 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+LR_SCALING = ("linear_256", "sqrt_1024")
+CLIP_MODES = ("per_tensor", "per_module", "global")
+TEACHER_TEMP_STEPS = ("per_step", "per_epoch")
+
+
+def warmup_cosine(start: float, peak: float, end: float, warmup: int, total: int) -> optax.Schedule:
+  """The official DINO / DINOv2 schedule as a function of the step: `np.linspace(start, peak,
+  warmup)` for the first `warmup` steps, then `end + (peak - end) * (1 + cos(pi * j / n)) / 2`
+  for j = 0 .. n - 1 with n = total - warmup, then `end`."""
+  n = max(total - warmup, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    ramp = start + (peak - start) * step / max(warmup - 1, 1)
+    j = jnp.clip(step - warmup, 0, n)
+    decay = end + 0.5 * (peak - end) * (1 + jnp.cos(jnp.pi * j / n))
+    return jnp.where(step < warmup, ramp, jnp.where(step >= total, end, decay))
+  return schedule
+
 
 def cosine(start: float, end: float, steps: int) -> optax.Schedule:
   """Half-cosine from `start` at step 0 to `end` at `steps`, constant afterwards."""
-  decay = optax.cosine_decay_schedule(1.0, max(steps, 1))  # 1 -> 0
-  return lambda step: end + (start - end) * decay(step)
-
-
-def linear_warmup(start: float, end: float, steps: int) -> optax.Schedule:
-  """Linear from `start` to `end` over `steps`, then `end` (at once when steps is 0)."""
-  return optax.linear_schedule(start, end, steps) if steps > 0 else optax.constant_schedule(end)
+  return warmup_cosine(start, start, end, 0, steps)
 
 
 def total_steps(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return int(round(cfg.epochs * steps_per_epoch))
 
 
+def peak_lr(cfg: ml_collections.ConfigDict) -> float:
+  """The lr after warmup: DINO's linear rule `base_lr * batch / 256` or DINOv2's
+  `base_lr * sqrt(batch / 1024)` (`optim.lr_scaling`)."""
+  o = cfg.optim
+  if o.lr_scaling == "sqrt_1024":
+    return o.base_lr * math.sqrt(cfg.batch_size / 1024)
+  return o.base_lr * cfg.batch_size / 256
+
+
+def teacher_temp_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Teacher temperature warmup `loss.teacher_temp` over `loss.teacher_temp_warmup_epochs`:
+  DINO's `np.linspace` over epochs, indexed by the epoch (`per_epoch`), or DINOv2's over
+  steps (`per_step`); the final temperature afterwards."""
+  (start, end), epochs = cfg.loss.teacher_temp, cfg.loss.teacher_temp_warmup_epochs
+  if cfg.loss.teacher_temp_steps == "per_epoch":
+    per_epoch = warmup_cosine(start, end, end, int(round(epochs)), int(round(epochs)))
+    return lambda step: per_epoch(jnp.asarray(step) // steps_per_epoch)
+  warmup = int(epochs * steps_per_epoch)
+  return warmup_cosine(start, end, end, warmup, warmup)
+
+
 def make_schedules(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, optax.Schedule]:
   """lr, weight decay, teacher momentum and teacher temperature as functions of the step."""
   total = total_steps(cfg, steps_per_epoch)
-  o, l = cfg.optim, cfg.loss
-  peak_lr = o.base_lr * cfg.batch_size / 256
-  warmup = int(o.warmup_epochs * steps_per_epoch)
+  o = cfg.optim
   return {
-      "lr": optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total, warmup + 1), o.min_lr),
+      "lr": warmup_cosine(0.0, peak_lr(cfg), o.min_lr, int(o.warmup_epochs * steps_per_epoch), total),
       "weight_decay": cosine(*o.weight_decay, total),
       "momentum": cosine(*o.teacher_momentum, total),
-      "teacher_temp": linear_warmup(*l.teacher_temp, int(l.teacher_temp_warmup_epochs * steps_per_epoch)),
+      "teacher_temp": teacher_temp_schedule(cfg, steps_per_epoch),
   }
 
 
@@ -71,29 +109,63 @@ class FreezeState(NamedTuple):
   count: jax.Array
 
 
+def is_last_layer(name: str) -> bool:
+  """A head's last layer: its direction and, when trainable, its gain (`models.DINOHead`)."""
+  return "last_layer" in name
+
+
 def freeze_last_layer(steps: int) -> optax.GradientTransformation:
   """Zeroes the updates of every head's last layer during the first `steps` steps (DINO)."""
   def update(updates, state, params=None):
     del params
     frozen = state.count < steps
     def maybe_zero(path, u):
-      return jnp.where(frozen, 0.0, u) if path_name(path).endswith("last_layer") else u
+      return jnp.where(frozen, 0.0, u) if is_last_layer(path_name(path)) else u
     return jax.tree_util.tree_map_with_path(maybe_zero, updates), FreezeState(state.count + 1)
   return optax.GradientTransformation(lambda params: FreezeState(jnp.zeros([], jnp.int32)), update)
 
 
+def clip_by_norm(grads, max_norm: float):
+  """torch's `clip_grad_norm_` on one group: scaled by max_norm / (norm + 1e-6) when that is < 1."""
+  coef = max_norm / (optax.tree.norm(grads) + 1e-6)
+  return jax.tree.map(lambda g: g * jnp.minimum(coef, 1.0).astype(g.dtype), grads)
+
+
+def clip_gradients(mode: str, max_norm: float) -> optax.GradientTransformation:
+  """Gradient clipping at `max_norm` (0: none): `per_tensor`, each parameter tensor on its own
+  (DINO's `utils.clip_gradients`); `per_module`, the backbone and each head as one group
+  (DINOv2: `clip_grad_norm_` on each of the student's modules); `global`, all together."""
+  if not max_norm:
+    return optax.identity()
+  if mode == "global":
+    return optax.clip_by_global_norm(max_norm)
+
+  def update(updates, state, params=None):
+    del params
+    if mode == "per_tensor":
+      return jax.tree.map(lambda g: clip_by_norm(g, max_norm), updates), state
+    return {module: clip_by_norm(g, max_norm) for module, g in updates.items()}, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def weight_decay_mask(params):
+  """True where weight decay applies: not biases, not 1-d parameters (norms, LayerScale).
+  DINO's rule (`utils.get_params_groups`); DINOv2's (no decay for biases, norms, LayerScale
+  gammas) picks the same parameters of these models (tests/test_recipes.py)."""
+  return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim > 1 and not path_name(path).endswith("bias"),
+                                          params)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict, steps_per_epoch: int,
                    backbone) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping, scheduled decoupled weight decay (not on biases and
-  norms), layer-wise lr decay over `backbone`'s layers and the last-layer freeze."""
+  """AdamW with gradient clipping (`optim.clip_mode`), scheduled decoupled weight decay
+  (`weight_decay_mask`), layer-wise lr decay over `backbone`'s layers and the last-layer freeze."""
   o = cfg.optim
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim > 1 and not path_name(path).endswith("bias"), params)
   multiplier = lambda name: layer_lr_multiplier(name, backbone, o.layer_decay, o.patch_embed_lr_mult)
   return optax.chain(
-      optax.clip_by_global_norm(o.clip_grad),
+      clip_gradients(o.clip_mode, o.clip_grad),
       optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1]),
-      optax.add_decayed_weights(schedules["weight_decay"], mask=decay_mask),
+      optax.add_decayed_weights(schedules["weight_decay"], mask=weight_decay_mask),
       scale_by_layer(multiplier),
       optax.scale_by_learning_rate(schedules["lr"]),
       freeze_last_layer(int(o.freeze_last_layer_epochs * steps_per_epoch)),

@@ -167,7 +167,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) 
   config_checks.check(cfg, mesh.size)  # also for configs built in Python (main has checked the CLI's)
   train_src = data.make_source(cfg.data, cfg.data.train_split)
   evals = evaluators.make(cfg, mesh, labelled=bool(getattr(train_src, "num_classes", None)))
-  steps_per_epoch = max(len(train_src) // cfg.batch_size, 1)
+  steps_per_epoch = cfg.get("epoch_length", 0) or max(len(train_src) // cfg.batch_size, 1)  # DINOv2: 1250
   total_steps = optim.total_steps(cfg, steps_per_epoch)
   eval_every = {name: eval_every_steps(name, e, steps_per_epoch) for name, e in cfg.evals.items()}
 

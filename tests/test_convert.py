@@ -3,6 +3,7 @@
 Needs the test extras (requirements-test.txt: torch, timm). Reference models are random
 initializations (no downloads); every parameter is perturbed so LayerScale and tokens matter.
 """
+import argparse
 import pathlib
 import subprocess
 import sys
@@ -271,15 +272,61 @@ def test_pickled_objects_are_refused_and_cli_errors_are_one_line(tmp_path):
   assert result.returncode == 2 and "invalid choice: 'vit_huge'" in result.stderr
 
 
-def test_learned_head_gain_is_refused(tmp_path):
+def dino_checkpoint(head: torch.nn.Module, backbone: torch.nn.Module) -> dict:
+  """What DINO's main_dino.py saves as checkpoint.pth: student, teacher (backbone. / head.
+  keys, the old weight_g / weight_v weight-norm names), optimizer, epoch, its command line
+  as an argparse.Namespace, and the loss's center."""
+  head_state = {k.replace("parametrizations.weight.original0", "weight_g")
+                 .replace("parametrizations.weight.original1", "weight_v"): v for k, v in head.state_dict().items()}
+  teacher = {"backbone." + k: v for k, v in backbone.state_dict().items()} | {"head." + k: v for k, v in head_state.items()}
+  args = argparse.Namespace(arch="vit_small", patch_size=16, norm_last_layer=False, lr=0.0005, epochs=100)
+  return {"student": {"module." + k: v.clone() for k, v in teacher.items()}, "teacher": teacher,
+          "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "weight_decay": 0.04}]}, "epoch": 100,
+          "args": args, "dino_loss": {"center": torch.zeros(1, 32)}}
+
+
+def test_dino_checkpoint_with_args_and_learned_head_gain(tmp_path):
+  """A real-format DINO checkpoint.pth (args inside) of a norm_last_layer=False run: backbone
+  and head with its learned gains convert, and the head computes what the PyTorch head does."""
   torch.manual_seed(0)
   head = perturbed(torch_reference.DINOHead(384, 32))  # gains = ||v|| + noise, not 1
-  backbone = {"backbone." + k: v for k, v in official_model("dino_vits16").state_dict().items()}
-  torch.save({"teacher": backbone | {"head." + k: v for k, v in head.state_dict().items()}}, tmp_path / "c.pth")
-  with pytest.raises(UsageError, match="learned weight-norm gains"):
-    convert.import_file(str(tmp_path / "c.pth"), "dino_vits16", str(tmp_path / "run"))
-  _, parts, _ = convert.import_file(str(tmp_path / "c.pth"), "dino_vits16", str(tmp_path / "run2"), with_head=False)
-  assert parts == ["backbone"]
+  backbone = official_model("dino_vits16")
+  torch.save(dino_checkpoint(head, backbone), tmp_path / "checkpoint.pth")
+  workdir, parts, cfg = convert.import_file(str(tmp_path / "checkpoint.pth"), "dino_vits16", str(tmp_path / "run"))
+  assert parts == ["backbone", "head"] and cfg.head.norm_last_layer is False
+  assert_forward_matches(workdir, backbone, 0, (64,))
+  head_params = checkpoints.restore_weights(str(workdir), ("head",))[0]["head"]
+  assert head_params["last_layer_gain"].shape == (1, 32)
+  x = np.random.default_rng(3).normal(size=(4, 384)).astype(np.float32)
+  ours = models.DINOHead(32, 64, 16, 3, norm_last_layer=False).apply({"params": head_params}, x)
+  with torch.no_grad():
+    ref = head(torch.from_numpy(x)).numpy()
+  assert relative_error(ours, ref) <= 1e-4
+  _, parts, _ = convert.import_file(str(tmp_path / "checkpoint.pth"), "dino_vits16", str(tmp_path / "run2"),
+                                    key="student")  # DDP's module. prefix undone
+  assert parts == ["backbone", "head"]
+
+
+def test_other_pickled_types_next_to_args_are_refused_with_their_cause(tmp_path):
+  torch.save({"teacher": {}, "args": argparse.Namespace(a=1), "hook": pathlib.PurePosixPath("x")}, tmp_path / "c.pth")
+  with pytest.raises(UsageError, match="Unsupported global.*PurePosixPath"):
+    convert.read_state_dict(str(tmp_path / "c.pth"))
+
+
+@pytest.mark.parametrize("training_checkpoint,choice,expected", [
+    (False, "auto", (0.0, True)),  # the released register backbone (hub)
+    (True, "auto", (0.1, False)),  # a training checkpoint: the training config's convention
+    (False, "train", (0.1, False)), (True, "hub", (0.0, True))])
+def test_register_models_resize_convention(training_checkpoint, choice, expected, tmp_path):
+  model = official_model("dinov2_vits14_reg")
+  torch.save({"teacher": {"backbone." + k: v for k, v in model.state_dict().items()}} if training_checkpoint
+             else model.state_dict(), tmp_path / "w.pth")
+  workdir, _, cfg = convert.import_file(str(tmp_path / "w.pth"), "dinov2_vits14_reg", str(tmp_path / "run"),
+                                        pos_interpolation=choice)
+  assert (cfg.model.interpolate_offset, cfg.model.interpolate_antialias) == expected
+  reference = torch_reference.OfficialViT(convert.ARCHS["dinov2_vits14_reg"], 4, *expected)
+  reference.load_state_dict(model.state_dict())
+  assert_forward_matches(workdir, reference.eval(), 4, (70,))  # 5x5 patches: resized from the 4x4 grid
 
 
 # ---------------------------------------------------------------------------------------

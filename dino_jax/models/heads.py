@@ -8,13 +8,17 @@ import jax.numpy as jnp
 class DINOHead(nn.Module):
   """MLP -> bottleneck -> l2-normalize -> weight-normalized linear to K prototypes.
 
-  The last layer is W = V / ||V|| column-wise (weight norm with the gain fixed to 1,
-  DINO's `norm_last_layer=True`), so logits are cosine similarities to prototypes.
+  The last layer is weight-normalized, W = g * V / ||V|| column-wise (Salimans & Kingma
+  2016). With `norm_last_layer` (DINO's default) the gain g is fixed to 1, so logits are cosine
+  similarities to prototypes; without it g is a trainable [1, K] parameter starting at 1
+  (DINO's `norm_last_layer=False`, recommended for ViT-S/16, and DINOv2's head), decayed and
+  frozen with the last layer as torch's `last_layer.weight_g`.
   """
   out_dim: int = 65536
   hidden_dim: int = 2048
   bottleneck_dim: int = 256
   num_layers: int = 3
+  norm_last_layer: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -25,6 +29,8 @@ class DINOHead(nn.Module):
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     v = self.param("last_layer", init, (self.bottleneck_dim, self.out_dim))
     w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+    if not self.norm_last_layer:
+      w = w * self.param("last_layer_gain", nn.initializers.ones, (1, self.out_dim))
     return x @ w
 
 

@@ -127,6 +127,7 @@ class ViT(nn.Module):
   num_registers: int = 0
   layerscale: Optional[float] = None
   drop_path_rate: float = 0.0
+  drop_path_uniform: bool = False  # every block at drop_path_rate (DINOv2) or rising linearly to it (DINO)
   pos_embed_grid: int = 14  # the grid the position embedding is stored at
   interpolate_offset: float = 0.1  # resize_pos_embed's conventions (DINO's and DINOv2's defaults)
   interpolate_antialias: bool = False
@@ -163,7 +164,8 @@ class ViT(nn.Module):
                          "patch": x[:, n_prefix:].reshape(b, *grid, self.width)}
     intermediate = []
     for i in range(self.depth):
-      rate = self.drop_path_rate * (i / max(self.depth - 1, 1))  # the last block: exactly the config rate
+      # DINO's torch.linspace(0, rate, depth), or DINOv2's drop_path_uniform.
+      rate = self.drop_path_rate * (1.0 if self.drop_path_uniform else i / max(self.depth - 1, 1))
       x = block(self.num_heads, self.mlp_dim, self.ffn, self.layerscale, rate, self.dtype, self.attention,
                 self.batch_sharding, name=f"block{i}")(x, deterministic)
       if i >= self.depth - layers:
@@ -177,7 +179,8 @@ class ViT(nn.Module):
   def from_config(cls, m: ml_collections.ConfigDict, batch_sharding=None) -> "ViT":
     return cls(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                mlp_dim=m.mlp_dim, ffn=m.ffn, num_registers=m.num_registers, layerscale=m.layerscale,
-               drop_path_rate=m.drop_path_rate, pos_embed_grid=m.pos_embed_grid,
+               drop_path_rate=m.drop_path_rate, drop_path_uniform=m.get("drop_path_uniform", False),
+               pos_embed_grid=m.pos_embed_grid,
                interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
                dtype=jnp.dtype(m.dtype), remat=m.remat, attention=m.attention, batch_sharding=batch_sharding)
 

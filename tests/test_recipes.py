@@ -1,0 +1,275 @@
+"""The published recipes' optimizer details against the official code's rules, each computed
+independently here: DINO's `utils.cosine_scheduler` / `clip_gradients` / `get_params_groups`
+and its per-epoch teacher temperature (facebookresearch/dino), DINOv2's `CosineScheduler`,
+`sqrt_wrt_1024` lr rule, `get_params_groups_with_decay` and per-module `clip_grad_norm_`
+(facebookresearch/dinov2)."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs import dino_vits16
+from configs import dinov2_vits14
+from dino_jax import convert
+from dino_jax import learner
+from dino_jax import optim
+from dino_jax import train
+from dino_jax.errors import UsageError
+from dino_jax.models import vit
+from tests.test_train import tiny
+
+
+def dino_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
+  """DINO's utils.cosine_scheduler (one value per iteration)."""
+  warmup = np.linspace(start_warmup_value, base, warmup_epochs * niter_per_ep) if warmup_epochs else np.array([])
+  iters = np.arange(epochs * niter_per_ep - len(warmup))
+  return np.concatenate([warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))])
+
+
+def dinov2_cosine_scheduler(base, final, total_iters, warmup_iters=0, start_warmup_value=0.0):
+  """DINOv2's CosineScheduler as a function of the iteration (final_value from total_iters on)."""
+  warmup = np.linspace(start_warmup_value, base, warmup_iters)
+  iters = np.arange(total_iters - warmup_iters)
+  schedule = np.concatenate([warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))])
+  return lambda it: final if it >= total_iters else schedule[it]
+
+
+def values(schedule, n):
+  return np.array(jax.vmap(schedule)(jnp.arange(n)))
+
+
+def test_dino_schedules_equal_the_official_formulas():
+  cfg = dino_vits16.get_config()
+  cfg.update(epochs=12.0, batch_size=512)
+  cfg.optim.warmup_epochs = 3.0
+  cfg.loss.update(teacher_temp=(0.04, 0.07), teacher_temp_warmup_epochs=5.0)
+  per_epoch, epochs = 7, 12
+  s = optim.make_schedules(cfg, per_epoch)
+  lr = dino_cosine_scheduler(cfg.optim.base_lr * 512 / 256., cfg.optim.min_lr, epochs, per_epoch, 3)
+  np.testing.assert_allclose(values(s["lr"], epochs * per_epoch), lr, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(values(s["weight_decay"], epochs * per_epoch),
+                             dino_cosine_scheduler(0.04, 0.4, epochs, per_epoch), rtol=1e-5)
+  np.testing.assert_allclose(values(s["momentum"], epochs * per_epoch),
+                             dino_cosine_scheduler(0.996, 1.0, epochs, per_epoch), rtol=1e-6)
+  # main_dino.DINOLoss: np.linspace(0.04, 0.07, 5) then 0.07, indexed by the epoch.
+  temps = np.concatenate([np.linspace(0.04, 0.07, 5), np.full(epochs - 5, 0.07)])
+  np.testing.assert_allclose(values(s["teacher_temp"], epochs * per_epoch), np.repeat(temps, per_epoch), rtol=1e-6)
+
+
+def test_dinov2_schedules_equal_the_official_formulas():
+  cfg = dinov2_vits14.get_config()
+  cfg.update(epochs=6.0, batch_size=2048)
+  cfg.optim.warmup_epochs = 2.0
+  cfg.loss.teacher_temp_warmup_epochs = 3.0
+  per_epoch = cfg.epoch_length
+  assert per_epoch == 1250  # OFFICIAL_EPOCH_LENGTH
+  total = 6 * per_epoch
+  s = optim.make_schedules(cfg, per_epoch)
+  base_lr = 0.004 * math.sqrt(2048 / 1024)  # apply_scaling_rules_to_cfg, sqrt_wrt_1024
+  official = {
+      "lr": dinov2_cosine_scheduler(base_lr, 1e-6, total, 2 * per_epoch),
+      "weight_decay": dinov2_cosine_scheduler(0.04, 0.4, total),
+      "momentum": dinov2_cosine_scheduler(0.994, 1.0, total),
+      "teacher_temp": dinov2_cosine_scheduler(0.07, 0.07, 3 * per_epoch, 3 * per_epoch, 0.04),
+  }
+  steps = np.arange(total + 10)
+  for name, ref in official.items():
+    np.testing.assert_allclose(values(s[name], len(steps)), [ref(i) for i in steps], rtol=2e-5, atol=1e-9,
+                               err_msg=name)
+
+
+def test_recipes_say_their_rules():
+  dino, dinov2 = dino_vits16.get_config(), dinov2_vits14.get_config()
+  assert (dino.optim.lr_scaling, dino.optim.clip_mode, dino.loss.teacher_temp_steps, dino.epoch_length,
+          dino.model.drop_path_uniform) == ("linear_256", "per_tensor", "per_epoch", 0, False)
+  assert (dinov2.optim.lr_scaling, dinov2.optim.clip_mode, dinov2.loss.teacher_temp_steps, dinov2.epoch_length,
+          dinov2.model.drop_path_uniform, dinov2.head.norm_last_layer) == (
+              "sqrt_1024", "per_module", "per_step", 1250, True, False)
+  assert optim.peak_lr(dinov2) == pytest.approx(0.004 * math.sqrt(dinov2.batch_size / 1024))
+  assert optim.peak_lr(dino) == pytest.approx(5e-4 * dino.batch_size / 256)
+
+
+# ---------------------------------------------------------------------------------------
+# Clipping against torch.
+# ---------------------------------------------------------------------------------------
+
+
+def random_grads():
+  rng = np.random.default_rng(0)
+  g = lambda scale, *shape: (scale * rng.normal(size=shape)).astype(np.float32)
+  return {"backbone": {"a": g(3.0, 5, 4), "b": g(0.01, 4), "c": g(1.0, 2, 3, 4)},
+          "head": {"mlp0": g(0.2, 6, 6), "last_layer": g(5.0, 6, 8)},
+          "ibot_head": {"last_layer": g(0.05, 6, 8)}}
+
+
+def torch_tensors(tree):
+  return {k: torch.from_numpy(np.array(v)) for k, v in
+          {optim.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}.items()}
+
+
+def clipped(mode, grads):
+  tx = optim.clip_gradients(mode, 3.0)
+  out, _ = tx.update(jax.tree.map(jnp.asarray, grads), tx.init(grads))
+  return {optim.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(out)}
+
+
+def test_per_tensor_clipping_is_dinos_clip_gradients():
+  grads = random_grads()
+  ref = torch_tensors(grads)
+  for g in ref.values():  # DINO utils.clip_gradients, on .grad tensors
+    clip_coef = 3.0 / (g.norm(2) + 1e-6)
+    if clip_coef < 1:
+      g.mul_(clip_coef)
+  ours = clipped("per_tensor", grads)
+  for name, g in ref.items():
+    np.testing.assert_allclose(ours[name], g.numpy(), rtol=1e-6, err_msg=name)
+  assert not np.allclose(ours["head/last_layer"], grads["head"]["last_layer"])  # was clipped
+  np.testing.assert_array_equal(ours["backbone/b"], grads["backbone"]["b"])  # was not
+
+
+@pytest.mark.parametrize("mode", ["per_module", "global"])
+def test_module_and_global_clipping_are_torch_clip_grad_norm(mode):
+  grads = random_grads()
+  ref = torch_tensors(grads)
+  groups = [[n for n in ref if n.startswith(m + "/")] for m in grads] if mode == "per_module" else [list(ref)]
+  for group in groups:  # DINOv2: clip_grad_norm_ on each of the student's modules
+    params = [torch.nn.Parameter(torch.zeros_like(ref[n])) for n in group]
+    for p, n in zip(params, group):
+      p.grad = ref[n].clone()
+    torch.nn.utils.clip_grad_norm_(params, 3.0)
+    for p, n in zip(params, group):
+      ref[n] = p.grad
+  ours = clipped(mode, grads)
+  for name, g in ref.items():
+    np.testing.assert_allclose(ours[name], g.numpy(), rtol=2e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter groups against the official rules, on the same architecture.
+# ---------------------------------------------------------------------------------------
+
+
+def torch_names(params, cfg) -> dict[str, tuple[str, tuple]]:
+  """flax path -> (the official module's parameter name, its torch shape), for the backbone
+  (DinoVisionTransformer names, via the converter's table) and the heads (DINOHead)."""
+  m = cfg.model
+  arch = convert.Arch(m.patch_size, m.width, m.depth, m.num_heads, m.mlp_dim, m.ffn, m.num_registers, m.layerscale)
+  state = convert.to_torch(jax.device_get(params["backbone"]), arch)
+  table = {f: t for f, t, _, _ in convert.backbone_table(arch, "official")}
+  table |= {k: k for k in ("pos_embed", "cls_token", "mask_token", "register_tokens")}
+  names = {}
+  for path, _ in jax.tree_util.tree_leaves_with_path(params["backbone"]):
+    flax = optim.path_name(path)
+    names[f"backbone/{flax}"] = (table[flax], tuple(state[table[flax]].shape))
+  for head in ("head", "ibot_head"):
+    for path, x in jax.tree_util.tree_leaves_with_path(params.get(head, {})):
+      flax = optim.path_name(path)
+      if flax.startswith("mlp"):
+        layer, kind = flax.split("/")
+        name = f"mlp.{2 * int(layer[3:])}.{'weight' if kind == 'kernel' else 'bias'}"
+        shape = x.shape[::-1]
+      else:
+        name = {"last_layer": "last_layer.weight_v", "last_layer_gain": "last_layer.weight_g"}[flax]
+        shape = x.shape[::-1]  # [K, bottleneck] and [K, 1]
+      names[f"{head}/{flax}"] = (f"{head}:{name}", shape)
+  return names
+
+
+def dinov2_lr_decay_rate(name: str, rate: float, num_layers: int) -> float:
+  """dinov2.utils.param_groups.get_vit_lr_decay_rate for a backbone parameter (force_is_backbone)."""
+  layer_id = num_layers + 1
+  if any(k in name for k in ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")):
+    layer_id = 0
+  elif "blocks." in name and "residual." not in name:
+    layer_id = int(name[name.find("blocks."):].split(".")[1]) + 1
+  return rate ** (num_layers + 1 - layer_id)
+
+
+def test_lr_and_weight_decay_multipliers_follow_the_official_parameter_groups():
+  cfg = dinov2_vits14.get_config("tiny")
+  cfg.model.update(num_registers=2, depth=3)
+  cfg.optim.update(layer_decay=0.8, patch_embed_lr_mult=0.2)
+  trainer_model = learner.make_model(cfg)
+  params = learner.init_state(cfg, trainer_model, optim.make_optimizer(
+      cfg, optim.make_schedules(cfg, 10), 10, trainer_model.backbone))["params"]
+  decay = {optim.path_name(p): bool(d) for p, d in jax.tree_util.tree_leaves_with_path(optim.weight_decay_mask(params))}
+  names = torch_names(params, cfg)
+  assert "head/last_layer_gain" in names and "backbone/register_tokens" in names and "backbone/mask_token" in names
+  for flax, (name, shape) in names.items():
+    module, _, torch_name = name.rpartition(":")
+    lr = optim.layer_lr_multiplier(flax, trainer_model.backbone, 0.8, 0.2)
+    if module:  # a head: get_vit_lr_decay_rate with n_blocks = 0 -> 1
+      expected_lr = 1.0
+    else:
+      expected_lr = dinov2_lr_decay_rate(torch_name, 0.8, cfg.model.depth)
+      expected_lr *= 0.2 if "patch_embed" in torch_name else 1.0
+    assert lr == pytest.approx(expected_lr, rel=1e-12), flax
+    dinov2_wd = not (torch_name.endswith(".bias") or "norm" in torch_name or "gamma" in torch_name)
+    dino_wd = not (torch_name.endswith(".bias") or len(shape) == 1)  # utils.get_params_groups
+    assert decay[flax] == dinov2_wd == dino_wd, (flax, torch_name, shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Stochastic depth, the trainable gain, the epoch length.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_stochastic_depth_uniform_or_linear(uniform):
+  """DINOv2's drop_path_uniform drops every block's residual at the rate; DINO's rises
+  linearly (torch.linspace(0, rate, depth)): measured as the share of dropped residuals."""
+  cfg = dinov2_vits14.get_config("tiny")
+  cfg.model.update(depth=3, drop_path_rate=0.5, drop_path_uniform=uniform)
+  module = vit.ViT.from_config(cfg.model)
+  x = jnp.zeros((4096, 4, 4, 3))
+  seen = []
+
+  def record(mdl, inputs, kwargs, out):
+    del mdl, kwargs
+    seen.append(float(jnp.mean(jnp.all(out == inputs[0], axis=(1, 2)))))  # residual dropped: x unchanged
+    return out
+  params = module.init(jax.random.PRNGKey(0), x[:1])["params"]
+  params = jax.tree.map(lambda p: p + 0.1, params)  # every branch non-zero
+  with nn.intercept_methods(lambda f, args, kwargs, ctx: record(ctx.module, args, kwargs, f(*args, **kwargs))
+                            if isinstance(ctx.module, vit.Block) and ctx.method_name == "__call__" else
+                            f(*args, **kwargs)):
+    module.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+  expected = [0.25] * 3 if uniform else [0.0, 0.0625, 0.25]  # both branches dropped: rate ** 2
+  np.testing.assert_allclose(seen, expected, atol=0.03)
+
+
+def test_trainable_gain_is_frozen_with_the_last_layer_then_learns():
+  cfg = dino_vits16.get_config("tiny")
+  cfg.head.norm_last_layer = False
+  model = learner.make_model(cfg)
+  tx = optim.make_optimizer(cfg, optim.make_schedules(cfg, 10), 10, model.backbone)
+  state = learner.init_state(cfg, model, tx)
+  gain = state["params"]["head"]["last_layer_gain"]
+  np.testing.assert_array_equal(gain, 1.0)
+  grads = jax.tree.map(jnp.ones_like, state["params"])
+  opt_state, params = state["opt_state"], state["params"]
+  history = []
+  for _ in range(int(cfg.optim.freeze_last_layer_epochs * 10) + 2):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    history.append(np.asarray(params["head"]["last_layer_gain"]).copy())
+  frozen = int(cfg.optim.freeze_last_layer_epochs * 10)
+  np.testing.assert_array_equal(history[frozen - 1], 1.0)
+  assert np.all(history[-1] < 1.0)  # moves (down the all-ones gradient) once unfrozen
+
+
+def test_epoch_length_sets_the_schedule_and_bad_values_are_one_error(tmp_path):
+  cfg = tiny(dinov2_vits14, steps=3)
+  cfg.update(epoch_length=3, epochs=1.0)  # 1 epoch = 3 steps, whatever the data's size
+  out = train.train(cfg, str(tmp_path / "run"))
+  assert int(out["state"]["step"]) == 3
+  cfg.epoch_length = -1
+  with pytest.raises(UsageError, match="epoch_length must be 0"):
+    train.train(cfg, str(tmp_path / "bad"))
+  cfg.epoch_length, cfg.optim.clip_mode = 0, "per_layer"
+  with pytest.raises(UsageError, match="optim.clip_mode must be one of per_tensor, per_module, global"):
+    train.train(cfg, str(tmp_path / "bad2"))
