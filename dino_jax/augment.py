@@ -1,13 +1,14 @@
-"""DINO multi-crop augmentation as pure JAX functions (run on device, jitted, sharded).
+"""DINO multi-crop augmentation's photometric ops as pure JAX functions (on device, jitted, sharded).
 
-Caron et al. 2021, Sec. 3.1 and App. A: two global crops and N local crops, each with
-random resized crop, horizontal flip, color jitter (p=0.8; brightness 0.4, contrast 0.4,
-saturation 0.2, hue 0.1), grayscale (p=0.2), gaussian blur (p=1.0 / 0.1 on the two global
-crops, 0.5 on locals; sigma in [0.1, 2]) and solarization (p=0.2, second global crop).
+Caron et al. 2021, Sec. 3.1 and App. A: two global crops and N local crops (random resized
+crop and horizontal flip: on the host, `dino_jax.crops`), each then with color jitter (p=0.8;
+brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), grayscale (p=0.2), gaussian blur
+(p=1.0 / 0.1 on the two global crops, 0.5 on locals; sigma in [0.1, 2]) and solarization
+(p=0.2, second global crop): `multicrop`.
 
 Differences from torchvision, on purpose: jitter ops run in a fixed order (not a random
-permutation), and crops are taken from the fixed-size source image the host provides.
-Every random choice comes from one key, so a step's views are reproducible.
+permutation). Every random choice comes from one key, so a step's views are reproducible.
+`random_resized_crop` is a device-side crop for evaluation-time augmentation.
 """
 import dataclasses
 
@@ -22,8 +23,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 @dataclasses.dataclass(frozen=True)
 class ViewSpec:
-  size: int
-  scale: tuple[float, float]
   blur_prob: float
   solarize_prob: float
 
@@ -112,48 +111,40 @@ def solarize(image, threshold=0.5):
 
 
 def augment_view(key, image, spec: ViewSpec, cfg: ml_collections.ConfigDict):
-  """One DINO view of a float [H, W, 3] image in [0, 1], normalized with ImageNet stats."""
-  keys = jax.random.split(key, 9)
-  x = random_resized_crop(keys[0], image, spec.size, tuple(spec.scale))
-  x = jnp.where(jax.random.bernoulli(keys[1], 0.5), x[:, ::-1], x)
-  x = jnp.where(jax.random.bernoulli(keys[2], cfg.jitter_prob),
-                color_jitter(keys[3], x, *cfg.jitter), x)
-  x = jnp.where(jax.random.bernoulli(keys[4], cfg.grayscale_prob), grayscale(x), x)
+  """The photometric ops of one DINO view, a float [H, W, 3] crop in [0, 1]; normalized with
+  ImageNet statistics."""
+  keys = jax.random.split(key, 7)
+  x = jnp.where(jax.random.bernoulli(keys[0], cfg.jitter_prob), color_jitter(keys[1], image, *cfg.jitter), image)
+  x = jnp.where(jax.random.bernoulli(keys[2], cfg.grayscale_prob), grayscale(x), x)
   if spec.blur_prob > 0:
-    x = jnp.where(jax.random.bernoulli(keys[5], spec.blur_prob),
-                  gaussian_blur(keys[6], x, tuple(cfg.blur_sigma)), x)
+    x = jnp.where(jax.random.bernoulli(keys[3], spec.blur_prob), gaussian_blur(keys[4], x, tuple(cfg.blur_sigma)), x)
   if spec.solarize_prob > 0:
-    x = jnp.where(jax.random.bernoulli(keys[7], spec.solarize_prob), solarize(x), x)
+    x = jnp.where(jax.random.bernoulli(keys[5], spec.solarize_prob), solarize(x), x)
   return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def view_specs(cfg: ml_collections.ConfigDict):
   """The (global, local) view specs of the DINO recipe from the `aug` config."""
-  g, l = cfg.global_size, cfg.local_size
-  globals_ = [ViewSpec(g, tuple(cfg.global_scale), 1.0, 0.0),
-              ViewSpec(g, tuple(cfg.global_scale), 0.1, cfg.solarize_prob)]
-  locals_ = [ViewSpec(l, tuple(cfg.local_scale), 0.5, 0.0)] * cfg.num_local
-  return globals_, locals_
+  globals_ = [ViewSpec(1.0, 0.0), ViewSpec(0.1, cfg.solarize_prob)]
+  return globals_, [ViewSpec(0.5, 0.0)] * cfg.num_local
 
 
-def multicrop(key, images, cfg: ml_collections.ConfigDict):
-  """Global and local views of a uint8 [B, H, W, 3] batch.
-
-  Returns:
-    dict with "global" [B, 2, G, G, 3] and "local" [B, N, L, L, 3] float32 views.
-  """
-  images = images.astype(jnp.float32) / 255.0
+def multicrop(key, crops: dict, cfg: ml_collections.ConfigDict):
+  """DINO views of a step's host-made crops (`dino_jax.crops`): "global" uint8 [B, 2, G, G, 3]
+  and, with local crops, "local" [B, N, L, L, 3] -> the same float32 views, augmented and
+  normalized."""
   globals_, locals_ = view_specs(cfg)
-  keys = jax.random.split(key, (images.shape[0], len(globals_) + len(locals_)))
+  keys = jax.random.split(key, (crops["global"].shape[0], len(globals_) + len(locals_)))
 
-  def views(specs, offset):
-    per_view = [jax.vmap(lambda k, im, s=s: augment_view(k, im, s, cfg))(keys[:, offset + i], images)
+  def views(images, specs, offset):
+    images = images.astype(jnp.float32) / 255.0
+    per_view = [jax.vmap(lambda k, im, s=s: augment_view(k, im, s, cfg))(keys[:, offset + i], images[:, i])
                 for i, s in enumerate(specs)]
     return jnp.stack(per_view, axis=1)
 
-  out = {"global": views(globals_, 0)}
+  out = {"global": views(crops["global"], globals_, 0)}
   if locals_:
-    out["local"] = views(locals_, len(globals_))
+    out["local"] = views(crops["local"], locals_, len(globals_))
   return out
 
 
@@ -162,9 +153,16 @@ def normalize(images):
   return (images.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
+EVAL_RESIZE = 256 / 224  # DINO / DINOv2 evaluation: shorter side 256, center crop 224
+
+
 def preprocess_eval(images, size: int):
-  """Evaluation view: uint8 [B, S, S, 3] resized to size² and normalized (no randomness)."""
+  """Evaluation view of uint8 [B, S, S, 3] (`data.to_square_rgb`: the shorter side resized to
+  S, center crop): resized to round(size * 256 / 224) (nothing to do for S = 256, size = 224),
+  then the center size² crop, normalized; no randomness."""
   x = images.astype(jnp.float32)
-  if x.shape[1:3] != (size, size):
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), method="linear", antialias=True)
-  return normalize(x)
+  resized = round(size * EVAL_RESIZE)
+  if x.shape[1:3] != (resized, resized):
+    x = jax.image.resize(x, (x.shape[0], resized, resized, 3), method="linear", antialias=True)
+  top = (resized - size) // 2
+  return normalize(x[:, top:top + size, top:top + size])

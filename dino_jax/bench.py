@@ -8,7 +8,20 @@ with block_until_ready after each. Prints the median of `--steps` steps after `-
 images/s, compile time, achieved TFLOP/s and MFU (from `train_step_flops` and the device's
 peak, `--peak_tflops` or the table below), and peak device memory, and appends one JSON line
 to `--json`. Input decoding on the host is not timed (the trainer prefetches it in a thread).
+
+  python -m dino_jax.bench --config configs/dino_vits16.py --loader [--loader_images N] [--loader_workers W]
+
+times the host side instead: decoding and cutting the config's crops (`data.read_views`: 2
+global + N local random-resized crops from the full image, JPEG reduced-size decoding) with W
+threads, on the training data when `data.source` is `folder`, else on N generated 500x375
+JPEGs of real images (the bundled Fashion-MNIST ones, upsampled and tiled; about an average
+ImageNet photo's size). Prints images/s and images/s per core (the threads share
+min(W, cores) cores).
 """
+import concurrent.futures
+import os
+import pathlib
+import tempfile
 import json
 import statistics
 import time
@@ -20,6 +33,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from dino_jax import crops
+from dino_jax import data
 from dino_jax import learner
 from dino_jax import models
 from dino_jax import objectives
@@ -71,19 +86,21 @@ def peak_memory_bytes() -> int | None:
 
 
 def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflops: float | None) -> dict:
-  """Compiles, warms up and times `steps` train steps on random images; returns the figures."""
+  """Compiles, warms up and times `steps` train steps on random crops; returns the figures."""
   mesh = sharding.make_mesh(cfg)
   trainer = learner.build(cfg, mesh, steps_per_epoch=1000)
-  size = cfg.data.image_size
-  images = np.random.default_rng(0).integers(0, 256, (cfg.batch_size, size, size, 3), np.uint8)
-  images = jax.device_put(images, trainer.batch_sharding)
+  rng, a = np.random.default_rng(0), cfg.aug
+  crops = {"global": rng.integers(0, 256, (cfg.batch_size, 2, a.global_size, a.global_size, 3), np.uint8)}
+  if a.num_local:
+    crops["local"] = rng.integers(0, 256, (cfg.batch_size, a.num_local, a.local_size, a.local_size, 3), np.uint8)
+  crops = jax.device_put(crops, trainer.batch_sharding)
   key = learner.augmentation_key(cfg)
   masks = None
   if trainer.step_masks:
     masks = jax.device_put(trainer.step_masks(0), trainer.batch_sharding)
 
   def batch_of(step):
-    batch = dict(trainer.make_views(key, step, images))
+    batch = dict(trainer.make_views(key, step, crops))
     return batch | ({"masks": masks} if masks is not None else {})
 
   start = time.perf_counter()
@@ -115,11 +132,53 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
   }
 
 
+def photo_jpegs(folder: pathlib.Path, count: int) -> None:
+  """`count` 500x375 JPEG photos (quality 90) made of bundled Fashion-MNIST images: 4x3 tiles
+  of 125 px upsampled 28 px images, each tile tinted, so they compress like real content."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with np.load(data.DEMO_FILE, allow_pickle=False) as d:
+    images = d["train_images"]
+  rng = np.random.default_rng(0)
+  for i in range(count):
+    tiles = [np.asarray(Image.fromarray(images[j]).resize((125, 125), Image.BICUBIC))
+             for j in rng.integers(0, len(images), 12)]
+    gray = np.vstack([np.hstack(tiles[r * 4:(r + 1) * 4]) for r in range(3)]).astype(np.float32)
+    tint = rng.uniform(0.4, 1.0, 3)
+    rgb = np.clip(gray[..., None] * tint + rng.uniform(0, 60, 3), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def loader_benchmark(cfg: ml_collections.ConfigDict, images: int, workers: int, repeats: int = 3) -> dict:
+  """Host-side decode + crop throughput of the config's crops (`data.read_views`)."""
+  specs = crops.crop_specs(cfg.aug)
+  with tempfile.TemporaryDirectory() as tmp:
+    if cfg.data.source == "folder":
+      source, what = data.make_source(cfg.data, cfg.data.train_split), f"folder {cfg.data.path}"
+    else:
+      photo_jpegs(pathlib.Path(tmp), images)
+      source, what = data.FolderSource(tmp, cfg.data.image_size), f"{images} generated 500x375 JPEGs"
+    count = min(images, len(source))
+    times = []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for r in range(repeats + 1):  # the first pass warms the file cache and the threads
+        start = time.perf_counter()
+        data.read_views(source, np.arange(count), np.arange(count), r, cfg.seed, specs, pool)
+        times.append(time.perf_counter() - start)
+  seconds = statistics.median(times[1:])
+  cores = min(workers, os.cpu_count() or 1)
+  return {"loader": what, "images": count, "workers": workers, "cores_used": cores,
+          "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
+          "images_per_s": count / seconds, "images_per_s_per_core": count / seconds / cores}
+
+
 # --config (with --config.key=value overrides) is the flag dino_jax.train defines.
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for the MFU (default: table).")
 _JSON = flags.DEFINE_string("json", "", "Append the result as a JSON line to this file.")
+_LOADER = flags.DEFINE_bool("loader", False, "Time the host's decode + crops instead of the train step.")
+_LOADER_IMAGES = flags.DEFINE_integer("loader_images", 256, "Images per timed pass of --loader.")
+_LOADER_WORKERS = flags.DEFINE_integer("loader_workers", 0, "Threads of --loader (0: the config's data.workers).")
 
 
 def main(argv):
@@ -130,6 +189,16 @@ def main(argv):
       raise UsageError("--config is required")
     if _STEPS.value < 1 or _WARMUP.value < 0:
       raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if _LOADER.value:
+      if _LOADER_IMAGES.value < 1 or _LOADER_WORKERS.value < 0:
+        raise UsageError("--loader_images must be >= 1 and --loader_workers >= 0")
+      cfg = flags.FLAGS.config
+      result = loader_benchmark(cfg, _LOADER_IMAGES.value, _LOADER_WORKERS.value or cfg.data.get("workers", 8))
+      print(f"{result['loader']}, crops {result['crops']}: {result['images_per_s']:.1f} images/s with "
+            f"{result['workers']} threads on {result['cores_used']} cores = {result['images_per_s_per_core']:.1f} "
+            "images/s per core")
+      print(json.dumps(result))
+      return
     result = benchmark(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value)
   except UsageError as e:
     fail(str(e))

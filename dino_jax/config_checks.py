@@ -148,18 +148,21 @@ def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
 def size_warnings(cfg: ml_collections.ConfigDict, overridden=()) -> list[str]:
   """Image and crop sizes that look unintended, one line each. `overridden`: the config keys
-  set on the command line (changing data.image_size alone leaves the crops as they were)."""
+  set on the command line (changing data.image_size alone leaves the crops as they were).
+  Training crops come from the full image; data.image_size is the square evaluations decode to
+  (their view: resized to global_size * 256 / 224, center crop)."""
   image, glob, local = cfg.data.image_size, cfg.aug.global_size, cfg.aug.local_size
   out = []
   if "data.image_size" in overridden and not {"aug.global_size", "aug.local_size"} & set(overridden):
     out.append(f"data.image_size={image} is set without aug.global_size / aug.local_size: training still takes "
-               f"{glob} px global and {local} px local crops; to train at another size set those too "
-               "(multiples of model.patch_size) and model.pos_embed_grid")
+               f"{glob} px global and {local} px local crops (data.image_size is the square evaluations decode "
+               "to); to train at another size set those too (multiples of model.patch_size) and "
+               "model.pos_embed_grid")
   if image < glob:
-    out.append(f"data.image_size {image} is smaller than aug.global_size {glob}: every global crop is upsampled")
+    out.append(f"data.image_size {image} is smaller than aug.global_size {glob}: every evaluation view is upsampled")
   elif 2 * glob < image:
-    out.append(f"aug.global_size {glob} is less than half of data.image_size {image}: global crops throw most of "
-               "the image's resolution away")
+    out.append(f"aug.global_size {glob} is less than half of data.image_size {image}: evaluation views throw most "
+               "of the decoded resolution away")
   m = cfg.model
   if m.get("name", "vit") == "vit" and not m.get("init_from") and glob // m.patch_size != m.pos_embed_grid:
     out.append(f"model.pos_embed_grid {m.pos_embed_grid} is not the global crops' grid {glob // m.patch_size} "

@@ -1,10 +1,12 @@
 """Image sources (bundled demo, TFDS, image folder) and a deterministic, resumable loader.
 
 A source maps an index to a uint8 [S, S, 3] image (resized shorter side to S, center
-cropped) and an integer label. The loader's batch for step `s` depends only on
-(seed, s): global sample positions s*B ... (s+1)*B-1 walk through one seeded permutation
-per epoch, so resuming at step s needs nothing but s. Each process reads its own
-contiguous slice of the global batch.
+cropped: what evaluations and feature extraction see) and an integer label; `get(index,
+finish)` hands the opened original image to `finish` instead (training cuts its crops from
+it, `crops.views`). The loader's batch for step `s` depends only on (seed, s): global sample
+positions s*B ... (s+1)*B-1 walk through one seeded permutation per epoch, and each image's
+crops are drawn from (seed, s, position), so resuming at step s needs nothing but s. Each
+process reads its own contiguous slice of the global batch.
 """
 import atexit
 import concurrent.futures
@@ -21,6 +23,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from dino_jax import crops
 from dino_jax.errors import UsageError
 
 DEMO_FILE = pathlib.Path(__file__).parent / "demo_data" / "fashion_mnist_12k.npz"
@@ -31,7 +34,7 @@ READER_THREADS = 32  # threads that read image files, shared by every source and
 RESIZE_REDUCING_GAP = 3.0  # Pillow's reducing_gap: box-reduce first when shrinking by 3x or more
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
   """RGB of any PIL mode: 16/32-bit and float grayscale rescaled to 8 bits, transparency
   composited on white, CMYK/palette/grayscale converted."""
   if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -44,12 +47,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
 
+def as_pil(image: np.ndarray | Image.Image) -> Image.Image:
+  if isinstance(image, Image.Image):
+    return image
+  image = np.asarray(image)
+  return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+
+
 def to_square_rgb(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
   """Any image -> uint8 [size, size, 3]: RGB, shorter side resized to size, center crop."""
-  if not isinstance(image, Image.Image):
-    image = np.asarray(image)
-    image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
-  image = _to_rgb(image)
+  image = to_rgb(as_pil(image))
   w, h = image.size
   s = size / min(w, h)
   nw, nh = max(size, round(w * s)), max(size, round(h * s))
@@ -62,6 +69,7 @@ class ArraySource:
   """Images held in memory (the bundled Fashion-MNIST demo subset)."""
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, size: int):
+    self.originals = images
     if images.ndim == 3:
       images = images[..., None]
     if images.shape[1:3] != (size, size):
@@ -73,7 +81,9 @@ class ArraySource:
   def __len__(self):
     return len(self.images)
 
-  def get(self, index):
+  def get(self, index, finish=None):
+    if finish is not None:
+      return finish(as_pil(self.originals[index])), self.labels[index]
     return self.images[index], self.labels[index]
 
 
@@ -105,9 +115,10 @@ class TfdsSource:
   def __len__(self):
     return len(self.source)
 
-  def get(self, index):
+  def get(self, index, finish=None):
     ex = self.source[int(index)]
-    return to_square_rgb(ex[self.image_key], self.size), np.int32(ex.get(self.label_key, -1))
+    image = finish(as_pil(ex[self.image_key])) if finish else to_square_rgb(ex[self.image_key], self.size)
+    return image, np.int32(ex.get(self.label_key, -1))
 
 
 @functools.cache
@@ -146,15 +157,18 @@ class FilesSource:
     """How many distinct files were found unreadable so far."""
     return len(self._unreadable)
 
-  def _decode(self, i):
+  def _decode(self, i, finish=None):
     with Image.open(self.files[i]) as im:
+      if finish is not None:
+        return finish(im)
       im.draft("RGB", (self.size, self.size))  # JPEG: decode big images at reduced size
       return to_square_rgb(im, self.size)
 
-  def get_or_none(self, index):
-    """(image, label) of file `index`, or None (logged once, counted) if it is unreadable."""
+  def get_or_none(self, index, finish=None):
+    """(image, label) of file `index`, or None (logged once, counted) if it is unreadable;
+    `finish(opened image)` makes the image when given."""
     index = int(index)
-    reading = _reader_pool(os.getpid()).apply_async(self._decode, (index,))
+    reading = _reader_pool(os.getpid()).apply_async(self._decode, (index, finish))
     try:
       return reading.get(self.read_timeout_s), self.labels[index]
     except multiprocessing.TimeoutError:
@@ -167,9 +181,9 @@ class FilesSource:
           logging.warning("skipping unreadable image %s (%s: %s)", self.files[index], type(e).__name__, e)
       return None
 
-  def get(self, index):
+  def get(self, index, finish=None):
     for offset in range(self.MAX_SUBSTITUTES):
-      item = self.get_or_none((int(index) + offset) % len(self.files))
+      item = self.get_or_none((int(index) + offset) % len(self.files), finish)
       if item is not None:
         return item
     raise UsageError(f"{self.MAX_SUBSTITUTES} unreadable images in a row from {self.files[index]}")
@@ -324,11 +338,25 @@ def read_batch(source, indices, pool=None):
   return np.stack([im for im, _ in items]), np.array([lb for _, lb in items], np.int32)
 
 
-def train_batches(source, global_batch: int, seed: int, start_step: int,
+def read_views(source, indices, positions, step: int, seed: int, specs: list[crops.CropSpec], pool=None) -> dict:
+  """The crops of a step's images (`crops.views`): "global" uint8 [b, 2, G, G, 3] and, with
+  local crops, "local" [b, N, L, L, 3]; image i's come from (seed, step, positions[i])."""
+  def image_views(index, position):
+    finish = lambda image: crops.views(image, crops.view_rng(seed, step, int(position)), specs, to_rgb)
+    return source.get(index, finish)[0]
+  per_image = list((pool.map if pool else map)(image_views, indices, positions))
+  out = {"global": np.stack([np.stack(v[:2]) for v in per_image])}
+  if len(specs) > 2:
+    out["local"] = np.stack([np.stack(v[2:]) for v in per_image])
+  return out
+
+
+def train_batches(source, global_batch: int, seed: int, start_step: int, specs: list[crops.CropSpec],
                   process_index: int = 0, process_count: int = 1, prefetch: int = 2,
                   workers: int = 8, interrupt: threading.Event | None = None):
-  """Yields (step, local uint8 images) from `start_step` on, decoded ahead in threads; ends
-  when `interrupt` is set while it waits for a batch (a stop requested during a slow read)."""
+  """Yields (step, this process's crops `read_views`) from `start_step` on, made ahead in
+  threads; ends when `interrupt` is set while it waits for a batch (a stop requested during
+  a slow read)."""
   if global_batch % process_count:
     raise UsageError(f"batch_size {global_batch} is not divisible by {process_count} processes")
   local = global_batch // process_count
@@ -347,8 +375,9 @@ def train_batches(source, global_batch: int, seed: int, start_step: int,
       with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         step = start_step
         while not stop.is_set():
-          idx = batch_indices(len(source), global_batch, step, seed)
-          put((step, read_batch(source, idx[process_index * local:(process_index + 1) * local], pool)[0]))
+          positions = np.arange(process_index * local, (process_index + 1) * local)
+          idx = batch_indices(len(source), global_batch, step, seed)[positions]
+          put((step, read_views(source, idx, positions, step, seed, specs, pool)))
           step += 1
     except Exception as e:  # pylint: disable=broad-except  (re-raised in the consumer)
       put(e)

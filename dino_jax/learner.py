@@ -33,12 +33,13 @@ def make_model(cfg: ml_collections.ConfigDict, batch_sharding=None) -> models.DI
   """The config's backbone with a DINO head, and the iBOT head (unless shared) and EsViT's
   region head when their objectives are on."""
   h = cfg.head
-  head = lambda: models.DINOHead(h.out_dim, h.hidden_dim, h.bottleneck_dim, h.num_layers,
-                                 h.get("norm_last_layer", True))
+  head = lambda bottleneck=h.bottleneck_dim: models.DINOHead(h.out_dim, h.hidden_dim, bottleneck, h.num_layers,
+                                                             h.get("norm_last_layer", True))
   names = objectives.active(cfg)
   separate_ibot = "ibot" in names and not h.share_ibot_head
   return models.DINOModel(models.make_backbone(cfg.model, batch_sharding), head(),
-                          head() if separate_ibot else None, head() if "region" in names else None)
+                          head(h.get("ibot_bottleneck_dim", 0) or h.bottleneck_dim) if separate_ibot else None,
+                          head() if "region" in names else None)
 
 
 def init_state(cfg, model, tx) -> dict:
@@ -155,10 +156,11 @@ def train_step(state, batch, *, model, tx, schedules, cfg, batch_sharding=None):
 # ---------------------------------------------------------------------------------------
 
 
-def make_views(key_data, step, images, *, cfg):
-  """Multi-crop views of a uint8 image batch; the key depends only on (seed, step)."""
+def make_views(key_data, step, crops, *, cfg):
+  """The augmented views of a step's host-made uint8 crops (`data.read_views`); the key
+  depends only on (seed, step)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
-  return augment.multicrop(key, images, cfg.aug)
+  return augment.multicrop(key, crops, cfg.aug)
 
 
 def augmentation_key(cfg) -> jax.Array:
@@ -174,7 +176,7 @@ class Trainer(NamedTuple):
   """What a run needs on a mesh: initial state and the jitted, sharded functions."""
   state: dict
   train_step: Callable  # (state, batch) -> (state, metrics)
-  make_views: Callable  # (key_data, step, uint8 images) -> {"global", "local"} views
+  make_views: Callable  # (key_data, step, uint8 crops {"global", "local"}) -> augmented views
   step_masks: Callable | None  # step -> this process's iBOT masks (host), None without iBOT
   model: models.DINOModel
   batch_sharding: jax.sharding.NamedSharding

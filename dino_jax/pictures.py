@@ -63,7 +63,7 @@ def read_images(paths: list[str], size: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _last_attention(module, params, images):
-  x = augment.preprocess_eval(images, images.shape[1])
+  x = augment.normalize(images)
   _, state = module.apply({"params": params}, x, mutable=["intermediates"])
   return state["intermediates"][f"block{module.depth - 1}"]["attention"][0]
 

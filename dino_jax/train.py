@@ -28,6 +28,7 @@ import tqdm
 
 from dino_jax import checkpoints
 from dino_jax import config_checks
+from dino_jax import crops
 from dino_jax import data
 from dino_jax import evaluators
 from dino_jax import learner
@@ -185,22 +186,24 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) 
     record_config(workdir, cfg, start_step)
   data.save_classes(train_src, workdir)  # the class ids of evaluations and extract
   aug_key = learner.augmentation_key(cfg)
-  to_global = lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x)
+  to_global = lambda tree: jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), tree)
 
   writer = MetricWriter(workdir, start_step)
   end_step = total_steps if max_steps is None else min(max_steps, total_steps)
-  batches = data.train_batches(train_src, cfg.batch_size, cfg.seed, start_step,
-                               jax.process_index(), jax.process_count(), interrupt=stop_requested)
+  batches = data.train_batches(train_src, cfg.batch_size, cfg.seed, start_step, crops.crop_specs(cfg.aug),
+                               jax.process_index(), jax.process_count(), workers=cfg.data.get("workers", 8),
+                               interrupt=stop_requested)
   # The bar moves at log steps, where the host waits for the device: between them, asynchronous
   # dispatch runs ahead of the computation and the rate would swing.
   bar = tqdm.tqdm(total=end_step, initial=start_step, desc="train", unit="step",
                   disable=jax.process_index() != 0 or not cfg.progress_bar, dynamic_ncols=True)
   results = {}
   done = saved = start_step
-  for step, images in batches:  # ends early when a stop is requested while it waits for data
+  for step, step_crops in batches:  # ends early when a stop is requested while it waits for data
     if step >= end_step:
       break
-    batch = dict(trainer.make_views(aug_key, step, to_global(images)))
+    batch = dict(trainer.make_views(aug_key, step, to_global(step_crops)))
     if trainer.step_masks:
       batch["masks"] = to_global(trainer.step_masks(step))
     state, metrics = trainer.train_step(state, batch)

@@ -29,7 +29,10 @@ def _frozen(cfg):
 
 @pytest.fixture(scope="module")
 def batch():
-  return np.random.default_rng(0).integers(0, 256, size=(2, 20, 20, 3), dtype=np.uint8)
+  """Host-made crops (dino_jax.crops) of 2 images: 2 global 16 px and 2 local 8 px each."""
+  rng = np.random.default_rng(0)
+  return {"global": rng.integers(0, 256, size=(2, 2, 16, 16, 3), dtype=np.uint8),
+          "local": rng.integers(0, 256, size=(2, 2, 8, 8, 3), dtype=np.uint8)}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_multicrop_same_key_same_views_different_key_different(views):
 
 
 def test_multicrop_augments_images_independently(batch):
-  same = np.broadcast_to(batch[:1], batch.shape).copy()
+  same = {k: np.broadcast_to(v[:1], v.shape).copy() for k, v in batch.items()}
   out = _multicrop(jax.random.key(0), same, _frozen(_aug_cfg()))
   for k in ("global", "local"):
     v = np.asarray(out[k])
@@ -75,7 +78,7 @@ def test_multicrop_augments_images_independently(batch):
 def test_multicrop_without_local_views(batch):
   cfg = _aug_cfg()
   cfg.num_local = 0
-  out = _multicrop(jax.random.key(0), batch, _frozen(cfg))
+  out = _multicrop(jax.random.key(0), {"global": batch["global"]}, _frozen(cfg))
   assert set(out) == {"global"}
   assert out["global"].shape == (2, 2, 16, 16, 3)
 

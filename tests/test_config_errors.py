@@ -15,8 +15,8 @@ from dino_jax import train
 from dino_jax.errors import UsageError
 from tests.test_train import run_cli, tiny
 
-TRAIN_CONFIGS = ["demo_fashion_mnist", "demo_esvit_fashion_mnist", "dino_vits16", "dinov2_vits14", "dinov2_vitb14",
-                 "dinov2_vitl14", "esvit_swin_t"]
+TRAIN_CONFIGS = ["demo_fashion_mnist", "demo_esvit_fashion_mnist", "dino_vits16", "dino_vits16_300ep", "dinov2_vits14",
+                 "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitl16_short", "dinov2_vitg14", "esvit_swin_t"]
 
 
 @pytest.fixture
@@ -74,10 +74,11 @@ def test_size_warnings():
   assert config_checks.size_warnings(cfg) == []
   only_image_size = config_checks.size_warnings(cfg, overridden={"data.image_size": 32})
   assert len(only_image_size) == 1 and "training still takes 16 px global and 8 px local crops" in only_image_size[0]
+  assert "the square evaluations decode to" in only_image_size[0]
   assert config_checks.size_warnings(cfg, overridden={"data.image_size": 32, "aug.global_size": 16}) == []
   smaller = config_checks.size_warnings(tiny(**{"data.image_size": 12}))
-  assert smaller == ["data.image_size 12 is smaller than aug.global_size 16: every global crop is upsampled"]
-  assert "throw most of the image's resolution away" in config_checks.size_warnings(tiny(**{"data.image_size": 64}))[0]
+  assert smaller == ["data.image_size 12 is smaller than aug.global_size 16: every evaluation view is upsampled"]
+  assert "throw most of the decoded resolution away" in config_checks.size_warnings(tiny(**{"data.image_size": 64}))[0]
   grid = config_checks.size_warnings(tiny(**{"aug.global_size": 12}))
   assert len(grid) == 1 and "model.pos_embed_grid 4 is not the global crops' grid 3" in grid[0]
   assert config_checks.size_warnings(tiny(**{"aug.global_size": 12, "model.init_from": "runs/x"})) == []

@@ -16,7 +16,7 @@ from dino_jax import learner
 from dino_jax import sharding
 from dino_jax import train
 from dino_jax.errors import UsageError
-from tests.test_train import TRAIN_STEPS_PER_EPOCH, final_state, run_cli, tiny
+from tests.test_train import TRAIN_STEPS_PER_EPOCH, final_state, run_cli, step_crops, tiny
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes(tmp_path):
@@ -133,8 +133,8 @@ def test_folder_of_only_broken_images_stops_with_one_error(tmp_path):
 def nan_views_at_step_3(monkeypatch):
   make_views = learner.make_views
 
-  def poisoned(key_data, step, images, *, cfg):
-    views = make_views(key_data, step, images, cfg=cfg)
+  def poisoned(key_data, step, step_crops, *, cfg):
+    views = make_views(key_data, step, step_crops, cfg=cfg)
     return {k: jnp.where(step == 3, jnp.nan, v) for k, v in views.items()}
 
   monkeypatch.setattr(learner, "make_views", poisoned)
@@ -161,8 +161,8 @@ def test_nonfinite_step_leaves_the_state_unchanged():
   cfg = tiny()
   trainer = learner.build(cfg, sharding.make_mesh(), TRAIN_STEPS_PER_EPOCH)
   before = jax.device_get(trainer.state)
-  images = data.fashion_mnist_demo("train", 20).get(np.arange(16))[0]
-  batch = dict(trainer.make_views(learner.augmentation_key(cfg), 0, images))
+  batch = dict(trainer.make_views(learner.augmentation_key(cfg), 0,
+                                  step_crops(data.fashion_mnist_demo("train", 20), cfg, 0)))
   batch["global"] = batch["global"].at[0].set(jnp.inf)
   after, metrics = jax.device_get(trainer.train_step(trainer.state, batch))
   assert not np.isfinite(metrics["loss"]) and int(after["nonfinite_steps"]) == 1
