@@ -1,15 +1,30 @@
-"""Evaluate features written by `dino_jax.extract`: weighted k-NN and a linear probe.
+"""Evaluate a run: the evaluators of `dino_jax.evaluators` on its checkpoint, or weighted k-NN
+and the fast linear probe on features written by `dino_jax.extract`.
 
-  python -m dino_jax.evaluate knn    --train train.npz --test test.npz [--feature embedding] [--k 10,20,100]
+  python -m dino_jax.evaluate run    --workdir RUN --evals linear_dino[,linear_dinov2,knn] [--step N]
+                                     [--student] [--set epochs=10 --set learning_rates=(0.01,0.1)]
+  python -m dino_jax.evaluate knn    --train train.npz --test test.npz [--feature embedding] [--k 10,20,100,200]
   python -m dino_jax.evaluate linear --train train.npz --test test.npz [--feature embedding] [--epochs 100]
+
+`run` takes each evaluator's config from the run's `evals.<name>` or, where the run predates
+it, from `configs/common.py`'s defaults; `--set key=value` overrides its keys (Python literals),
+e.g. `--set train_split=train --set test_split=test` for the Fashion-MNIST demo.
 """
+import ast
+
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+import ml_collections
 import numpy as np
 
+from configs import common
+from dino_jax import evaluators
+from dino_jax import extract  # noqa: F401  (defines --workdir, --step, --student)
 from dino_jax import knn
 from dino_jax import probe
+from dino_jax import sharding
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
 
@@ -17,9 +32,12 @@ _TRAIN = flags.DEFINE_string("train", None, "Train split features (.npz from din
 _TEST = flags.DEFINE_string("test", None, "Test split features (.npz from dino_jax.extract).")
 _FEATURE = flags.DEFINE_enum("feature", "embedding", ["embedding", "pooled"],
                              "Which features: the global embedding (CLS) or mean-pooled patch tokens.")
-_K = flags.DEFINE_list("k", ["10", "20", "100"], "k-NN: numbers of neighbours.")
+_K = flags.DEFINE_list("k", ["10", "20", "100", "200"], "k-NN: numbers of neighbours (DINO's eval_knn.py).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.07, "k-NN: vote weight exp(similarity / T).")
 _EPOCHS = flags.DEFINE_integer("epochs", 100, "Linear probe: epochs over the training features.")
+_EVALS = flags.DEFINE_list("evals", ["knn"], "run: the evaluators (names in config.evals, e.g. knn, linear_dino, "
+                           "linear_dinov2).")
+_SET = flags.DEFINE_multi_string("set", [], "run: key=value overrides of the evaluators' configs (Python literals).")
 
 
 def load_features(path: str, feature: str):
@@ -34,12 +52,73 @@ def load_features(path: str, feature: str):
     return f[feature], f["labels"]
 
 
+def parse_overrides(items: list[str]) -> dict:
+  """{key: value} of `--set key=value` flags; values are Python literals, else strings."""
+  out = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+      raise UsageError(f"--set takes key=value, not {item!r}")
+    try:
+      out[key.strip()] = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = text.strip()
+  return out
+
+
+def evaluator_config(cfg: ml_collections.ConfigDict, name: str, overrides: dict) -> ml_collections.ConfigDict:
+  """Evaluator `name`'s config: the run's evals.<name>, else the defaults' (a run that predates
+  it), with `overrides`; an unknown name or key is one UsageError."""
+  defaults = common.base_config().evals
+  if name in cfg.get("evals", {}):
+    ecfg = cfg.evals[name].to_dict()
+  elif name in defaults:
+    ecfg = defaults[name].to_dict()
+  else:
+    known = sorted(set(cfg.get("evals", {})) | set(defaults))
+    raise UsageError(f"--evals: no evaluator {name!r} in the run's config or the defaults (known: {', '.join(known)})")
+  unknown = sorted(set(overrides) - set(ecfg))
+  if unknown:
+    raise UsageError(f"--set: evals.{name} has no key {', '.join(unknown)} (keys: {', '.join(sorted(ecfg))})")
+  return ml_collections.ConfigDict(dict(ecfg, **overrides, every_steps=0))
+
+
+def run_evaluators(workdir: str, names: list[str], overrides: dict, step=None, student=False) -> dict:
+  """{name: metrics} of evaluators `names` on the teacher (or student) backbone of `workdir`."""
+  backbone = extract.load_backbone(workdir, step, student)
+  cfg = backbone.cfg
+  mesh = sharding.make_mesh()
+  ecfgs = {name: evaluator_config(cfg, name, overrides) for name in names}
+  for name, ecfg in ecfgs.items():  # every config checked before any work
+    evaluators.check_one(name, ecfg, cfg, mesh.size)
+  cfg.progress_bar = True
+  results = {}
+  for name, ecfg in ecfgs.items():
+    evaluator = evaluators.EVALUATORS[ecfg.type](ecfg, cfg, mesh)
+    results[name] = evaluator.run(backbone.params)
+    if jax.process_index() == 0:
+      print(f"{name} (step {backbone.step}): {evaluators.EVALUATORS[ecfg.type].describe(ecfg)}")
+      for metric, value in results[name].items():
+        print(f"  {metric}: {value:.4f}")
+  return results
+
+
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  if len(argv) == 2 and argv[1] == "run":
+    try:
+      if not flags.FLAGS.workdir:
+        raise UsageError("run: --workdir is required")
+      run_evaluators(flags.FLAGS.workdir, _EVALS.value, parse_overrides(_SET.value), flags.FLAGS.step,
+                     flags.FLAGS.student)
+    except UsageError as e:
+      fail(str(e))
+    return
   try:
     if len(argv) != 2 or argv[1] not in ("knn", "linear"):
-      raise UsageError("usage: python -m dino_jax.evaluate knn|linear --train A.npz --test B.npz")
+      raise UsageError("usage: python -m dino_jax.evaluate run --workdir RUN --evals NAME[,NAME] | "
+                       "knn|linear --train A.npz --test B.npz")
     if not _TRAIN.value or not _TEST.value:
       raise UsageError("--train and --test are required")
     train_x, train_y = load_features(_TRAIN.value, _FEATURE.value)
@@ -48,8 +127,9 @@ def main(argv):
     fail(str(e))
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   if argv[1] == "knn":
-    for k in map(int, _K.value):
-      acc = knn.knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k, _TEMPERATURE.value)
+    accuracies = knn.knn_accuracies(train_x, train_y, test_x, test_y, num_classes, [int(k) for k in _K.value],
+                                    _TEMPERATURE.value)
+    for k, acc in accuracies.items():
       print(f"k-NN top-1 (k={k}, T={_TEMPERATURE.value}, {_FEATURE.value}): {acc:.4f}")
   else:
     res = probe.linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=_EPOCHS.value)

@@ -43,7 +43,7 @@ def test_evaluate_cli_knn_and_linear(tmp_path):
   knn = run("knn")
   assert knn.returncode == 0, knn.stderr[-2000:]
   assert [l.split(":")[0] for l in knn.stdout.splitlines()] == [
-      f"k-NN top-1 (k={k}, T=0.07, embedding)" for k in (10, 20, 100)]
+      f"k-NN top-1 (k={k}, T=0.07, embedding)" for k in (10, 20, 100, 200)]
   assert all(float(l.split()[-1]) == 1.0 for l in knn.stdout.splitlines()[:2])
   linear = run("linear", "--epochs", "5")
   assert linear.returncode == 0, linear.stderr[-2000:]
