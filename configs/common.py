@@ -28,14 +28,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.on_nonfinite = "stop"  # or "skip": a step with non-finite loss/gradients is not applied
 
+  # image_size: the square evaluations decode to (shorter side, center crop); training crops come
+  # from the full image. workers: loader threads per process (decode + crops; README "Data path").
   c.data = dict(source="tfds", name="imagenet2012", path="", data_dir="", image_size=256,
-                train_split="train", read_timeout_s=60.0)  # a longer image read stops the run (dino_jax.data)
+                train_split="train", read_timeout_s=60.0, workers=8)  # a longer image read stops the run (dino_jax.data)
   c.model = dict(vit("small", 16), name="vit", ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
                  drop_path_uniform=False, pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
                  init_from="",  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
                  dtype="float32", remat="none", attention="xla")  # speed knobs: see models.ViT
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, share_ibot_head=False,
-                norm_last_layer=True)  # False: a trainable weight-norm gain (models.DINOHead)
+                norm_last_layer=True,  # False: a trainable weight-norm gain (models.DINOHead)
+                ibot_bottleneck_dim=0)  # the iBOT head's, when not bottleneck_dim (DINOv2 ViT-g: 256 vs 384)
   c.aug = dict(global_size=224, local_size=96, num_local=8, global_scale=(0.4, 1.0),
                local_scale=(0.05, 0.4), jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1),
                grayscale_prob=0.2, blur_sigma=(0.1, 2.0), solarize_prob=0.2)
@@ -51,9 +54,23 @@ def base_config() -> ml_collections.ConfigDict:
                  freeze_last_layer_epochs=1.0, teacher_momentum=(0.996, 1.0))
   # Evaluators by name (dino_jax.evaluators): every_steps N > 0 every N steps and at the end,
   # 0 at the end only, -1 never; baselines: also random init and raw pixels at the end.
+  # knn: top-1 for each k (knn_top1 = k 20's); linear_probe: the fast probe on fixed embeddings.
   c.evals = ml_collections.ConfigDict()
-  c.evals.knn = dict(type="knn", every_steps=0, every_epochs=0.0, k=20, temperature=0.07, batch_size=256, baselines=False,
-                     linear_probe=False, linear_epochs=100, train_split="train", test_split="validation")
+  c.evals.knn = dict(type="knn", every_steps=0, every_epochs=0.0, k=(10, 20, 100, 200), temperature=0.07,
+                     batch_size=256, baselines=False, linear_probe=False, linear_epochs=100, train_split="train",
+                     test_split="validation")
+  # The papers' linear evaluations (off: every_steps=-1; `python -m dino_jax.evaluate run` on a run).
+  # DINO eval_linear.py: ViT-S n_last_blocks=4; ViT-B n_last_blocks=1, avgpool_patchtokens=True.
+  c.evals.linear_dino = dict(type="linear", protocol="dino", every_steps=-1, every_epochs=0.0, epochs=100,
+                             epoch_length=0, batch_size=1024, learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+                             n_last_blocks=4, avgpool_patchtokens=False, crop_scale=(0.08, 1.0), seed=0,
+                             baselines=False, train_split="train", test_split="validation")
+  # DINOv2 eval/linear.py: {last 1, 4 blocks} x {with, without avgpool} x 13 lrs, 10 epochs of 1250 steps.
+  c.evals.linear_dinov2 = dict(type="linear", protocol="dinov2", every_steps=-1, every_epochs=0.0, epochs=10,
+                               epoch_length=1250, batch_size=1024,
+                               learning_rates=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1),
+                               grid_blocks=(1, 4), crop_scale=(0.08, 1.0), seed=0, baselines=False,
+                               train_split="train", test_split="validation")
   c.checkpoint = dict(every_steps=1000, keep=3)
   # Devices: ("data", "fsdp") mesh; arrays of >= fsdp_min_size elements are split over "fsdp".
   c.mesh = dict(fsdp=1, fsdp_min_size=2 ** 20)
@@ -67,7 +84,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   else:
     c.model.update(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, pos_embed_grid=4,
                    num_registers=min(c.model.num_registers, 2))
-  c.head.update(out_dim=64, hidden_dim=64, bottleneck_dim=16)
+  c.head.update(out_dim=64, hidden_dim=64, bottleneck_dim=16, ibot_bottleneck_dim=8 if c.head.ibot_bottleneck_dim else 0)
   c.aug.update(global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5))
   c.data.image_size = 20
   c.batch_size = 16
@@ -92,7 +109,7 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
                  drop_path_uniform=True, pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
                  init_from="", dtype="float32", remat="none", attention="xla")
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=384 if size == "giant" else 256,
-                num_layers=3, share_ibot_head=False, norm_last_layer=False)
+                num_layers=3, share_ibot_head=False, norm_last_layer=False, ibot_bottleneck_dim=0)
   c.aug.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), local_size=98)
   c.loss.update(ibot_weight=1.0, koleo_weight=0.1, teacher_temp=(0.04, 0.07),
                 teacher_temp_warmup_epochs=30.0, teacher_temp_steps="per_step", centering="sinkhorn")

@@ -388,7 +388,7 @@ def split_state_dict(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.nda
 
 
 def run_config(arch: Arch | SwinArch, grid: Optional[int], interpolation: Optional[tuple[float, bool]],
-               head: Optional[dict]):
+               head: Optional[dict], ibot_head: Optional[dict] = None):
   """A config describing the converted model (EsViT's recipe for Swin, DINOv2's for LayerScale
   models, else DINO's); `grid` and `interpolation` are a ViT position embedding's."""
   if isinstance(arch, SwinArch):
@@ -406,6 +406,8 @@ def run_config(arch: Arch | SwinArch, grid: Optional[int], interpolation: Option
     cfg.head.update(out_dim=head["last_layer"].shape[1], hidden_dim=head["mlp0"]["kernel"].shape[1],
                     bottleneck_dim=head["last_layer"].shape[0],
                     num_layers=sum(k.startswith("mlp") for k in head), norm_last_layer="last_layer_gain" not in head)
+  if ibot_head is not None and ibot_head["last_layer"].shape[0] != cfg.head.bottleneck_dim:
+    cfg.head.ibot_bottleneck_dim = ibot_head["last_layer"].shape[0]
   cfg.aug.global_size, cfg.data.image_size = 224, 256  # the usual evaluation view
   return cfg
 
@@ -446,7 +448,7 @@ def import_file(path: str, arch_name: str, out: str, layout: str = "official", k
     return write_run(out, cfg, teacher), sorted(teacher), cfg
   interpolation = INTERPOLATION[interpolation_choice(pos_interpolation, layout, arch, training_checkpoint)]
   grid = teacher["backbone"]["pos_embed"].shape[1]
-  cfg = run_config(arch, grid, interpolation, teacher.get("head"))
+  cfg = run_config(arch, grid, interpolation, teacher.get("head"), teacher.get("ibot_head"))
   return write_run(out, cfg, teacher), sorted(teacher), cfg
 
 

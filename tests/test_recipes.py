@@ -3,6 +3,7 @@ independently here: DINO's `utils.cosine_scheduler` / `clip_gradients` / `get_pa
 and its per-epoch teacher temperature (facebookresearch/dino), DINOv2's `CosineScheduler`,
 `sqrt_wrt_1024` lr rule, `get_params_groups_with_decay` and per-module `clip_grad_norm_`
 (facebookresearch/dinov2)."""
+import json
 import math
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ from dino_jax import optim
 from dino_jax import train
 from dino_jax.errors import UsageError
 from dino_jax.models import vit
+from tests.test_train import run_cli
 from tests.test_train import tiny
 
 
@@ -273,3 +275,32 @@ def test_epoch_length_sets_the_schedule_and_bad_values_are_one_error(tmp_path):
   cfg.epoch_length, cfg.optim.clip_mode = 0, "per_layer"
   with pytest.raises(UsageError, match="optim.clip_mode must be one of per_tensor, per_module, global"):
     train.train(cfg, str(tmp_path / "bad2"))
+
+
+# ---------------------------------------------------------------------------------------
+# Every recipe's :tiny variant trains through the command line.
+# ---------------------------------------------------------------------------------------
+
+RECIPES = ["dino_vits16", "dino_vits16_300ep", "dinov2_vitl16_short", "dinov2_vitg14", "dinov2_vits14", "esvit_swin_t"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_tiny_variant_trains_through_the_cli(name, tmp_path):
+  proc = run_cli("--config", f"configs/{name}.py:tiny", "--config.data.source=fashion_mnist_demo",
+                 "--config.data.train_split=train", "--config.epochs=0.0032", "--config.evals.knn.every_steps=-1",
+                 workdir=tmp_path)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-2000:]
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["loss"]), out
+
+
+def test_recipe_heads():
+  from configs import dino_vits16_300ep
+  from configs import dinov2_vitg14
+  from configs import dinov2_vitl16_short
+  assert dino_vits16_300ep.get_config().head.norm_last_layer is False
+  short = dinov2_vitl16_short.get_config()
+  assert short.head.share_ibot_head and short.loss.centering == "centering" and short.model.patch_size == 16
+  model = learner.make_model(dinov2_vitg14.get_config("tiny"))
+  assert (model.head.bottleneck_dim, model.ibot_head.bottleneck_dim) == (16, 8)  # the giant's 384 / 256, shrunk
