@@ -304,3 +304,60 @@ def test_recipe_heads():
   assert short.head.share_ibot_head and short.loss.centering == "centering" and short.model.patch_size == 16
   model = learner.make_model(dinov2_vitg14.get_config("tiny"))
   assert (model.head.bottleneck_dim, model.ibot_head.bottleneck_dim) == (16, 8)  # the giant's 384 / 256, shrunk
+
+
+# ---------------------------------------------------------------------------------------
+# iBOT on any mask the generator makes: the padded token slots lose nothing.
+# ---------------------------------------------------------------------------------------
+
+
+def test_generated_masks_never_exceed_the_static_token_slots():
+  from dino_jax import masking
+  cfg = dinov2_vits14.get_config().mask
+  for grid in ((4, 4), (16, 16), (7, 9)):
+    bound = masking.max_masked_per_image(grid[0] * grid[1], cfg)
+    for seed in range(30):
+      masks = masking.batch_masks(np.random.default_rng(seed), 64, grid, cfg)
+      assert masks.sum(1).max() <= bound
+
+
+def test_ibot_loss_on_padded_slots_equals_the_dense_reference():
+  """The iBOT term from the padded masked-token slots (`masking.masked_token_index`) equals a
+  dense computation over every patch token weighted by the mask (DINOv2's iBOTPatchLoss:
+  per image the mean over its masked tokens, summed, divided by the number of images), for
+  masks from none to the largest the generator makes."""
+  from dino_jax import losses
+  from dino_jax import masking
+  cfg = dinov2_vits14.get_config("tiny")
+  model = learner.make_model(cfg)
+  grid = model.backbone.grid(16)
+  n = grid[0] * grid[1]
+  bound = masking.max_masked_per_image(n, cfg.mask)
+  rng = np.random.default_rng(0)
+  masks = np.zeros((5, n), bool)
+  masks[1, 3] = True
+  masks[2, rng.choice(n, bound, replace=False)] = True  # the most the generator makes
+  masks[3] = masking.block_mask(rng, grid, 5).reshape(-1)
+  masks[4, rng.choice(n, bound - 1, replace=False)] = True
+  images = jnp.asarray(rng.normal(size=(5, 16, 16, 3)).astype(np.float32))
+  params = model.init(jax.random.PRNGKey(0), images[:1], mask=jnp.asarray(masks[:1]),
+                      patch_index=jnp.zeros((1, 1), jnp.int32))["params"]
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+  temp, student_temp = 0.05, cfg.loss.student_temp
+
+  index, weights, _ = masking.masked_token_index(jnp.asarray(masks), bound)
+  student = model.apply({"params": params}, images, mask=jnp.asarray(masks), patch_index=index)["patch_logits"]
+  teacher = model.apply({"params": params}, images, patch_index=index)["patch_logits"]
+  padded = losses.ibot_patch_loss(student.reshape(-1, student.shape[-1]),
+                                  jax.nn.softmax(teacher.reshape(-1, teacher.shape[-1]) / temp), weights, 5,
+                                  student_temp)
+
+  every = jnp.broadcast_to(jnp.arange(n), (5, n))
+  s_all = np.asarray(model.apply({"params": params}, images, mask=jnp.asarray(masks), patch_index=every)["patch_logits"],
+                     np.float64)
+  t_all = np.asarray(model.apply({"params": params}, images, patch_index=every)["patch_logits"], np.float64)
+  log_p = s_all / student_temp - np.log(np.exp(s_all / student_temp).sum(-1, keepdims=True))
+  t = np.exp(t_all / temp - (t_all / temp).max(-1, keepdims=True))
+  ce = -np.sum(t / t.sum(-1, keepdims=True) * log_p, -1)  # [5, n]
+  dense = sum(ce[i][masks[i]].mean() for i in range(5) if masks[i].any()) / 5
+  np.testing.assert_allclose(float(padded), dense, rtol=1e-5)
