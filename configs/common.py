@@ -48,10 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
                 teacher_temp_steps="per_epoch",  # DINO; DINOv2: "per_step" (optim.teacher_temp_schedule)
                 centering="centering", center_momentum=0.9)
   # lr_scaling: "linear_256" (DINO) or "sqrt_1024" (DINOv2); clip_mode: "per_tensor" (DINO),
-  # "per_module" (DINOv2) or "global" (dino_jax.optim).
+  # "per_module" (DINOv2) or "global"; freeze_mode: "skip" (DINO) or "zero_lr" (DINOv2) (dino_jax.optim).
   c.optim = dict(base_lr=5e-4, lr_scaling="linear_256", min_lr=1e-6, warmup_epochs=10.0, weight_decay=(0.04, 0.4),
                  betas=(0.9, 0.999), clip_grad=3.0, clip_mode="per_tensor", layer_decay=1.0, patch_embed_lr_mult=1.0,
-                 freeze_last_layer_epochs=1.0, teacher_momentum=(0.996, 1.0))
+                 freeze_last_layer_epochs=1.0, freeze_mode="skip", teacher_momentum=(0.996, 1.0))
   # Evaluators by name (dino_jax.evaluators): every_steps N > 0 every N steps and at the end,
   # 0 at the end only, -1 never; baselines: also random init and raw pixels at the end.
   # knn: top-1 for each k (knn_top1 = k 20's); linear_probe: the fast probe on fixed embeddings.
@@ -114,7 +114,8 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
   c.loss.update(ibot_weight=1.0, koleo_weight=0.1, teacher_temp=(0.04, 0.07),
                 teacher_temp_warmup_epochs=30.0, teacher_temp_steps="per_step", centering="sinkhorn")
   c.optim.update(base_lr=0.004, lr_scaling="sqrt_1024", min_lr=1e-6, warmup_epochs=10.0, layer_decay=0.9,
-                 patch_embed_lr_mult=0.2, teacher_momentum=(0.994, 1.0), clip_grad=3.0, clip_mode="per_module")
+                 patch_embed_lr_mult=0.2, teacher_momentum=(0.994, 1.0), clip_grad=3.0, clip_mode="per_module",
+                 freeze_mode="zero_lr")
   c.epoch_length = 1250  # DINOv2's OFFICIAL_EPOCH_LENGTH, whatever the dataset size
   c.batch_size = 2048
   c.epochs = 100.0

@@ -77,6 +77,7 @@ def _check_choices(cfg) -> None:
   _one_of(cfg, "loss.teacher_temp_steps", optim.TEACHER_TEMP_STEPS)
   _one_of(cfg, "optim.lr_scaling", optim.LR_SCALING)
   _one_of(cfg, "optim.clip_mode", optim.CLIP_MODES)
+  _one_of(cfg, "optim.freeze_mode", optim.FREEZE_MODES)
   _one_of(cfg, "model.remat", ("none", *models.REMAT_POLICIES))
   _one_of(cfg, "model.attention", ("xla", "cudnn"))
   _one_of(cfg, "model.dtype", DTYPES)

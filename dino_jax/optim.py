@@ -21,6 +21,7 @@ import optax
 LR_SCALING = ("linear_256", "sqrt_1024")
 CLIP_MODES = ("per_tensor", "per_module", "global")
 TEACHER_TEMP_STEPS = ("per_step", "per_epoch")
+FREEZE_MODES = ("skip", "zero_lr")
 
 
 def warmup_cosine(start: float, peak: float, end: float, warmup: int, total: int) -> optax.Schedule:
@@ -156,20 +157,46 @@ def weight_decay_mask(params):
                                           params)
 
 
+def skip_while_frozen(steps: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` that moves neither its parameters nor its own state during the first `steps`
+  steps. DINO drops the last layer's gradients then (`cancel_gradients_last_layer`: p.grad =
+  None), so AdamW leaves the layer, its moments and its step count alone: its bias correction
+  starts at the first step after the freeze."""
+  def init(params):
+    return jnp.zeros([], jnp.int32), inner.init(params)
+
+  def update(updates, state, params=None):
+    count, inner_state = state
+    new_updates, new_inner = inner.update(updates, inner_state, params)
+    frozen = count < steps
+    return (jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u), new_updates),
+            (count + 1, jax.tree.map(lambda new, old: jnp.where(frozen, old, new), new_inner, inner_state)))
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict, steps_per_epoch: int,
                    backbone) -> optax.GradientTransformation:
   """AdamW with gradient clipping (`optim.clip_mode`), scheduled decoupled weight decay
-  (`weight_decay_mask`), layer-wise lr decay over `backbone`'s layers and the last-layer freeze."""
+  (`weight_decay_mask`), layer-wise lr decay over `backbone`'s layers and the last-layer freeze
+  for the first `freeze_last_layer_epochs`: `optim.freeze_mode` "skip" (DINO: the last layer
+  and its AdamW state sit out, `skip_while_frozen`) or "zero_lr" (DINOv2: its lr is 0, its
+  moments still see the gradients)."""
   o = cfg.optim
   multiplier = lambda name: layer_lr_multiplier(name, backbone, o.layer_decay, o.patch_embed_lr_mult)
-  return optax.chain(
-      clip_gradients(o.clip_mode, o.clip_grad),
+  adamw = lambda: optax.chain(
       optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1]),
       optax.add_decayed_weights(schedules["weight_decay"], mask=weight_decay_mask),
       scale_by_layer(multiplier),
       optax.scale_by_learning_rate(schedules["lr"]),
-      freeze_last_layer(int(o.freeze_last_layer_epochs * steps_per_epoch)),
   )
+  frozen_steps = int(o.freeze_last_layer_epochs * steps_per_epoch)
+  if o.get("freeze_mode", "zero_lr") == "skip":
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "last_layer" if is_last_layer(path_name(path)) else "other", params)
+    body = optax.multi_transform({"last_layer": skip_while_frozen(frozen_steps, adamw()), "other": adamw()}, labels)
+  else:
+    body = optax.chain(adamw(), freeze_last_layer(frozen_steps))
+  return optax.chain(clip_gradients(o.clip_mode, o.clip_grad), body)
 
 
 class EmaState(NamedTuple):

@@ -361,3 +361,39 @@ def test_ibot_loss_on_padded_slots_equals_the_dense_reference():
   ce = -np.sum(t / t.sum(-1, keepdims=True) * log_p, -1)  # [5, n]
   dense = sum(ce[i][masks[i]].mean() for i in range(5) if masks[i].any()) / 5
   np.testing.assert_allclose(float(padded), dense, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["skip", "zero_lr"])
+def test_last_layer_freeze_equals_torch_adamw(mode):
+  """DINO (`skip`): the last layer's gradients are dropped during the freeze (p.grad = None),
+  so torch's AdamW leaves it, its moments and its step count alone; DINOv2 (`zero_lr`): its lr
+  is 0 while its moments see the gradients. Five steps, freeze for two, against torch.optim.AdamW."""
+  cfg = dino_vits16.get_config("tiny")
+  cfg.optim.update(freeze_mode=mode, freeze_last_layer_epochs=0.2, clip_grad=0.0)
+  lr, wd, steps = 0.1, 0.04, 5
+  schedules = {"lr": lambda step: lr, "weight_decay": lambda step: wd}
+  tx = optim.make_optimizer(cfg, schedules, 10, vit.ViT(depth=2))  # freeze: 2 steps
+  rng = np.random.default_rng(0)
+  params = {"backbone": {"block0": {"mlp": {"fc1": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)}}}},
+            "head": {"last_layer": rng.normal(size=(4, 5)).astype(np.float32)}}
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(steps)]
+  ours, state = jax.tree.map(jnp.asarray, params), tx.init(params)
+  for g in grads:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, ours)
+    ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+
+  names = [("backbone", "block0", "mlp", "fc1", "kernel"), ("head", "last_layer")]
+  get = lambda tree, path: tree[path[0]] if len(path) == 1 else get(tree[path[0]], path[1:])
+  torch_params = [torch.nn.Parameter(torch.from_numpy(get(params, n).copy())) for n in names]
+  last_group = {"params": [torch_params[1]], "lr": lr}
+  opt = torch.optim.AdamW([{"params": [torch_params[0]], "lr": lr}, last_group], weight_decay=wd)
+  for step, g in enumerate(grads):
+    for p, n in zip(torch_params, names):
+      p.grad = torch.from_numpy(get(g, n).copy())
+    frozen = step < 2
+    if frozen and mode == "skip":
+      torch_params[1].grad = None  # DINO's cancel_gradients_last_layer
+    last_group["lr"] = 0.0 if frozen and mode == "zero_lr" else lr  # DINOv2's last_layer_lr_schedule
+    opt.step()
+  for p, n in zip(torch_params, names):
+    np.testing.assert_allclose(np.asarray(get(ours, n)), p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=str(n))

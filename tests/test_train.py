@@ -157,8 +157,9 @@ def final_state(workdir, cfg):
   return mngr.latest_step(), jax.device_get(mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract)))
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
-  cfg = tiny(dinov2_vits14, steps=6)
+@pytest.mark.parametrize("module", [dinov2_vits14, dino_vits16], ids=["dinov2", "dino"])  # DINO: skip-mode freeze
+def test_interrupted_and_resumed_run_equals_uninterrupted(module, tmp_path):
+  cfg = tiny(module, steps=6)
   cfg.checkpoint.every_steps = 2
   full = train.train(cfg, str(tmp_path / "full"))["state"]
   first = train.train(cfg, str(tmp_path / "resumed"), max_steps=3)["state"]
