@@ -98,11 +98,14 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
 
 
 def dinov2_config(size: str) -> ml_collections.ConfigDict:
-  """DINOv2 recipe (Oquab et al. 2023, App. B/Table 16; facebookresearch/dinov2
-  `ssl_default_config.yaml`): iBOT + Sinkhorn-Knopp + KoLeo, LayerScale, layer-wise lr decay,
-  patch 14, 98 px local crops, global scale (0.32, 1); lr `base_lr * sqrt(batch / 1024)`,
-  epochs of 1250 steps, clipping per module, uniform stochastic depth, a trainable gain in the
-  heads' weight-normalized last layers, teacher temperature warmed up per step."""
+  """DINOv2 recipe (Oquab et al. 2023, App. B/Table 16): the optimizer rules of
+  facebookresearch/dinov2's `ssl_default_config.yaml` (lr `base_lr * sqrt(batch / 1024)` with
+  base 0.004, epochs of 1250 steps, clipping per module, uniform stochastic depth, a trainable
+  gain in the heads' weight-normalized last layers, teacher temperature warmed up per step,
+  the zero-lr last-layer freeze, layer-wise lr decay 0.9, global scale (0.32, 1)) with the
+  choices of its ViT-L/14 and ViT-g/14 yamls (`vitl14.yaml`, `vitg14.yaml`): patch 14,
+  Sinkhorn-Knopp, separate iBOT head, teacher momentum 0.994, 98 px local crops, drop path 0.4
+  for large and giant (0.1 for small and base here)."""
   c = base_config()
   c.model = dict(vit(size, 14), name="vit", ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
                  layerscale=1e-5, drop_path_rate={"small": 0.1, "base": 0.1}.get(size, 0.4),

@@ -24,6 +24,7 @@ def get_config(arg=None):
   config.epochs = 500.0
   config.optim.update(base_lr=2e-4, warmup_epochs=80.0, weight_decay=(0.04, 0.2), layer_decay=1.0)
   config.data.update(source="folder", path="", train_split="")
+  config.evals.knn.every_steps = -1  # ImageNet-22k has no held-out split: run evaluators on a labelled set
   config.batch_size = 3072
   if arg == "tiny":
     common.make_tiny(config)

@@ -14,16 +14,17 @@ to `--json`. Input decoding on the host is not timed (the trainer prefetches it 
 times the host side instead: decoding and cutting the config's crops (`data.read_views`: 2
 global + N local random-resized crops from the full image, JPEG reduced-size decoding) with W
 threads, on the training data when `data.source` is `folder`, else on N generated 500x375
-JPEGs of real images (the bundled Fashion-MNIST ones, upsampled and tiled; about an average
-ImageNet photo's size). Prints images/s and images/s per core (the threads share
+JPEG files of real images (the bundled Fashion-MNIST ones, upsampled and tiled; about an
+average ImageNet photo's size). A TFDS source hands over decoded arrays (no reduced-size
+decode), so its rate is not what this measures. Prints images/s and images/s per core (the threads share
 min(W, cores) cores).
 """
 import concurrent.futures
+import json
 import os
 import pathlib
-import tempfile
-import json
 import statistics
+import tempfile
 import time
 
 from absl import app
@@ -90,17 +91,17 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
   mesh = sharding.make_mesh(cfg)
   trainer = learner.build(cfg, mesh, steps_per_epoch=1000)
   rng, a = np.random.default_rng(0), cfg.aug
-  crops = {"global": rng.integers(0, 256, (cfg.batch_size, 2, a.global_size, a.global_size, 3), np.uint8)}
+  views = {"global": rng.integers(0, 256, (cfg.batch_size, 2, a.global_size, a.global_size, 3), np.uint8)}
   if a.num_local:
-    crops["local"] = rng.integers(0, 256, (cfg.batch_size, a.num_local, a.local_size, a.local_size, 3), np.uint8)
-  crops = jax.device_put(crops, trainer.batch_sharding)
+    views["local"] = rng.integers(0, 256, (cfg.batch_size, a.num_local, a.local_size, a.local_size, 3), np.uint8)
+  views = jax.device_put(views, trainer.batch_sharding)
   key = learner.augmentation_key(cfg)
   masks = None
   if trainer.step_masks:
     masks = jax.device_put(trainer.step_masks(0), trainer.batch_sharding)
 
   def batch_of(step):
-    batch = dict(trainer.make_views(key, step, crops))
+    batch = dict(trainer.make_views(key, step, views))
     return batch | ({"masks": masks} if masks is not None else {})
 
   start = time.perf_counter()

@@ -29,6 +29,7 @@ timm >= 0.9's (`layers.<s>.downsample` at the start of stage s). Relative-positi
 attention-mask buffers are left out (they are not learned). Swin runs export in timm's layout.
 """
 import argparse
+import contextlib
 import dataclasses
 import pathlib
 import re
@@ -94,7 +95,6 @@ ARCHS = {
     **{f"esvit_swin_{s[0]}_w7": _swin_arch(s, norm_eps=1e-6) for s in ("tiny", "small", "base")},
 }
 
-# Position-embedding resize (offset, antialias) of each source: the original code's convention.
 # Position-embedding resize conventions (offset, antialias): the official training code's
 # (`interpolate_offset` 0.1, no antialias: DINO, and DINOv2's training config for every model),
 # and the released DINOv2 register backbones' (torch hub: 0, antialias), also timm's.
@@ -350,7 +350,8 @@ def read_state_dict(path: str, key: Optional[str] = None) -> dict[str, np.ndarra
   try:
     # DINO's checkpoint.pth also holds its command line (`args`, an argparse.Namespace):
     # exactly that type is allowed besides tensors and plain containers.
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
       obj = torch.load(file, map_location="cpu", weights_only=True)
   except Exception as e:  # pickle errors of all kinds: the file is refused, not executed
     raise UsageError(f"{path}: not loadable with torch.load(weights_only=True): {load_error_cause(e)}") from None

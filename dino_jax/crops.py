@@ -5,7 +5,7 @@ DINO (Caron et al. 2021, App. A) and DINOv2 cut every view with torchvision's
 with p = 0.5. `crop_box` draws the same parameters as torchvision's `get_params`: an area
 fraction uniform in `scale` and a log-uniform aspect ratio in (3/4, 4/3), up to 10 attempts,
 then the central crop of the image clamped to that ratio range. The photometric ops (color
-jitter, grayscale, blur, solarization) stay on the device (`augment.photometric_views`).
+jitter, grayscale, blur, solarization) stay on the device (`augment.multicrop`).
 
 Every random choice of an image's views comes from `view_rng(seed, step, position)`, its
 position in the global batch, so a step's views are the same on any number of processes and

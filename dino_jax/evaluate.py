@@ -80,7 +80,7 @@ def evaluator_config(cfg: ml_collections.ConfigDict, name: str, overrides: dict)
   unknown = sorted(set(overrides) - set(ecfg))
   if unknown:
     raise UsageError(f"--set: evals.{name} has no key {', '.join(unknown)} (keys: {', '.join(sorted(ecfg))})")
-  return ml_collections.ConfigDict(dict(ecfg, **overrides, every_steps=0))
+  return ml_collections.ConfigDict({**ecfg, **overrides, "every_steps": 0})
 
 
 def run_evaluators(workdir: str, names: list[str], overrides: dict, step=None, student=False) -> dict:

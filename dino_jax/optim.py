@@ -190,7 +190,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict, steps_per_ep
       optax.scale_by_learning_rate(schedules["lr"]),
   )
   frozen_steps = int(o.freeze_last_layer_epochs * steps_per_epoch)
-  if o.get("freeze_mode", "zero_lr") == "skip":
+  if o.freeze_mode == "skip":
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: "last_layer" if is_last_layer(path_name(path)) else "other", params)
     body = optax.multi_transform({"last_layer": skip_while_frozen(frozen_steps, adamw()), "other": adamw()}, labels)
