@@ -33,8 +33,9 @@ from dino_jax.errors import fail
 class Backbone:
   """A restored backbone (any of `models.BACKBONES`): call it on uint8 [B, H, W, 3] images to
   get {"embedding": [B, D] (CLS token, or pooled where there is none), "pooled": [B, D] (mean
-  patch / region token), "patch": [B, h, w, D]}; with `size`, square images are first resized
-  to size² as in the trainer's evaluation view."""
+  patch / region token), "patch": [B, h, w, D]}; with `size`, square images first get the
+  trainer's evaluation view (`augment.preprocess_eval`: resized to size x 256 / 224, center
+  size² crop), without it they are taken as they are."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, params, step: int):
     self.cfg, self.params, self.step = cfg, params, step

@@ -7,3 +7,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(autouse=True)
+def no_stop_request_left_over():
+  """A test that asks the trainer to stop (train.stop_requested) and fails before the run
+  clears it must not stop the next test's runs."""
+  yield
+  train = sys.modules.get("dino_jax.train")
+  if train is not None:
+    train.stop_requested.clear()

@@ -156,7 +156,7 @@ def test_a_read_longer_than_the_limit_is_an_error_naming_the_file(tmp_path, monk
   src = data.make_source(folder_cfg(tmp_path, read_timeout_s=0.3), "train")
   decode = data.FilesSource._decode
   monkeypatch.setattr(data.FilesSource, "_decode",
-                      lambda self, i: time.sleep(3) if i == 2 else decode(self, i))  # a hung filesystem
+                      lambda self, i, finish=None: time.sleep(3) if i == 2 else decode(self, i, finish))  # hung
   assert src.get(1)[0].shape == (20, 20, 3)
   t = time.perf_counter()
   with pytest.raises(UsageError, match=r"reading image .*a/2.png took longer than data.read_timeout_s=0.3 s"):

@@ -24,7 +24,7 @@ def run(tmp_path_factory):
 
 
 def in_memory_cls(cfg, params, images, size=None):
-  x = augment.preprocess_eval(images, size or images.shape[1])
+  x = augment.normalize(images) if size is None else augment.preprocess_eval(images, size)
   return np.asarray(models.make_backbone(cfg.model).apply({"params": params}, x)["embedding"])
 
 

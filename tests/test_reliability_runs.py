@@ -161,14 +161,14 @@ class StalledSource:
   def __len__(self):
     return len(self.source)
 
-  def get(self, index):
+  def get(self, index, finish=None):
     with self.lock:
       self.calls += 1
       stall = self.calls > self.batch_size
     if stall:
       self.stalled.set()
       self.release.wait()
-    return self.source.images[index], self.source.labels[index]
+    return self.source.get(index, finish)
 
 
 def test_stop_while_the_loop_waits_for_data(tmp_path, monkeypatch):
