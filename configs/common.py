@@ -137,6 +137,7 @@ def esvit_config(size: str, window_size: int = 7) -> ml_collections.ConfigDict:
                  window_size=window_size, mlp_ratio=4.0, drop_path_rate=0.1, norm_eps=1e-6,
                  init_from="", dtype="float32", remat="none", attention="xla")
   c.loss.update(dino_weight=0.5, region_weight=0.5, teacher_temp=(0.04, 0.07), teacher_temp_warmup_epochs=30.0)
+  c.head.norm_last_layer = False  # --norm_last_layer false
   c.batch_size = 512  # 16 GPUs x 32
   c.epochs = 300.0
   return c

@@ -9,9 +9,8 @@ Mirrors microsoft/esvit's README command: `main_esvit.py --arch swin_tiny --batc
 experiments/imagenet/swin/swin_tiny_patch4_window7_224.yaml` (drop path 0.1, 2×224 + 8×96 crops,
 lr 5e-4 × batch / 256, weight decay 0.04 → 0.4, teacher momentum 0.996 → 1). The paper reports
 linear 78.0% (78.1% in the paper's table) and k-NN 75.7% top-1 on ImageNet for this model.
-
-Not yet as in the official run: `--norm_last_layer false` (a trainable weight-norm gain of the
-heads' last layer); here the gain is fixed to 1, DINO's `norm_last_layer=True`.
+`--norm_last_layer false`: the heads' last layers have a trainable weight-norm gain; DINO's
+per-tensor clipping at 3 and last-layer freeze (`freeze_mode="skip"`), as `main_esvit.py` uses.
 `:tiny` is the same recipe shrunk to a seconds-long CPU run (used by the tests).
 """
 from configs import common
