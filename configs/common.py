@@ -72,6 +72,17 @@ def base_config() -> ml_collections.ConfigDict:
                                grid_blocks=(1, 4), crop_scale=(0.08, 1.0), seed=0, baselines=False,
                                train_split="train", test_split="validation")
   c.checkpoint = dict(every_steps=1000, keep=3)
+  # A phase continues another run under this config (dino_jax.phases): the carried parts of
+  # start_from's checkpoint (start_step; -1 the newest) start this run. Carrying "step" continues
+  # the step count and with it every schedule (`epochs` then counts all phases); without it the
+  # schedules restart. A changed position-embedding grid is resized once and stored.
+  c.phase = dict(name="", start_from="", start_step=-1,
+                 carry=("params", "teacher", "opt_state", "centers", "step"))
+  # Distillation (dino_jax.distill; DINOv2 Sec. 5): a frozen teacher from run `teacher` (its
+  # EMA teacher; teacher_step -1 the newest) gives the targets; `distill.model` / `distill.head`
+  # (set by the distillation configs) are its architecture. The train state's "teacher" is then
+  # the EMA of the student: the model extract, the evaluators and export use.
+  c.distill = dict(teacher="", teacher_step=-1)
   # Devices: ("data", "fsdp") mesh; arrays of >= fsdp_min_size elements are split over "fsdp".
   c.mesh = dict(fsdp=1, fsdp_min_size=2 ** 20)
   return c

@@ -145,10 +145,29 @@ def _saving(mngr: ocp.CheckpointManager):
                     f"checkpoint: {f'step {last[0]}' if last else 'none'}") from e
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict, force: bool = False) -> bool:
-  """Starts saving `state` as `step` when the interval (or `force`) says so; whether it did."""
+def save(mngr: ocp.CheckpointManager, step: int, state: dict, force: bool = False,
+         metadata: dict | None = None) -> bool:
+  """Starts saving `state` as `step` when the interval (or `force`) says so; whether it did.
+  `metadata` (JSON) goes into the checkpoint's metadata (the phase, the distillation teacher)."""
   with _saving(mngr):
-    return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+    return mngr.save(step, args=ocp.args.StandardSave(state), force=force, custom_metadata=metadata or {})
+
+
+def saved_metadata(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The `metadata` that `save` wrote with checkpoint `step` ({} for older checkpoints)."""
+  return dict(mngr.metadata(step).custom_metadata or {})
+
+
+def fingerprint(step_dir: pathlib.Path) -> str:
+  """A short sha256 over the files of a checkpoint (their MANIFEST, or the files themselves
+  where it has none): the same for any copy of it, whatever the device count."""
+  manifest = step_dir / MANIFEST
+  if manifest.is_file():
+    text = manifest.read_text()
+  else:
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in NOT_IN_MANIFEST)
+    text = "".join(f"{_sha256(p)}  {p.relative_to(step_dir)}\n" for p in files)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def wait_until_saved(mngr: ocp.CheckpointManager) -> None:
@@ -164,9 +183,14 @@ def prune(mngr: ocp.CheckpointManager, keep: int) -> None:
     mngr.delete(step)
 
 
-def _shapes_by_name(tree) -> dict[str, tuple]:
+def shapes_by_name(tree) -> dict[str, tuple]:
+  """{"part/.../name": shape} of a pytree's arrays (or of a checkpoint's array metadata)."""
   return {path_name(path): tuple(getattr(leaf, "shape", ()))
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _by_name(tree) -> dict:
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def weights_manager(workdir: str) -> ocp.CheckpointManager:
@@ -180,11 +204,11 @@ def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> None:
   are not those of `state`: a run directory of another config or architecture."""
   mngr = weights_manager(str(step_dir.parent.parent))
   with _read_errors_as_damage():
-    saved = _shapes_by_name(mngr.item_metadata(int(step_dir.name)))
+    saved = shapes_by_name(mngr.item_metadata(int(step_dir.name)))
   mngr.close()
   if not saved:
     raise DamagedCheckpoint("its array metadata cannot be read")
-  wanted = _shapes_by_name(state)
+  wanted = shapes_by_name(state)
   diffs = [f"{k}: checkpoint {saved.get(k, 'missing')} vs config {wanted.get(k, 'missing')}"
            for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
   if diffs:
@@ -218,12 +242,32 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
   return restored
 
 
+def saved_teacher_shapes(workdir: str, step: int | None = None) -> tuple[dict[str, tuple], int]:
+  """(`shapes_by_name` of the teacher of run `workdir` at `step` (default: the newest
+  readable checkpoint), that step), from the metadata alone."""
+  mngr = weights_manager(workdir)
+  if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
+    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
+                     f"(has: {sorted(mngr.all_steps()) or 'none'})")
+
+  def read(step):
+    saved = mngr.item_metadata(step)
+    if not saved:
+      raise DamagedCheckpoint("its array metadata cannot be read")
+    return shapes_by_name(saved["teacher"]["value"])
+
+  directory = pathlib.Path(str(mngr.directory))
+  shapes, found, _ = read_newest(directory, mngr.all_steps() if step is None else [step], read)
+  mngr.close()
+  return shapes, found
+
+
 def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = None,
-                    student: bool = False) -> tuple[dict, int]:
+                    student: bool = False, shardings: dict | None = None) -> tuple[dict, int]:
   """Those of `parts` ("backbone", "head", "ibot_head") that the teacher (or student) of run
   `workdir` has at `step` (default: the newest readable checkpoint, reporting newer damaged
-  ones), as saved, replicated on this host's devices; nothing else is read. Returns
-  (weights, step)."""
+  ones), as saved; nothing else is read. Each array is placed as `shardings` ({part: pytree of
+  shardings}) says, else replicated on this host's devices. Returns (weights, step)."""
   mngr = weights_manager(workdir)
   if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
     raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
@@ -241,7 +285,10 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
       raise UsageError(f"{workdir!r} holds no student weights (a converted model holds its teacher only)")
     replicated = sharding.replicated(sharding.make_mesh())
     wanted = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[p]) for p in parts if p in saved}
-    args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=replicated), wanted)
+    placed = {name: sh for part, tree in (shardings or {}).items()
+              for name, sh in _by_name({part: tree}).items()}
+    args = jax.tree_util.tree_map_with_path(
+        lambda path, _: ocp.ArrayRestoreArgs(sharding=placed.get(path_name(path), replicated)), wanted)
     nest = (lambda x: {"params": x}) if student else (lambda x: {"teacher": {"value": x}})
     restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=nest(wanted), restore_args=nest(args),
                                                               partial_restore=True))
@@ -256,6 +303,41 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
   return weights, found
 
 
+def restore_state_parts(workdir: str, like: dict, step: int | None = None) -> tuple[dict, int]:
+  """The top-level parts of run `workdir`'s train state that `like` (a part of a train state)
+  names, at `step` (default: the newest readable checkpoint), each array with its saved shape,
+  placed as `like`'s array of the same name (replicated where the shapes differ). UsageError
+  naming the arrays that the checkpoint lacks. Returns (parts, step)."""
+  mngr = weights_manager(workdir)
+  if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
+    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
+                     f"(has: {sorted(mngr.all_steps()) or 'none'})")
+
+  def read(step):
+    saved = shapes_by_name(mngr.item_metadata(step) or {})
+    if not saved:
+      raise DamagedCheckpoint("its array metadata cannot be read")
+    missing = sorted((name for name in shapes_by_name(like) if name not in saved),
+                     key=lambda name: name.startswith("opt_state"))  # the parameters first
+    if missing:
+      raise UsageError(f"checkpoint {step} of {workdir!r} has no {', '.join(missing[:3])}"
+                       f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}: another kind of run")
+    replicated = sharding.replicated(next(iter(jax.tree.leaves(like))).sharding.mesh)
+    shape = lambda path: saved[path_name(path)]
+    item = jax.tree_util.tree_map_with_path(lambda p, x: jax.ShapeDtypeStruct(shape(p), x.dtype), like)
+    args = jax.tree_util.tree_map_with_path(lambda p, x: ocp.ArrayRestoreArgs(
+        sharding=x.sharding if shape(p) == x.shape else replicated, global_shape=shape(p), dtype=x.dtype), like)
+    return mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+
+  directory = pathlib.Path(str(mngr.directory))
+  parts, found, damaged = read_newest(directory, mngr.all_steps() if step is None else [step], read)
+  for bad, why in damaged.items():
+    logging.warning("checkpoint %d in %s is damaged (%s); using step %d, the newest readable one",
+                    bad, directory, why, found)
+  mngr.close()
+  return parts, found
+
+
 def init_from_run(state: dict, workdir: str) -> dict:
   """`state` whose student and teacher start from the teacher of run `workdir` (a converted
   PyTorch model or another run): its backbone, which must fit the config (a mask token it lacks
@@ -265,7 +347,7 @@ def init_from_run(state: dict, workdir: str) -> dict:
     raise UsageError(f"model.init_from={workdir!r}: its checkpoint has no teacher backbone")
   params = dict(state["params"])
   for part, theirs in source.items():
-    have, got = _shapes_by_name(params[part]), _shapes_by_name(theirs)
+    have, got = shapes_by_name(params[part]), shapes_by_name(theirs)
     diffs = [f"{k}: {got.get(k, 'missing')} vs config {have.get(k, 'missing')}"
              for k in sorted(have.keys() | got.keys()) if have.get(k) != got.get(k) and k != "mask_token"]
     if diffs and part == "backbone":

@@ -118,7 +118,7 @@ def _check_crops(cfg, backbone) -> None:
 
 def _check_masking(cfg, backbone) -> None:
   """With iBOT on, every step masks some patches (else its loss and targets are empty)."""
-  if "ibot" not in objectives.active(cfg):
+  if "ibot" not in objectives.active(cfg) or cfg.get("distill", {}).get("teacher"):  # distillation masks nothing
     return
   if cfg.model.get("name", "vit") != "vit":
     raise UsageError(f"loss.ibot_weight > 0 needs a ViT (model.name=vit): {cfg.model.name} has no mask token")
@@ -136,6 +136,38 @@ def _check_masking(cfg, backbone) -> None:
                      f"{h * w} patches of a global crop: nothing would be masked")
 
 
+PHASE_CARRY = ("params", "teacher", "opt_state", "centers", "step")
+
+
+def _check_lineage(cfg, backbone) -> None:
+  """A phase (`phase.*`) and distillation (`distill.*`) settings that can work."""
+  phase = cfg.get("phase", {})
+  if phase.get("start_from"):
+    if cfg.model.get("init_from"):
+      raise UsageError("set phase.start_from or model.init_from, not both")
+    unknown = sorted(set(phase.carry) - set(PHASE_CARRY))
+    if unknown:
+      raise UsageError(f"phase.carry: unknown part(s) {', '.join(unknown)} (known: {', '.join(PHASE_CARRY)})")
+  d = cfg.get("distill", {})
+  if not d.get("teacher"):
+    return
+  if "model" not in d or "head" not in d:
+    raise UsageError("distill.teacher needs the teacher's architecture in distill.model and distill.head "
+                     "(see configs/demo_distill_fashion_mnist.py)")
+  if "region" in objectives.active(cfg):
+    raise UsageError("distillation (distill.teacher) does not support EsViT's region loss (loss.region_weight)")
+  if d.head.out_dim != cfg.head.out_dim:
+    raise UsageError(f"distill.head.out_dim {d.head.out_dim} must equal head.out_dim {cfg.head.out_dim}: "
+                     "the student learns the teacher's prototypes")
+  models.backbone_class(d.model)
+  _check_heads(d.model)
+  if "ibot" in objectives.active(cfg):
+    theirs = models.make_backbone(d.model).grid(cfg.aug.global_size)
+    if theirs != backbone.grid(cfg.aug.global_size):
+      raise UsageError(f"with iBOT the teacher's patch grid {theirs} must be the student's "
+                       f"{backbone.grid(cfg.aug.global_size)} on global crops (distill.model.patch_size)")
+
+
 def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """One UsageError for a config the train step cannot run or would run without meaning."""
   _check_counts(cfg, num_devices)
@@ -145,6 +177,7 @@ def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   backbone = models.make_backbone(cfg.model)
   _check_crops(cfg, backbone)
   _check_masking(cfg, backbone)
+  _check_lineage(cfg, backbone)
 
 
 def size_warnings(cfg: ml_collections.ConfigDict, overridden=()) -> list[str]:

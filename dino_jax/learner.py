@@ -5,7 +5,9 @@
 
 `build` puts both on a mesh: the state placed by `sharding.fsdp_spec`, the batch split over
 every device, the state donated. Which heads the model has and which losses the step sums
-follow from the config (`dino_jax.objectives`).
+follow from the config (`dino_jax.objectives`). With `distill.teacher` the targets come from a
+frozen teacher held outside the state (`dino_jax.distill`) and the state's teacher is the EMA
+of the student.
 """
 import functools
 from typing import Callable, NamedTuple
@@ -13,10 +15,12 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from dino_jax import augment
 from dino_jax import config_checks
+from dino_jax import distill
 from dino_jax import losses
 from dino_jax import masking
 from dino_jax import models
@@ -84,12 +88,17 @@ def per_image(out: dict, b: int) -> dict:
   return grouped
 
 
-def train_step(state, batch, *, model, tx, schedules, cfg, batch_sharding=None):
+def train_step(state, batch, frozen_teacher=None, *, model, tx, schedules, cfg, batch_sharding=None,
+               teacher_model=None):
   """One update of the student by the config's objectives, then the teacher EMA and the centers.
 
   batch: "global" [B, 2, G, G, 3], "local" [B, N, L, L, 3] views and, with iBOT, "masks"
   [B, 2, num_patches] bool for the student's global crops. `batch_sharding` (the jitted step's)
   keeps the flattened views split along the batch.
+
+  Distillation (`dino_jax.distill`): the targets come from `frozen_teacher`, the parameters of
+  `teacher_model`, which nothing updates; state["teacher"] is the EMA of the student; the
+  student's crops are not masked and iBOT compares every patch token (DINOv2 Sec. 5).
   """
   step = state["step"]
   rng_global, rng_local = jax.random.split(jax.random.fold_in(state["rng"], step))
@@ -99,12 +108,18 @@ def train_step(state, batch, *, model, tx, schedules, cfg, batch_sharding=None):
   names = objectives.active(cfg)
   mask = index = valid = None
   teacher = {}
-  if "ibot" in names:
+  distilling = frozen_teacher is not None
+  if "ibot" in names and distilling:
+    num_patches = int(np.prod(model.backbone.grid(glob.shape[1])))
+    index, teacher["token_weights"], valid = masking.masked_token_index(
+        jnp.ones((glob.shape[0], num_patches), bool), num_patches)
+  elif "ibot" in names:
     mask = batch["masks"].reshape(glob.shape[0], -1)
     index, teacher["token_weights"], valid = masking.masked_token_index(
         mask, masking.max_masked_per_image(mask.shape[1], cfg.mask))
 
-  t_out = per_image(jax.lax.stop_gradient(model.apply({"params": state["teacher"].value}, glob, patch_index=index)), b)
+  t_model, t_params = (teacher_model, frozen_teacher) if distilling else (model, state["teacher"].value)
+  t_out = per_image(jax.lax.stop_gradient(t_model.apply({"params": t_params}, glob, patch_index=index)), b)
   teacher |= objectives.teacher_targets(t_out, state, temp, cfg, valid)
   if "regions" in t_out:
     teacher["regions"] = t_out["regions"]
@@ -180,29 +195,42 @@ class Trainer(NamedTuple):
   step_masks: Callable | None  # step -> this process's iBOT masks (host), None without iBOT
   model: models.DINOModel
   batch_sharding: jax.sharding.NamedSharding
+  frozen_teacher: distill.FrozenTeacher | None  # distillation's teacher, outside the state
 
 
-def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int) -> Trainer:
+def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int,
+          frozen_teacher: distill.FrozenTeacher | None = None) -> Trainer:
   """Initial state (placed by `fsdp_spec`) and the train step jitted with the batch split
-  over all devices."""
+  over all devices. A distillation config reads its frozen teacher (`distill.load_teacher`)
+  unless `frozen_teacher` is given."""
   config_checks.check(cfg, mesh.size)
   batch_sharding = sharding.batch_sharding(mesh)
   model = make_model(cfg, batch_sharding)
+  teacher_model = None
+  if distill.active(cfg):
+    teacher_model = make_model(distill.teacher_config(cfg), batch_sharding)
+    frozen_teacher = frozen_teacher or distill.load_teacher(cfg, mesh, teacher_model)
   schedules = optim.make_schedules(cfg, steps_per_epoch)
   tx = optim.make_optimizer(cfg, schedules, steps_per_epoch, model.backbone)
   replicated = sharding.replicated(mesh)
   init = functools.partial(init_state, cfg, model, tx)
   state_sharding = sharding.state_shardings(jax.eval_shape(init), mesh, cfg)
   state = jax.jit(init, out_shardings=state_sharding)()
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedules=schedules, cfg=cfg,
-                                      batch_sharding=batch_sharding),
-                    in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, replicated), donate_argnums=0)
+  step_fn = functools.partial(train_step, model=model, tx=tx, schedules=schedules, cfg=cfg,
+                              batch_sharding=batch_sharding, teacher_model=teacher_model)
+  if frozen_teacher is None:
+    step_fn = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  else:  # the frozen teacher is an argument (placed as loaded), never donated nor returned
+    teacher_sharding = jax.tree.map(lambda x: x.sharding, frozen_teacher.params)
+    distill_fn = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, teacher_sharding),
+                         out_shardings=(state_sharding, replicated), donate_argnums=0)
+    step_fn = lambda state, batch: distill_fn(state, batch, frozen_teacher.params)
   views_fn = jax.jit(functools.partial(make_views, cfg=cfg), in_shardings=(replicated, None, batch_sharding),
                      out_shardings=batch_sharding)
   step_masks = None
-  if "ibot" in objectives.active(cfg):
+  if "ibot" in objectives.active(cfg) and frozen_teacher is None:
     num_global = len(augment.view_specs(cfg.aug)[0])
     step_masks = functools.partial(masking.step_masks, cfg, grid=model.backbone.grid(cfg.aug.global_size),
                                    num_global=num_global)
-  return Trainer(state, step_fn, views_fn, step_masks, model, batch_sharding)
+  return Trainer(state, step_fn, views_fn, step_masks, model, batch_sharding, frozen_teacher)

@@ -36,7 +36,7 @@ def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
         break
       raise ValueError(f"line {i + 1} of {workdir}/metrics.jsonl is not JSON") from None
     for k, v in row.items():
-      if k != "step":
+      if k != "step" and isinstance(v, (int, float)):  # not the tags (a phase's name)
         series.setdefault(k, ([], []))
         series[k][0].append(row["step"])
         series[k][1].append(v)

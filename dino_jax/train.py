@@ -30,9 +30,11 @@ from dino_jax import checkpoints
 from dino_jax import config_checks
 from dino_jax import crops
 from dino_jax import data
+from dino_jax import distill
 from dino_jax import evaluators
 from dino_jax import learner
 from dino_jax import optim
+from dino_jax import phases
 from dino_jax import sharding
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
@@ -84,10 +86,12 @@ def keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
 
 class MetricWriter:
   """Scalars to <workdir>/metrics.jsonl and TensorBoard (process 0 only), from `start_step` on
-  (rows past it, from before a resume, are dropped)."""
+  (rows past it, from before a resume, are dropped); `tags` (e.g. the phase's name) go into
+  every metrics.jsonl row."""
 
-  def __init__(self, workdir: str, start_step: int = 0):
+  def __init__(self, workdir: str, start_step: int = 0, tags: dict | None = None):
     self.active = jax.process_index() == 0
+    self.tags = tags or {}
     if self.active:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       keep_metrics_up_to(pathlib.Path(workdir) / "metrics.jsonl", start_step)
@@ -98,7 +102,7 @@ class MetricWriter:
     if not self.active:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.write(json.dumps({"step": step, **self.tags, **scalars}) + "\n")
     self.jsonl.flush()
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
@@ -151,19 +155,36 @@ def eval_every_steps(name: str, ecfg: ml_collections.ConfigDict, steps_per_epoch
   return ecfg.every_steps
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None) -> dict:
+def lineage_metadata(cfg: ml_collections.ConfigDict, mngr, trainer: learner.Trainer) -> dict:
+  """What each checkpoint of the run records about where it comes from: the phase it belongs to
+  ("phase", as `phases.start` made it when the phase began) and the distillation teacher
+  ("distill_teacher"). UsageError when the run resumes against another teacher than the one it
+  was trained against."""
+  step = mngr.latest_step()
+  saved = {} if step is None else checkpoints.saved_metadata(mngr, step)
+  out = {"phase": saved["phase"]} if "phase" in saved else {}
+  if trainer.frozen_teacher is not None:
+    if step is not None:
+      distill.check_same_teacher(saved.get("distill_teacher"), trainer.frozen_teacher, str(mngr.directory), step)
+    out["distill_teacher"] = trainer.frozen_teacher.record
+  return out
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None,
+          frozen_teacher: distill.FrozenTeacher | None = None) -> dict:
   """Trains (or resumes) the run in `workdir`, holding its `WorkdirLock`; returns the final
   state and evaluation results.
 
   `max_steps` stops early (after that many total steps) without changing any schedule:
-  the way tests and users simulate an interrupted run.
+  the way tests and users simulate an interrupted run. `frozen_teacher`: a distillation
+  teacher already loaded (`distill.load_teacher`), else the config's is read.
   """
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   with checkpoints.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-    return _train(cfg, workdir, max_steps)
+    return _train(cfg, workdir, max_steps, frozen_teacher)
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) -> dict:
+def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None, frozen_teacher) -> dict:
   mesh = sharding.make_mesh(cfg)
   config_checks.check(cfg, mesh.size)  # also for configs built in Python (main has checked the CLI's)
   train_src = data.make_source(cfg.data, cfg.data.train_split)
@@ -172,14 +193,17 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) 
   total_steps = optim.total_steps(cfg, steps_per_epoch)
   eval_every = {name: eval_every_steps(name, e, steps_per_epoch) for name, e in cfg.evals.items()}
 
-  trainer = learner.build(cfg, mesh, steps_per_epoch)
+  trainer = learner.build(cfg, mesh, steps_per_epoch, frozen_teacher)
   if jax.process_index() == 0:
     print(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, "
           f"mesh {dict(mesh.shape)}, {total_steps} steps", flush=True)
   mngr = checkpoints.checkpoint_manager(workdir, cfg)
   state = checkpoints.restore_or_keep(mngr, trainer.state)  # refuses another config: nothing written yet
   checkpoints.prune(mngr, cfg.checkpoint.keep)
-  if cfg.model.init_from and mngr.latest_step() is None:
+  lineage = lineage_metadata(cfg, mngr, trainer)  # refuses another distillation teacher
+  if mngr.latest_step() is None and phases.active(cfg):
+    state, lineage["phase"] = phases.start(state, cfg)
+  elif cfg.model.init_from and mngr.latest_step() is None:
     state = checkpoints.init_from_run(state, cfg.model.init_from)
   start_step = int(state["step"])
   if jax.process_index() == 0:
@@ -189,7 +213,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) 
   to_global = lambda tree: jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(trainer.batch_sharding, x), tree)
 
-  writer = MetricWriter(workdir, start_step)
+  writer = MetricWriter(workdir, start_step, {"phase": lineage["phase"]["name"]} if "phase" in lineage else {})
   end_step = total_steps if max_steps is None else min(max_steps, total_steps)
   batches = data.train_batches(train_src, cfg.batch_size, cfg.seed, start_step, crops.crop_specs(cfg.aug),
                                jax.process_index(), jax.process_count(), workers=cfg.data.get("workers", 8),
@@ -223,7 +247,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) 
         logging.warning("step %d: %s", done, warning)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
       writer.write(done, metrics)
-    if checkpoints.save(mngr, done, state, force=done == end_step):
+    if checkpoints.save(mngr, done, state, force=done == end_step, metadata=lineage):
       saved = done
     if stop_requested.is_set() or mngr.reached_preemption(done):
       break
@@ -235,7 +259,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) 
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
   if done < end_step:  # stopped on request (SIGTERM, Ctrl-C or a preemption notice)
     if saved != done:
-      checkpoints.save(mngr, done, state, force=True)
+      checkpoints.save(mngr, done, state, force=True, metadata=lineage)
     checkpoints.wait_until_saved(mngr)
     bar.update(done - bar.n)
     bar.write(f"stopped at step {done} on request (SIGTERM, Ctrl-C or preemption); "
@@ -250,7 +274,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None) 
     for evaluator in evals.values():
       evaluated = {"teacher": state["teacher"].value["backbone"]}
       if evaluator.ecfg.baselines:
-        evaluated["random_init"] = learner.build(cfg, mesh, steps_per_epoch).state["params"]["backbone"]
+        evaluated["random_init"] = learner.build(cfg, mesh, steps_per_epoch,
+                                                trainer.frozen_teacher).state["params"]["backbone"]
         evaluated["raw_pixels"] = None
       for who, params in evaluated.items():
         results.update({f"{metric}_{who}": v for metric, v in evaluator.run(params).items()})
@@ -372,7 +397,8 @@ def main(argv):
     print("\n" + "; ".join(evaluators.EVALUATORS[e.type].describe(e) for e in cfg.evals.values()
                            if e.every_steps >= 0) + ":")
     print(f"  {'':<17} " + " ".join(f"{m:>11}" for m in metrics))
-    for who, name in evaluators.EVALUATED.items():
+    names = evaluators.EVALUATED | ({"teacher": "student EMA"} if distill.active(cfg) else {})
+    for who, name in names.items():
       if f"knn_top1_{who}" in res:
         print(f"  {name:<17} " + " ".join(f"{res[f'{m}_{who}']:>11.4f}" for m in metrics))
   if "preempted_at" in res:

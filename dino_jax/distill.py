@@ -1,0 +1,99 @@
+"""Distillation from a frozen teacher (DINOv2, Oquab et al. 2023, Sec. 5 "Distillation").
+
+DINOv2's released ViT-S/B/L were trained "with the same training loop with a few exceptions: a
+larger model as a frozen teacher, a spare EMA of the student as the final model, no masking
+and no stochastic depth, and the iBOT loss applied on the two global crops". Here:
+
+- `config.distill.teacher` names a run directory (this project's runs, or `dino_jax.convert`ed
+  official training checkpoints with their heads); its EMA teacher (backbone, DINO head and
+  the iBOT head when the iBOT loss is on) is read once, checked against the configured
+  architecture (`distill.model`, `distill.head`), placed by the sharding rules and given to the
+  train step as a separate, never-updated argument: it is not part of the train state, so it
+  is neither optimized nor written into the checkpoints.
+- The train state's "teacher" is then the EMA of the student (`learner.train_step`), the model
+  that extract, the evaluators and export read.
+- The student's global crops are not masked; the iBOT loss compares every patch token.
+- Each checkpoint records the teacher (path, step and a fingerprint of its checkpoint files) in
+  its metadata; resuming against another teacher is one UsageError.
+"""
+import functools
+import os
+import pathlib
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dino_jax import checkpoints
+from dino_jax import objectives
+from dino_jax import sharding
+from dino_jax.errors import UsageError
+
+
+def active(cfg: ml_collections.ConfigDict) -> bool:
+  return bool(cfg.get("distill", {}).get("teacher"))
+
+
+def teacher_parts(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The parts of the teacher's checkpoint the targets need."""
+  separate_ibot = "ibot" in objectives.active(cfg) and not cfg.distill.head.get("share_ibot_head", False)
+  return ("backbone", "head") + (("ibot_head",) if separate_ibot else ())
+
+
+def teacher_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`cfg` with the teacher's architecture (`distill.model`, `distill.head`) in place of the
+  student's: `learner.make_model` of it is the teacher's model."""
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.model = cfg.distill.model
+  out.head = cfg.distill.head
+  return out
+
+
+class FrozenTeacher(NamedTuple):
+  params: dict  # {"backbone", "head"[, "ibot_head"]}, placed by the sharding rules
+  record: dict  # {"path", "step", "fingerprint"}: what each checkpoint's metadata records
+
+
+def load_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model) -> FrozenTeacher:
+  """The frozen teacher of `cfg.distill` for `model` (the teacher's `DINOModel`): read from its
+  run directory, checked against `model`'s parameters (one UsageError naming the differences)
+  and placed on `mesh` as parameters are (FSDP)."""
+  workdir = cfg.distill.teacher
+  parts = teacher_parts(cfg)
+  size = cfg.aug.global_size
+  index = jnp.zeros((1, 1), jnp.int32) if "ibot_head" in parts or "ibot" in objectives.active(cfg) else None
+  abstract = jax.eval_shape(functools.partial(model.init, patch_index=index), jax.random.PRNGKey(0),
+                            jnp.zeros((1, size, size, 3)))["params"]
+  abstract = {part: abstract[part] for part in parts}
+  step = cfg.distill.get("teacher_step", -1)
+  saved, found = checkpoints.saved_teacher_shapes(workdir, None if step < 0 else step)
+  wanted = checkpoints.shapes_by_name(abstract)
+  diffs = [f"{k}: teacher run {saved.get(k, 'missing')} vs distill config {wanted[k]}"
+           for k in sorted(wanted) if saved.get(k) != wanted[k]]
+  extra = [k for k in sorted(saved) if k.split("/")[0] in parts and k not in wanted
+           and not k.endswith("mask_token")]  # the frozen teacher never masks
+  diffs += [f"{k}: in the teacher run, not in distill.model / distill.head" for k in extra]
+  if diffs:
+    raise UsageError(f"distill.teacher={workdir!r} does not match distill.model / distill.head: {len(diffs)} "
+                     f"arrays differ, e.g. {'; '.join(diffs[:3])}")
+  placement = sharding.state_shardings(abstract, mesh, cfg)
+  params, found = checkpoints.restore_weights(workdir, parts, found, shardings=placement)
+  step_dir = pathlib.Path(os.path.abspath(workdir)) / "checkpoints" / str(found)
+  record = {"path": os.path.abspath(workdir), "step": found, "fingerprint": checkpoints.fingerprint(step_dir)}
+  return FrozenTeacher(params, record)
+
+
+def check_same_teacher(saved_record: dict | None, teacher: FrozenTeacher, workdir: str, step: int) -> None:
+  """UsageError when the checkpoint a run resumes from was trained against another teacher
+  (or none)."""
+  if saved_record is None:
+    raise UsageError(f"checkpoint {step} of {workdir} was not trained by distillation; distill.teacher="
+                     f"{teacher.record['path']!r} cannot resume it (use another --workdir)")
+  if saved_record.get("fingerprint") != teacher.record["fingerprint"]:
+    raise UsageError(
+        f"checkpoint {step} of {workdir} was trained against the teacher {saved_record.get('path')} "
+        f"(step {saved_record.get('step')}, fingerprint {saved_record.get('fingerprint')}), not distill.teacher="
+        f"{teacher.record['path']!r} (step {teacher.record['step']}, fingerprint {teacher.record['fingerprint']}): "
+        "resume with that teacher, or start another --workdir")
+

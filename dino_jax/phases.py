@@ -1,0 +1,73 @@
+"""Training phases: a run that continues another run under changed settings.
+
+DINOv2 ends its pretraining with a short high-resolution phase: "we increase the resolution of
+images to 518 × 518 during a short period at the end of pretraining" (Oquab et al. 2023,
+Sec. 4, "Adapting the resolution"), local crops staying at 98 px. A phase is a run directory
+of its own whose config sets `phase.start_from` (the run it continues) and `phase.carry`:
+
+- "params", "teacher", "opt_state", "centers": these parts of the train state come from the
+  other run's checkpoint (`phase.start_step`, default its newest); the rest start fresh.
+- "step": the step count, and with it every schedule (lr, weight decay, momentum, teacher
+  temperature), goes on from the other run's step, so `epochs` then counts the whole training
+  (all phases) and the phase trains the steps after it. Without it the schedules restart at 0
+  and span the phase's own `epochs`.
+
+A ViT whose `model.pos_embed_grid` changed (16 -> 37 for 224 -> 518 px crops with patch 14)
+gets its position embedding resized once, as the model resizes it on the fly, and stored at the
+new grid, as the released DINOv2 checkpoints hold it (37 × 37); the Adam moments of that array
+restart at 0. Any other array whose shape changed is one UsageError.
+
+The phase (name, where it started) is in every checkpoint's metadata and in the rows of
+`metrics.jsonl`; inside a phase a run resumes from its own checkpoints as any run does.
+"""
+import os
+
+from absl import logging
+import jax
+import ml_collections
+
+from dino_jax import checkpoints
+from dino_jax.errors import UsageError
+from dino_jax.models.vit import resize_pos_embed
+from dino_jax.optim import path_name
+
+
+def active(cfg: ml_collections.ConfigDict) -> bool:
+  return bool(cfg.get("phase", {}).get("start_from"))
+
+
+def carried_keys(state: dict, carry) -> list[str]:
+  """The train-state keys of the parts named in `phase.carry` ("centers": every center)."""
+  keys = []
+  for part in carry:
+    keys += sorted(k for k in state if k.endswith("center")) if part == "centers" else [part]
+  return keys
+
+
+def _fit(path, saved, fresh, *, model_cfg):
+  """The carried array `saved` in the shape of this config's `fresh` one."""
+  name = path_name(path)
+  if saved.shape == fresh.shape:
+    return saved
+  if name.endswith("backbone/pos_embed") and not name.startswith("opt_state"):
+    resized = resize_pos_embed(saved, fresh.shape[1:3], model_cfg.get("interpolate_offset", 0.1),
+                               model_cfg.get("interpolate_antialias", False))
+    return jax.device_put(resized, fresh.sharding)
+  if name.startswith("opt_state"):
+    logging.warning("phase: %s starts fresh (shape %s, was %s)", name, fresh.shape, saved.shape)
+    return fresh
+  raise UsageError(f"phase.start_from: {name} has shape {tuple(saved.shape)} there and {tuple(fresh.shape)} in this "
+                   "config; a phase may change the position-embedding grid, not the architecture")
+
+
+def start(state: dict, cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """`state` (a fresh one of this config) with the parts `phase.carry` names taken from run
+  `phase.start_from`; and the phase's record for the checkpoints' metadata."""
+  p = cfg.phase
+  keys = carried_keys(state, p.carry)
+  like = {k: state[k] for k in keys}
+  parts, found = checkpoints.restore_state_parts(p.start_from, like, None if p.start_step < 0 else p.start_step)
+  fitted = jax.tree_util.tree_map_with_path(lambda path, s, f: _fit(path, s, f, model_cfg=cfg.model), parts, like)
+  record = {"name": p.name, "start_from": os.path.abspath(p.start_from), "start_step": int(found),
+            "carry": list(p.carry)}
+  return dict(state, **fitted), record
