@@ -106,7 +106,8 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
 
   start = time.perf_counter()
   batch = batch_of(0)
-  compiled = trainer.train_step.lower(trainer.state, batch).compile()
+  compiled_step = trainer.compile_step(trainer.state, batch)
+  compiled = compiled_step.run
   compile_s = time.perf_counter() - start
   state, times = trainer.state, []
   for step in range(warmup + steps):
@@ -129,8 +130,94 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
       "tflop_per_step": flops / 1e12, "tflops_per_s": achieved,
       "mfu": achieved / (peak * jax.device_count()) if peak else None,
       "peak_memory_gib": (peak_memory_bytes() or 0) / 2 ** 30 or None,
+      "compiled_memory": compiled_memory(compiled_step.compiled),
       "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
   }
+
+
+# ---------------------------------------------------------------------------------------
+# Memory of the compiled step, without running it.
+# ---------------------------------------------------------------------------------------
+
+GIB = 2 ** 30
+DEVICE_GIB = (16, 32, 80, 95)  # e.g. V100 / TPU v4 and v5e, v5p 95 GiB, A100 / H100 80 GiB
+
+
+def compiled_memory(compiled) -> dict:
+  """Per-device memory of a compiled program (XLA's `memory_analysis`), in GiB: arguments (the
+  state and the batch), outputs, aliased (donated state reused as outputs), temporaries (XLA's
+  buffer assignment: the live intermediates at their peak), and peak = arguments + outputs -
+  aliased + temporaries. (XLA's own `peak_memory_in_bytes` leaves the temporaries out on CPU.)"""
+  m = compiled.memory_analysis()
+  out = {k: getattr(m, f"{k}_size_in_bytes") / GIB for k in ("argument", "output", "alias", "temp")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def abstract_batch(cfg, trainer) -> dict:
+  """The train step's batch (augmented views, iBOT masks) of `cfg.batch_size` as shapes."""
+  a, sh = cfg.aug, trainer.batch_sharding
+  crops = {"global": jax.ShapeDtypeStruct((cfg.batch_size, 2, a.global_size, a.global_size, 3), np.uint8, sharding=sh)}
+  if a.num_local:
+    crops["local"] = jax.ShapeDtypeStruct((cfg.batch_size, a.num_local, a.local_size, a.local_size, 3), np.uint8,
+                                          sharding=sh)
+  views = jax.eval_shape(trainer.make_views, jax.ShapeDtypeStruct((2,), np.uint32), 0, crops)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in views.items()}
+  if trainer.step_masks:
+    h, w = trainer.model.backbone.grid(a.global_size)
+    batch["masks"] = jax.ShapeDtypeStruct((cfg.batch_size, 2, h * w), bool, sharding=sh)
+  return batch
+
+
+def memory_report(cfg: ml_collections.ConfigDict) -> dict:
+  """Compiles the config's train step for this host's devices (real or fake:
+  XLA_FLAGS=--xla_force_host_platform_device_count=N) from shapes only, nothing allocated, and
+  returns its per-device memory (`compiled_memory`), the compile time and which device sizes
+  (`DEVICE_GIB`) it fits."""
+  mesh = sharding.make_mesh(cfg)
+  trainer = learner.build(cfg, mesh, steps_per_epoch=1000, abstract=True)
+  start = time.perf_counter()
+  step = trainer.compile_step(trainer.state, abstract_batch(cfg, trainer))
+  compile_s = time.perf_counter() - start
+  memory = compiled_memory(step.compiled)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["params"]))
+  return {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
+          "dtype": cfg.model.dtype, "remat": cfg.model.remat, "batch_size": cfg.batch_size,
+          "batch_per_device": cfg.batch_size // mesh.size,
+          "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
+          "student_params_m": params / 1e6, "compile_s": compile_s, "memory_gib": memory,
+          "fits_gib": {str(g): memory["peak"] <= g for g in DEVICE_GIB}}
+
+
+def find_max_batch(cfg: ml_collections.ConfigDict, limit_gib: float, largest: int = 4096) -> dict:
+  """The largest per-device batch (a power of two, then refined by bisection) whose compiled
+  step's peak memory (`memory_report`) fits in `limit_gib` per device; compiles only, so it
+  works on any backend. Returns {"batch_per_device", "batch_size", "report" of that batch,
+  "tried": {per-device batch: peak GiB}}."""
+  devices = sharding.make_mesh(cfg).size
+  tried, reports = {}, {}
+
+  def fits(per_device: int) -> bool:
+    c = cfg.copy_and_resolve_references()
+    c.batch_size = per_device * devices
+    reports[per_device] = memory_report(c)
+    tried[per_device] = reports[per_device]["memory_gib"]["peak"]
+    return tried[per_device] <= limit_gib
+
+  if not fits(1):
+    raise UsageError(f"a batch of 1 per device needs {tried[1]:.2f} GiB per device, more than "
+                     f"--memory_limit_gib={limit_gib:g}")
+  low, high = 1, None
+  while high is None and low < largest:
+    if fits(2 * low):
+      low *= 2
+    else:
+      high = 2 * low
+  while high is not None and high - low > 1:
+    mid = (low + high) // 2
+    low, high = (mid, high) if fits(mid) else (low, mid)
+  return {"batch_per_device": low, "batch_size": low * devices, "limit_gib": limit_gib,
+          "report": reports[low], "tried": tried}
 
 
 def photo_jpegs(folder: pathlib.Path, count: int) -> None:
@@ -180,6 +267,27 @@ _JSON = flags.DEFINE_string("json", "", "Append the result as a JSON line to thi
 _LOADER = flags.DEFINE_bool("loader", False, "Time the host's decode + crops instead of the train step.")
 _LOADER_IMAGES = flags.DEFINE_integer("loader_images", 256, "Images per timed pass of --loader.")
 _LOADER_WORKERS = flags.DEFINE_integer("loader_workers", 0, "Threads of --loader (0: the config's data.workers).")
+_MEMORY = flags.DEFINE_bool("memory", False, "Compile only and report the step's per-device memory (any device "
+                            "count: fake CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N).")
+_FIND_MAX_BATCH = flags.DEFINE_bool("find_max_batch", False, "Search the largest per-device batch whose step fits "
+                                    "--memory_limit_gib (compiles only).")
+_MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gib", None, "Per-device memory for --find_max_batch (default: "
+                                   "the device's own limit where the backend reports one).")
+
+
+def device_limit_gib() -> float | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats["bytes_limit"] / GIB if stats.get("bytes_limit") else None
+
+
+def print_memory(report: dict) -> None:
+  m = report["memory_gib"]
+  fits = ", ".join(f"{g} GiB {'yes' if ok else 'no'}" for g, ok in report["fits_gib"].items())
+  print(f"{report['device']} x{report['devices']} (mesh {report['mesh']}), {report['student_params_m']:.1f}M "
+        f"student parameters, batch {report['batch_size']} ({report['batch_per_device']} per device, "
+        f"{report['crops']}), {report['dtype']}, remat {report['remat']}: per device arguments "
+        f"{m['argument']:.2f} GiB, outputs {m['output']:.2f} (aliased {m['alias']:.2f}), temporaries "
+        f"{m['temp']:.2f}, peak {m['peak']:.2f} GiB; fits: {fits}; compile {report['compile_s']:.1f} s")
 
 
 def main(argv):
@@ -200,15 +308,37 @@ def main(argv):
             "images/s per core")
       print(json.dumps(result))
       return
-    result = benchmark(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value)
+    if _FIND_MAX_BATCH.value:
+      limit = _MEMORY_LIMIT.value or device_limit_gib()
+      if not limit or limit <= 0:
+        raise UsageError("--find_max_batch needs --memory_limit_gib (this backend reports no memory limit)")
+      result = find_max_batch(flags.FLAGS.config, limit)
+      for per_device, peak in sorted(result["tried"].items()):
+        print(f"  {per_device} per device: peak {peak:.2f} GiB {'fits' if peak <= limit else 'does not fit'}")
+      print(f"largest batch that fits {limit:g} GiB per device: {result['batch_per_device']} per device "
+            f"= {result['batch_size']} global")
+      print_memory(result["report"])
+    elif _MEMORY.value:
+      result = memory_report(flags.FLAGS.config)
+      print_memory(result)
+    else:
+      result = benchmark(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value)
   except UsageError as e:
     fail(str(e))
+  if _FIND_MAX_BATCH.value or _MEMORY.value:
+    write_json(result)
+    return
   mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no peak for this device)"
   mem = f"{result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] else "n/a"
   print(f"{result['device']} x{result['devices']}, batch {result['batch_size']} ({result['crops']}), "
         f"{result['dtype']}: {result['step_s_median']:.3f} s/step (median of {result['steps_timed']}), "
         f"{result['images_per_s']:.2f} images/s, {result['tflops_per_s']:.3f} TFLOP/s, MFU {mfu}, "
         f"peak memory {mem}, compile {result['compile_s']:.1f} s")
+  write_json(result)
+
+
+def write_json(result: dict) -> None:
+  """Prints `result` as a JSON line and appends it to --json."""
   line = json.dumps(result)
   print(line)
   if _JSON.value:

@@ -55,17 +55,28 @@ class FrozenTeacher(NamedTuple):
   record: dict  # {"path", "step", "fingerprint"}: what each checkpoint's metadata records
 
 
+def _teacher_shapes(cfg: ml_collections.ConfigDict, model) -> dict:
+  """The frozen teacher's parameters (`teacher_parts`) as shapes."""
+  size = cfg.aug.global_size
+  index = jnp.zeros((1, 1), jnp.int32) if "ibot" in objectives.active(cfg) else None
+  abstract = jax.eval_shape(functools.partial(model.init, patch_index=index), jax.random.PRNGKey(0),
+                            jnp.zeros((1, size, size, 3)))["params"]
+  return {part: abstract[part] for part in teacher_parts(cfg)}
+
+
+def abstract_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model) -> dict:
+  """The frozen teacher's parameters as shapes placed on `mesh` (compiling without reading it)."""
+  shapes = _teacher_shapes(cfg, model)
+  return sharding.placed_abstract(shapes, sharding.state_shardings(shapes, mesh, cfg))
+
+
 def load_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model) -> FrozenTeacher:
   """The frozen teacher of `cfg.distill` for `model` (the teacher's `DINOModel`): read from its
   run directory, checked against `model`'s parameters (one UsageError naming the differences)
   and placed on `mesh` as parameters are (FSDP)."""
   workdir = cfg.distill.teacher
   parts = teacher_parts(cfg)
-  size = cfg.aug.global_size
-  index = jnp.zeros((1, 1), jnp.int32) if "ibot_head" in parts or "ibot" in objectives.active(cfg) else None
-  abstract = jax.eval_shape(functools.partial(model.init, patch_index=index), jax.random.PRNGKey(0),
-                            jnp.zeros((1, size, size, 3)))["params"]
-  abstract = {part: abstract[part] for part in parts}
+  abstract = _teacher_shapes(cfg, model)
   step = cfg.distill.get("teacher_step", -1)
   saved, found = checkpoints.saved_teacher_shapes(workdir, None if step < 0 else step)
   wanted = checkpoints.shapes_by_name(abstract)

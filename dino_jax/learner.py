@@ -187,10 +187,17 @@ def augmentation_key(cfg) -> jax.Array:
 # ---------------------------------------------------------------------------------------
 
 
+class CompiledStep(NamedTuple):
+  """A train step compiled ahead of time for given shapes (`Trainer.compile_step`)."""
+  run: Callable  # (state, batch) -> (state, metrics)
+  compiled: jax.stages.Compiled  # memory_analysis(), cost_analysis()
+
+
 class Trainer(NamedTuple):
   """What a run needs on a mesh: initial state and the jitted, sharded functions."""
-  state: dict
+  state: dict  # with build(abstract=True): its shapes, dtypes and shardings only
   train_step: Callable  # (state, batch) -> (state, metrics)
+  compile_step: Callable  # (state, batch), arrays or abstract -> CompiledStep
   make_views: Callable  # (key_data, step, uint8 crops {"global", "local"}) -> augmented views
   step_masks: Callable | None  # step -> this process's iBOT masks (host), None without iBOT
   model: models.DINOModel
@@ -199,33 +206,42 @@ class Trainer(NamedTuple):
 
 
 def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int,
-          frozen_teacher: distill.FrozenTeacher | None = None) -> Trainer:
+          frozen_teacher: distill.FrozenTeacher | None = None, abstract: bool = False) -> Trainer:
   """Initial state (placed by `fsdp_spec`) and the train step jitted with the batch split
   over all devices. A distillation config reads its frozen teacher (`distill.load_teacher`)
-  unless `frozen_teacher` is given."""
+  unless `frozen_teacher` is given. `abstract`: nothing is allocated or read; the state (and a
+  frozen teacher) are shapes with shardings, for compiling only (`bench --memory`)."""
   config_checks.check(cfg, mesh.size)
   batch_sharding = sharding.batch_sharding(mesh)
   model = make_model(cfg, batch_sharding)
   teacher_model = None
   if distill.active(cfg):
     teacher_model = make_model(distill.teacher_config(cfg), batch_sharding)
+    if abstract:
+      frozen_teacher = distill.FrozenTeacher(distill.abstract_teacher(cfg, mesh, teacher_model), {})
     frozen_teacher = frozen_teacher or distill.load_teacher(cfg, mesh, teacher_model)
   schedules = optim.make_schedules(cfg, steps_per_epoch)
   tx = optim.make_optimizer(cfg, schedules, steps_per_epoch, model.backbone)
   replicated = sharding.replicated(mesh)
   init = functools.partial(init_state, cfg, model, tx)
   state_sharding = sharding.state_shardings(jax.eval_shape(init), mesh, cfg)
-  state = jax.jit(init, out_shardings=state_sharding)()
+  if abstract:
+    state = sharding.placed_abstract(jax.eval_shape(init), state_sharding)
+  else:
+    state = jax.jit(init, out_shardings=state_sharding)()
   step_fn = functools.partial(train_step, model=model, tx=tx, schedules=schedules, cfg=cfg,
                               batch_sharding=batch_sharding, teacher_model=teacher_model)
-  if frozen_teacher is None:
-    step_fn = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=(state_sharding, replicated), donate_argnums=0)
-  else:  # the frozen teacher is an argument (placed as loaded), never donated nor returned
-    teacher_sharding = jax.tree.map(lambda x: x.sharding, frozen_teacher.params)
-    distill_fn = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, teacher_sharding),
-                         out_shardings=(state_sharding, replicated), donate_argnums=0)
-    step_fn = lambda state, batch: distill_fn(state, batch, frozen_teacher.params)
+  # A frozen teacher is an extra argument (placed as loaded), never donated nor returned.
+  frozen = () if frozen_teacher is None else (frozen_teacher.params,)
+  jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, *[jax.tree.map(lambda x: x.sharding, f)
+                                                                            for f in frozen]),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+  def compile_step(state, batch) -> CompiledStep:
+    compiled = jitted.lower(state, batch, *frozen).compile()
+    return CompiledStep(lambda state, batch: compiled(state, batch, *frozen), compiled)
+
+  step = jitted if not frozen else (lambda state, batch: jitted(state, batch, *frozen))
   views_fn = jax.jit(functools.partial(make_views, cfg=cfg), in_shardings=(replicated, None, batch_sharding),
                      out_shardings=batch_sharding)
   step_masks = None
@@ -233,4 +249,4 @@ def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epo
     num_global = len(augment.view_specs(cfg.aug)[0])
     step_masks = functools.partial(masking.step_masks, cfg, grid=model.backbone.grid(cfg.aug.global_size),
                                    num_global=num_global)
-  return Trainer(state, step_fn, views_fn, step_masks, model, batch_sharding, frozen_teacher)
+  return Trainer(state, step, compile_step, views_fn, step_masks, model, batch_sharding, frozen_teacher)

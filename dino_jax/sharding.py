@@ -42,6 +42,12 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, cfg) -> dict:
                       abstract_state)
 
 
+def placed_abstract(tree, shardings):
+  """Shapes and dtypes of `tree` with `shardings` (what `jit(...).lower` compiles for, with
+  nothing allocated)."""
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 

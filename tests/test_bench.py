@@ -11,7 +11,10 @@ import pytest
 from configs import dino_vits16
 from configs import dinov2_vits14
 from dino_jax import bench
+from dino_jax import learner
 from dino_jax import models
+from dino_jax import sharding
+from dino_jax.errors import UsageError
 from tests.test_train import REPO
 
 
@@ -51,4 +54,48 @@ def test_bench_command_on_the_tiny_config(tmp_path):
   assert line["images_per_s"] == pytest.approx(16 / line["step_s_median"])
   assert line["mfu"] == pytest.approx(line["tflops_per_s"] / 8)
   assert line["loss_finite"]
+  assert set(line["compiled_memory"]) == {"argument", "output", "alias", "temp", "peak"}
   assert "images/s" in result.stdout
+
+
+def state_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_memory_report_counts_the_state_per_device():
+  """The compiled step's arguments are the train state and the batch: all of the state on each
+  device when replicated, about an eighth of its large arrays with FSDP over 8 devices."""
+  cfg = tiny_for_memory()
+  report = bench.memory_report(cfg)
+  trainer = learner.build(cfg, sharding.make_mesh(cfg), 1000, abstract=True)
+  assert isinstance(jax.tree.leaves(trainer.state)[0], jax.ShapeDtypeStruct)  # nothing allocated
+  state = state_bytes(trainer.state)
+  batch = state_bytes(bench.abstract_batch(cfg, trainer)) / 8
+  m = report["memory_gib"]
+  assert set(m) == {"argument", "output", "alias", "temp", "peak"}
+  assert m["argument"] * bench.GIB == pytest.approx(state + batch, rel=0.01)
+  assert m["alias"] * bench.GIB == pytest.approx(state, rel=0.01)  # the donated state becomes the new one
+  assert m["temp"] > 0 and m["peak"] == pytest.approx(m["argument"] + m["output"] - m["alias"] + m["temp"])
+  assert report["fits_gib"] == {"16": True, "32": True, "80": True, "95": True}
+  assert report["batch_per_device"] == 2 and report["devices"] == 8
+  split = bench.memory_report(tiny_for_memory(**{"mesh.fsdp": 8, "mesh.fsdp_min_size": 1024}))
+  assert split["memory_gib"]["argument"] < 0.5 * m["argument"]
+
+
+def tiny_for_memory(**overrides):
+  cfg = dinov2_vits14.get_config("tiny")  # iBOT masks in the batch, separate heads
+  cfg.head.update(out_dim=4096)  # a head large enough to dominate the state
+  cfg.update_from_flattened_dict(overrides)
+  return cfg
+
+
+def test_find_max_batch_is_the_largest_that_fits():
+  cfg = tiny_for_memory()
+  limit = bench.memory_report(cfg)["memory_gib"]["peak"] * 1.25  # above 2 per device, below 4
+  result = bench.find_max_batch(cfg, limit)
+  best = result["batch_per_device"]
+  assert result["tried"][best] <= limit < result["tried"][best + 1]
+  assert 2 <= best < 4 and result["batch_size"] == 8 * best
+  assert list(result["tried"])[:3] == [1, 2, 4]  # doubling, then bisection
+  with pytest.raises(UsageError, match="a batch of 1 per device needs"):
+    bench.find_max_batch(cfg, 1e-6)
