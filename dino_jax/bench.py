@@ -18,6 +18,12 @@ JPEG files of real images (the bundled Fashion-MNIST ones, upsampled and tiled; 
 average ImageNet photo's size). A TFDS source hands over decoded arrays (no reduced-size
 decode), so its rate is not what this measures. Prints images/s and images/s per core (the threads share
 min(W, cores) cores).
+
+  python -m dino_jax.bench --config configs/dinov2_vitg14.py --config.mesh.fsdp=8 --memory
+  python -m dino_jax.bench --config configs/dinov2_vitl14.py --find_max_batch [--memory_limit_gib 80]
+
+compile the step from shapes alone (nothing allocated) and print its per-device memory
+(`memory_report`), or search the largest per-device batch that fits (`find_max_batch`).
 """
 import concurrent.futures
 import json
@@ -36,6 +42,7 @@ import numpy as np
 
 from dino_jax import crops
 from dino_jax import data
+from dino_jax import distill
 from dino_jax import learner
 from dino_jax import models
 from dino_jax import objectives
@@ -51,34 +58,41 @@ PEAK_TFLOPS = {  # dense bf16 per device, from the vendors' data sheets
 }
 
 
-def head_forward_flops(cfg, embed_dim: int, tokens: float) -> float:
-  """Forward FLOPs of the DINO head on `tokens` vectors: its linear layers, 2·in·out each."""
-  h, d = cfg.head, embed_dim
+def head_forward_flops(cfg, embed_dim: int, tokens: float, head=None) -> float:
+  """Forward FLOPs of a DINO head (`head`, default cfg.head) on `tokens` vectors: its linear
+  layers, 2·in·out each."""
+  h, d = head or cfg.head, embed_dim
   dims = [d] + [h.hidden_dim] * (h.num_layers - 1) + [h.bottleneck_dim, h.out_dim]
   return tokens * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
 
 
-def train_step_flops(cfg) -> float:
-  """FLOPs of one train step: teacher forward on the 2 global crops, student forward and
-  backward (3x forward) on all crops. The backbone's are its `forward_flops`; the heads' run
-  on each global embedding, with iBOT on the masked patch tokens (their expected count at the
-  config's mask ratio), with EsViT's region loss on every region token."""
+def forward_flops(cfg, model_cfg, head_cfg, with_local: bool) -> float:
+  """Forward FLOPs of one network of the step on the batch's global crops (and local ones):
+  the backbone's `forward_flops`, the heads on each global embedding, with iBOT on the masked
+  patch tokens (their expected count at the config's mask ratio; every patch when
+  distilling), with EsViT's region loss on every region token."""
   a, b = cfg.aug, cfg.batch_size
-  backbone = models.make_backbone(cfg.model)
+  backbone = models.make_backbone(model_cfg)
   names = objectives.active(cfg)
 
   def per_view(size):
     h, w = backbone.grid(size)
     tokens = 1 + (h * w if "region" in names else 0)
-    return backbone.forward_flops(size) + head_forward_flops(cfg, backbone.embed_dim, tokens)
+    return backbone.forward_flops(size) + head_forward_flops(cfg, backbone.embed_dim, tokens, head_cfg)
 
-  glob = 2 * b * per_view(a.global_size)
-  local = a.num_local * b * per_view(a.local_size)
+  out = 2 * b * per_view(a.global_size) + (a.num_local * b * per_view(a.local_size) if with_local else 0)
   if "ibot" in names:
     h, w = backbone.grid(a.global_size)
-    masked = cfg.mask.mask_prob * np.mean(cfg.mask.mask_ratio) * h * w
-    glob += 2 * b * head_forward_flops(cfg, backbone.embed_dim, masked)
-  return glob + 3 * (glob + local)
+    patches = h * w if distill.active(cfg) else cfg.mask.mask_prob * np.mean(cfg.mask.mask_ratio) * h * w
+    out += 2 * b * head_forward_flops(cfg, backbone.embed_dim, patches, head_cfg)
+  return out
+
+
+def train_step_flops(cfg) -> float:
+  """FLOPs of one train step: the teacher's forward on the 2 global crops (the frozen teacher's
+  when distilling), the student's forward and backward (3x forward) on all crops."""
+  teacher = (cfg.distill.model, cfg.distill.head) if distill.active(cfg) else (cfg.model, cfg.head)
+  return forward_flops(cfg, *teacher, with_local=False) + 3 * forward_flops(cfg, cfg.model, cfg.head, True)
 
 
 def peak_memory_bytes() -> int | None:
@@ -140,7 +154,7 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
 # ---------------------------------------------------------------------------------------
 
 GIB = 2 ** 30
-DEVICE_GIB = (16, 32, 80, 95)  # e.g. V100 / TPU v4 and v5e, v5p 95 GiB, A100 / H100 80 GiB
+DEVICE_GIB = (16, 32, 80, 95)  # e.g. TPU v5e / V100 16, TPU v4 32, A100 / H100 80, TPU v5p 95
 
 
 def compiled_memory(compiled) -> dict:
@@ -149,6 +163,8 @@ def compiled_memory(compiled) -> dict:
   buffer assignment: the live intermediates at their peak), and peak = arguments + outputs -
   aliased + temporaries. (XLA's own `peak_memory_in_bytes` leaves the temporaries out on CPU.)"""
   m = compiled.memory_analysis()
+  if m is None:  # a backend without the analysis
+    return None
   out = {k: getattr(m, f"{k}_size_in_bytes") / GIB for k in ("argument", "output", "alias", "temp")}
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
@@ -180,6 +196,8 @@ def memory_report(cfg: ml_collections.ConfigDict) -> dict:
   step = trainer.compile_step(trainer.state, abstract_batch(cfg, trainer))
   compile_s = time.perf_counter() - start
   memory = compiled_memory(step.compiled)
+  if memory is None:
+    raise UsageError(f"the {jax.default_backend()} backend gives no memory analysis of compiled programs")
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["params"]))
   return {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
           "dtype": cfg.model.dtype, "remat": cfg.model.remat, "batch_size": cfg.batch_size,
@@ -217,7 +235,7 @@ def find_max_batch(cfg: ml_collections.ConfigDict, limit_gib: float, largest: in
     mid = (low + high) // 2
     low, high = (mid, high) if fits(mid) else (low, mid)
   return {"batch_per_device": low, "batch_size": low * devices, "limit_gib": limit_gib,
-          "report": reports[low], "tried": tried}
+          "at_search_limit": high is None, "report": reports[low], "tried": tried}
 
 
 def photo_jpegs(folder: pathlib.Path, count: int) -> None:
@@ -298,6 +316,8 @@ def main(argv):
       raise UsageError("--config is required")
     if _STEPS.value < 1 or _WARMUP.value < 0:
       raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if _FIND_MAX_BATCH.value + _MEMORY.value + _LOADER.value > 1:
+      raise UsageError("--memory, --find_max_batch and --loader are separate modes: give one")
     if _LOADER.value:
       if _LOADER_IMAGES.value < 1 or _LOADER_WORKERS.value < 0:
         raise UsageError("--loader_images must be >= 1 and --loader_workers >= 0")
@@ -316,7 +336,8 @@ def main(argv):
       for per_device, peak in sorted(result["tried"].items()):
         print(f"  {per_device} per device: peak {peak:.2f} GiB {'fits' if peak <= limit else 'does not fit'}")
       print(f"largest batch that fits {limit:g} GiB per device: {result['batch_per_device']} per device "
-            f"= {result['batch_size']} global")
+            f"= {result['batch_size']} global" + (" (the search's limit; more may fit)" if result["at_search_limit"]
+                                                  else ""))
       print_memory(result["report"])
     elif _MEMORY.value:
       result = memory_report(flags.FLAGS.config)

@@ -183,20 +183,29 @@ def prune(mngr: ocp.CheckpointManager, keep: int) -> None:
     mngr.delete(step)
 
 
+def by_name(tree) -> dict:
+  """{"part/.../name": leaf} of a pytree."""
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def shapes_by_name(tree) -> dict[str, tuple]:
   """{"part/.../name": shape} of a pytree's arrays (or of a checkpoint's array metadata)."""
-  return {path_name(path): tuple(getattr(leaf, "shape", ()))
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _by_name(tree) -> dict:
-  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {name: tuple(getattr(leaf, "shape", ())) for name, leaf in by_name(tree).items()}
 
 
 def weights_manager(workdir: str) -> ocp.CheckpointManager:
   """A manager of `workdir`'s checkpoints for reading their metadata and parts of them."""
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                item_handlers=ocp.PyTreeCheckpointHandler())
+
+
+def run_manager(workdir: str, step: int | None) -> ocp.CheckpointManager:
+  """`weights_manager(workdir)`; UsageError when it has no checkpoint (or not `step`)."""
+  mngr = weights_manager(workdir)
+  if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
+    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
+                     f"(has: {sorted(mngr.all_steps()) or 'none'})")
+  return mngr
 
 
 def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> None:
@@ -245,15 +254,14 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
 def saved_teacher_shapes(workdir: str, step: int | None = None) -> tuple[dict[str, tuple], int]:
   """(`shapes_by_name` of the teacher of run `workdir` at `step` (default: the newest
   readable checkpoint), that step), from the metadata alone."""
-  mngr = weights_manager(workdir)
-  if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
-    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
-                     f"(has: {sorted(mngr.all_steps()) or 'none'})")
+  mngr = run_manager(workdir, step)
 
   def read(step):
     saved = mngr.item_metadata(step)
     if not saved:
       raise DamagedCheckpoint("its array metadata cannot be read")
+    if "teacher" not in saved:
+      raise UsageError(f"{workdir!r} holds no teacher (not a dino_jax training or converted run)")
     return shapes_by_name(saved["teacher"]["value"])
 
   directory = pathlib.Path(str(mngr.directory))
@@ -268,10 +276,7 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
   `workdir` has at `step` (default: the newest readable checkpoint, reporting newer damaged
   ones), as saved; nothing else is read. Each array is placed as `shardings` ({part: pytree of
   shardings}) says, else replicated on this host's devices. Returns (weights, step)."""
-  mngr = weights_manager(workdir)
-  if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
-    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
-                     f"(has: {sorted(mngr.all_steps()) or 'none'})")
+  mngr = run_manager(workdir, step)
 
   def read(step):
     saved = mngr.item_metadata(step)
@@ -285,8 +290,7 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
       raise UsageError(f"{workdir!r} holds no student weights (a converted model holds its teacher only)")
     replicated = sharding.replicated(sharding.make_mesh())
     wanted = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[p]) for p in parts if p in saved}
-    placed = {name: sh for part, tree in (shardings or {}).items()
-              for name, sh in _by_name({part: tree}).items()}
+    placed = by_name(shardings or {})
     args = jax.tree_util.tree_map_with_path(
         lambda path, _: ocp.ArrayRestoreArgs(sharding=placed.get(path_name(path), replicated)), wanted)
     nest = (lambda x: {"params": x}) if student else (lambda x: {"teacher": {"value": x}})
@@ -308,20 +312,25 @@ def restore_state_parts(workdir: str, like: dict, step: int | None = None) -> tu
   names, at `step` (default: the newest readable checkpoint), each array with its saved shape,
   placed as `like`'s array of the same name (replicated where the shapes differ). UsageError
   naming the arrays that the checkpoint lacks. Returns (parts, step)."""
-  mngr = weights_manager(workdir)
-  if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
-    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
-                     f"(has: {sorted(mngr.all_steps()) or 'none'})")
+  mngr = run_manager(workdir, step)
 
   def read(step):
     saved = shapes_by_name(mngr.item_metadata(step) or {})
     if not saved:
       raise DamagedCheckpoint("its array metadata cannot be read")
-    missing = sorted((name for name in shapes_by_name(like) if name not in saved),
+    wanted = shapes_by_name(like)
+    missing = sorted((name for name in wanted if name not in saved),
                      key=lambda name: name.startswith("opt_state"))  # the parameters first
     if missing:
       raise UsageError(f"checkpoint {step} of {workdir!r} has no {', '.join(missing[:3])}"
                        f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}: another kind of run")
+    extra = sorted((name for name in saved if name.split("/")[0] in like and name not in wanted
+                    and not name.endswith("mask_token")),  # iBOT's, unused without it
+                   key=lambda name: name.startswith("opt_state"))
+    if extra:
+      raise UsageError(f"checkpoint {step} of {workdir!r} has {', '.join(extra[:3])}"
+                       f"{f' (and {len(extra) - 3} more)' if len(extra) > 3 else ''}, which this config lacks: "
+                       "another architecture")
     replicated = sharding.replicated(next(iter(jax.tree.leaves(like))).sharding.mesh)
     shape = lambda path: saved[path_name(path)]
     item = jax.tree_util.tree_map_with_path(lambda p, x: jax.ShapeDtypeStruct(shape(p), x.dtype), like)

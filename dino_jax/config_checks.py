@@ -21,6 +21,7 @@ from dino_jax import evaluators
 from dino_jax import models
 from dino_jax import objectives
 from dino_jax import optim
+from dino_jax import phases
 from dino_jax.errors import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -136,36 +137,39 @@ def _check_masking(cfg, backbone) -> None:
                      f"{h * w} patches of a global crop: nothing would be masked")
 
 
-PHASE_CARRY = ("params", "teacher", "opt_state", "centers", "step")
-
-
 def _check_lineage(cfg, backbone) -> None:
   """A phase (`phase.*`) and distillation (`distill.*`) settings that can work."""
   phase = cfg.get("phase", {})
   if phase.get("start_from"):
     if cfg.model.get("init_from"):
       raise UsageError("set phase.start_from or model.init_from, not both")
-    unknown = sorted(set(phase.carry) - set(PHASE_CARRY))
+    unknown = sorted(set(phase.carry) - set(phases.CARRY))
     if unknown:
-      raise UsageError(f"phase.carry: unknown part(s) {', '.join(unknown)} (known: {', '.join(PHASE_CARRY)})")
+      raise UsageError(f"phase.carry: unknown part(s) {', '.join(unknown)} (known: {', '.join(phases.CARRY)})")
   d = cfg.get("distill", {})
   if not d.get("teacher"):
+    if "model" in d:
+      raise UsageError("distill.teacher is empty: name the teacher's run directory (--config.distill.teacher=...); "
+                       "this config distils from it")
     return
   if "model" not in d or "head" not in d:
     raise UsageError("distill.teacher needs the teacher's architecture in distill.model and distill.head "
                      "(see configs/demo_distill_fashion_mnist.py)")
   if "region" in objectives.active(cfg):
     raise UsageError("distillation (distill.teacher) does not support EsViT's region loss (loss.region_weight)")
-  if d.head.out_dim != cfg.head.out_dim:
-    raise UsageError(f"distill.head.out_dim {d.head.out_dim} must equal head.out_dim {cfg.head.out_dim}: "
-                     "the student learns the teacher's prototypes")
-  models.backbone_class(d.model)
-  _check_heads(d.model)
-  if "ibot" in objectives.active(cfg):
-    theirs = models.make_backbone(d.model).grid(cfg.aug.global_size)
-    if theirs != backbone.grid(cfg.aug.global_size):
-      raise UsageError(f"with iBOT the teacher's patch grid {theirs} must be the student's "
-                       f"{backbone.grid(cfg.aug.global_size)} on global crops (distill.model.patch_size)")
+  try:
+    if d.head.out_dim != cfg.head.out_dim:
+      raise UsageError(f"distill.head.out_dim {d.head.out_dim} must equal head.out_dim {cfg.head.out_dim}: "
+                       "the student learns the teacher's prototypes")
+    models.backbone_class(d.model)
+    _check_heads(d.model)
+    teacher = models.make_backbone(d.model)
+  except (AttributeError, KeyError) as e:
+    raise UsageError(f"distill.model / distill.head lack a setting ({str(e).strip(chr(34))}): give the "
+                     "teacher's whole model and head config") from None
+  if "ibot" in objectives.active(cfg) and teacher.grid(cfg.aug.global_size) != backbone.grid(cfg.aug.global_size):
+    raise UsageError(f"with iBOT the teacher's patch grid {teacher.grid(cfg.aug.global_size)} must be the student's "
+                     f"{backbone.grid(cfg.aug.global_size)} on global crops (distill.model.patch_size)")
 
 
 def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -17,6 +17,7 @@ and no stochastic depth, and the iBOT loss applied on the two global crops". Her
   its metadata; resuming against another teacher is one UsageError.
 """
 import functools
+import json
 import os
 import pathlib
 from typing import NamedTuple
@@ -70,15 +71,46 @@ def abstract_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, mo
   return sharding.placed_abstract(shapes, sharding.state_shardings(shapes, mesh, cfg))
 
 
-def load_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model) -> FrozenTeacher:
+# Settings that do not change how the teacher computes (its run may have trained with others).
+NOT_ARCHITECTURE = ("init_from", "dtype", "remat", "attention", "drop_path_rate", "drop_path_uniform")
+
+
+def check_architecture(cfg: ml_collections.ConfigDict) -> None:
+  """UsageError when the teacher run's recorded config (its config.json: training runs and
+  `dino_jax.convert` write one) gives another architecture than `distill.model` /
+  `distill.head` in a setting that no array shape shows (heads, LayerScale, interpolation...)."""
+  path = pathlib.Path(cfg.distill.teacher) / "config.json"
+  if not path.is_file():
+    return
+  recorded = json.loads(path.read_text())
+  diffs = []
+  for section in ("model", "head"):
+    theirs, ours = recorded.get(section, {}), cfg.distill[section].to_dict()
+    diffs += [f"distill.{section}.{k}: {ours[k]!r}, the teacher run's {theirs[k]!r}"
+              for k in sorted(ours.keys() & theirs.keys())
+              if k not in NOT_ARCHITECTURE and _plain(ours[k]) != _plain(theirs[k])]
+  if diffs:
+    raise UsageError(f"distill.teacher={cfg.distill.teacher!r} was trained with another architecture than "
+                     f"distill.model / distill.head: {'; '.join(diffs[:4])}")
+
+
+def _plain(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def load_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model, step: int | None = None
+                 ) -> FrozenTeacher:
   """The frozen teacher of `cfg.distill` for `model` (the teacher's `DINOModel`): read from its
-  run directory, checked against `model`'s parameters (one UsageError naming the differences)
-  and placed on `mesh` as parameters are (FSDP)."""
+  run directory (checkpoint `step`, else `distill.teacher_step`, else its newest), checked
+  against `model`'s parameters and the run's recorded architecture (one UsageError naming the
+  differences) and placed on `mesh` as parameters are (FSDP)."""
   workdir = cfg.distill.teacher
+  check_architecture(cfg)
   parts = teacher_parts(cfg)
   abstract = _teacher_shapes(cfg, model)
-  step = cfg.distill.get("teacher_step", -1)
-  saved, found = checkpoints.saved_teacher_shapes(workdir, None if step < 0 else step)
+  if step is None and cfg.distill.get("teacher_step", -1) >= 0:
+    step = cfg.distill.teacher_step
+  saved, found = checkpoints.saved_teacher_shapes(workdir, step)
   wanted = checkpoints.shapes_by_name(abstract)
   diffs = [f"{k}: teacher run {saved.get(k, 'missing')} vs distill config {wanted[k]}"
            for k in sorted(wanted) if saved.get(k) != wanted[k]]
@@ -95,9 +127,23 @@ def load_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model)
   return FrozenTeacher(params, record)
 
 
-def check_same_teacher(saved_record: dict | None, teacher: FrozenTeacher, workdir: str, step: int) -> None:
-  """UsageError when the checkpoint a run resumes from was trained against another teacher
-  (or none)."""
+def resume_step(cfg: ml_collections.ConfigDict, saved_record: dict | None) -> int | None:
+  """The teacher checkpoint a resumed run reads: the one its checkpoints record, when the config
+  names the same teacher run without a `teacher_step` (its newest may have moved on since)."""
+  if saved_record and cfg.distill.get("teacher_step", -1) < 0 and \
+      saved_record.get("path") == os.path.abspath(cfg.distill.teacher):
+    return saved_record.get("step")
+  return None
+
+
+def check_same_teacher(saved_record: dict | None, teacher: FrozenTeacher | None, workdir: str, step: int) -> None:
+  """UsageError when the checkpoint a run resumes from was trained against another teacher,
+  or with one while this config has none, or without one while this config has one."""
+  if teacher is None:
+    if saved_record is not None:
+      raise UsageError(f"checkpoint {step} of {workdir} was trained by distillation from {saved_record.get('path')}; "
+                       "set --config.distill.teacher (and distill.model / distill.head) to resume it")
+    return
   if saved_record is None:
     raise UsageError(f"checkpoint {step} of {workdir} was not trained by distillation; distill.teacher="
                      f"{teacher.record['path']!r} cannot resume it (use another --workdir)")

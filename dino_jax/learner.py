@@ -88,7 +88,7 @@ def per_image(out: dict, b: int) -> dict:
   return grouped
 
 
-def train_step(state, batch, frozen_teacher=None, *, model, tx, schedules, cfg, batch_sharding=None,
+def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, batch_sharding=None,
                teacher_model=None):
   """One update of the student by the config's objectives, then the teacher EMA and the centers.
 
@@ -96,7 +96,7 @@ def train_step(state, batch, frozen_teacher=None, *, model, tx, schedules, cfg, 
   [B, 2, num_patches] bool for the student's global crops. `batch_sharding` (the jitted step's)
   keeps the flattened views split along the batch.
 
-  Distillation (`dino_jax.distill`): the targets come from `frozen_teacher`, the parameters of
+  Distillation (`dino_jax.distill`): the targets come from `frozen_params`, the parameters of
   `teacher_model`, which nothing updates; state["teacher"] is the EMA of the student; the
   student's crops are not masked and iBOT compares every patch token (DINOv2 Sec. 5).
   """
@@ -108,17 +108,18 @@ def train_step(state, batch, frozen_teacher=None, *, model, tx, schedules, cfg, 
   names = objectives.active(cfg)
   mask = index = valid = None
   teacher = {}
-  distilling = frozen_teacher is not None
-  if "ibot" in names and distilling:
+  distilling = frozen_params is not None
+  if "ibot" in names and distilling:  # every patch of every global crop, each image weighing the same
     num_patches = int(np.prod(model.backbone.grid(glob.shape[1])))
-    index, teacher["token_weights"], valid = masking.masked_token_index(
-        jnp.ones((glob.shape[0], num_patches), bool), num_patches)
+    index = jnp.broadcast_to(jnp.arange(num_patches), (glob.shape[0], num_patches))
+    valid = jnp.ones(index.size, jnp.float32)
+    teacher["token_weights"] = valid / num_patches
   elif "ibot" in names:
     mask = batch["masks"].reshape(glob.shape[0], -1)
     index, teacher["token_weights"], valid = masking.masked_token_index(
         mask, masking.max_masked_per_image(mask.shape[1], cfg.mask))
 
-  t_model, t_params = (teacher_model, frozen_teacher) if distilling else (model, state["teacher"].value)
+  t_model, t_params = (teacher_model, frozen_params) if distilling else (model, state["teacher"].value)
   t_out = per_image(jax.lax.stop_gradient(t_model.apply({"params": t_params}, glob, patch_index=index)), b)
   teacher |= objectives.teacher_targets(t_out, state, temp, cfg, valid)
   if "regions" in t_out:
@@ -206,11 +207,13 @@ class Trainer(NamedTuple):
 
 
 def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int,
-          frozen_teacher: distill.FrozenTeacher | None = None, abstract: bool = False) -> Trainer:
+          frozen_teacher: distill.FrozenTeacher | None = None, abstract: bool = False,
+          teacher_step: int | None = None) -> Trainer:
   """Initial state (placed by `fsdp_spec`) and the train step jitted with the batch split
-  over all devices. A distillation config reads its frozen teacher (`distill.load_teacher`)
-  unless `frozen_teacher` is given. `abstract`: nothing is allocated or read; the state (and a
-  frozen teacher) are shapes with shardings, for compiling only (`bench --memory`)."""
+  over all devices. A distillation config reads its frozen teacher (`distill.load_teacher`,
+  checkpoint `teacher_step` of the teacher run) unless `frozen_teacher` is given. `abstract`:
+  nothing is allocated or read; the state (and a frozen teacher) are shapes with shardings,
+  for compiling only (`bench --memory`)."""
   config_checks.check(cfg, mesh.size)
   batch_sharding = sharding.batch_sharding(mesh)
   model = make_model(cfg, batch_sharding)
@@ -219,7 +222,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epo
     teacher_model = make_model(distill.teacher_config(cfg), batch_sharding)
     if abstract:
       frozen_teacher = distill.FrozenTeacher(distill.abstract_teacher(cfg, mesh, teacher_model), {})
-    frozen_teacher = frozen_teacher or distill.load_teacher(cfg, mesh, teacher_model)
+    frozen_teacher = frozen_teacher or distill.load_teacher(cfg, mesh, teacher_model, teacher_step)
   schedules = optim.make_schedules(cfg, steps_per_epoch)
   tx = optim.make_optimizer(cfg, schedules, steps_per_epoch, model.backbone)
   replicated = sharding.replicated(mesh)

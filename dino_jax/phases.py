@@ -6,11 +6,15 @@ Sec. 4, "Adapting the resolution"), local crops staying at 98 px. A phase is a r
 of its own whose config sets `phase.start_from` (the run it continues) and `phase.carry`:
 
 - "params", "teacher", "opt_state", "centers": these parts of the train state come from the
-  other run's checkpoint (`phase.start_step`, default its newest); the rest start fresh.
-- "step": the step count, and with it every schedule (lr, weight decay, momentum, teacher
-  temperature), goes on from the other run's step, so `epochs` then counts the whole training
-  (all phases) and the phase trains the steps after it. Without it the schedules restart at 0
-  and span the phase's own `epochs`.
+  other run's checkpoint (`phase.start_step`, default its newest); the rest start fresh (a
+  teacher EMA that is not carried starts from the carried student).
+- "step": the step count goes on from the other run's step, and every schedule (lr, weight
+  decay, momentum, teacher temperature) is this config's, over its `epochs`, read from that
+  step on: `epochs` then counts the whole training (all phases) and the phase trains the steps
+  after the other run's. The curves continue exactly when the other run had the same `epochs`
+  (and stopped early); after a finished run they are stretched to the new total (the demo's lr
+  goes from its floor, 1e-6, back to 1.9e-5 at the phase's first step). Without "step" the
+  schedules restart at 0 and span the phase's own `epochs`.
 
 A ViT whose `model.pos_embed_grid` changed (16 -> 37 for 224 -> 518 px crops with patch 14)
 gets its position embedding resized once, as the model resizes it on the fly, and stored at the
@@ -24,12 +28,16 @@ import os
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from dino_jax import checkpoints
 from dino_jax.errors import UsageError
 from dino_jax.models.vit import resize_pos_embed
 from dino_jax.optim import path_name
+
+
+CARRY = ("params", "teacher", "opt_state", "centers", "step")  # the parts `phase.carry` may name
 
 
 def active(cfg: ml_collections.ConfigDict) -> bool:
@@ -68,6 +76,8 @@ def start(state: dict, cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
   like = {k: state[k] for k in keys}
   parts, found = checkpoints.restore_state_parts(p.start_from, like, None if p.start_step < 0 else p.start_step)
   fitted = jax.tree_util.tree_map_with_path(lambda path, s, f: _fit(path, s, f, model_cfg=cfg.model), parts, like)
+  if "params" in p.carry and "teacher" not in p.carry:  # the EMA starts from the carried student
+    fitted["teacher"] = state["teacher"]._replace(value=jax.tree.map(jnp.copy, fitted["params"]))
   record = {"name": p.name, "start_from": os.path.abspath(p.start_from), "start_step": int(found),
             "carry": list(p.carry)}
   return dict(state, **fitted), record

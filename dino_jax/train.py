@@ -155,17 +155,27 @@ def eval_every_steps(name: str, ecfg: ml_collections.ConfigDict, steps_per_epoch
   return ecfg.every_steps
 
 
-def lineage_metadata(cfg: ml_collections.ConfigDict, mngr, trainer: learner.Trainer) -> dict:
+def newest_metadata(mngr) -> dict:
+  """The `checkpoints.save` metadata of the run's newest checkpoint ({} for none, or where it
+  cannot be read: the restore then reports the damage)."""
+  step = mngr.latest_step()
+  try:
+    return {} if step is None else checkpoints.saved_metadata(mngr, step)
+  except (OSError, ValueError, KeyError):
+    return {}
+
+
+def lineage_metadata(mngr, trainer: learner.Trainer) -> dict:
   """What each checkpoint of the run records about where it comes from: the phase it belongs to
   ("phase", as `phases.start` made it when the phase began) and the distillation teacher
   ("distill_teacher"). UsageError when the run resumes against another teacher than the one it
-  was trained against."""
+  was trained against, or with / without one against how it was trained."""
   step = mngr.latest_step()
   saved = {} if step is None else checkpoints.saved_metadata(mngr, step)
   out = {"phase": saved["phase"]} if "phase" in saved else {}
+  if step is not None:
+    distill.check_same_teacher(saved.get("distill_teacher"), trainer.frozen_teacher, str(mngr.directory), step)
   if trainer.frozen_teacher is not None:
-    if step is not None:
-      distill.check_same_teacher(saved.get("distill_teacher"), trainer.frozen_teacher, str(mngr.directory), step)
     out["distill_teacher"] = trainer.frozen_teacher.record
   return out
 
@@ -193,16 +203,21 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None, 
   total_steps = optim.total_steps(cfg, steps_per_epoch)
   eval_every = {name: eval_every_steps(name, e, steps_per_epoch) for name, e in cfg.evals.items()}
 
-  trainer = learner.build(cfg, mesh, steps_per_epoch, frozen_teacher)
+  mngr = checkpoints.checkpoint_manager(workdir, cfg)
+  teacher_step = distill.resume_step(cfg, newest_metadata(mngr).get("distill_teacher")) if distill.active(cfg) else None
+  trainer = learner.build(cfg, mesh, steps_per_epoch, frozen_teacher, teacher_step=teacher_step)
   if jax.process_index() == 0:
     print(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, "
           f"mesh {dict(mesh.shape)}, {total_steps} steps", flush=True)
-  mngr = checkpoints.checkpoint_manager(workdir, cfg)
   state = checkpoints.restore_or_keep(mngr, trainer.state)  # refuses another config: nothing written yet
   checkpoints.prune(mngr, cfg.checkpoint.keep)
-  lineage = lineage_metadata(cfg, mngr, trainer)  # refuses another distillation teacher
+  lineage = lineage_metadata(mngr, trainer)  # refuses another distillation teacher
   if mngr.latest_step() is None and phases.active(cfg):
     state, lineage["phase"] = phases.start(state, cfg)
+    if int(state["step"]) >= total_steps:
+      raise UsageError(f"phase.start_from={cfg.phase.start_from!r} is at step {int(state['step'])}, at or past the "
+                       f"end of this config's schedule ({total_steps} steps): raise epochs (it counts every phase "
+                       "when the step is carried)")
   elif cfg.model.init_from and mngr.latest_step() is None:
     state = checkpoints.init_from_run(state, cfg.model.init_from)
   start_step = int(state["step"])

@@ -1,5 +1,6 @@
 """Distillation from a frozen teacher and training phases (DINOv2 Sec. 4-5), on 8 fake CPU devices."""
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -128,10 +129,24 @@ def test_distill_interrupted_and_resumed_equals_uninterrupted(teachers, tmp_path
   assert_trees_close(jax.device_get(resumed), jax.device_get(full), atol=1e-6)
 
 
-def test_resuming_against_another_teacher_is_refused(teachers, tmp_path):
-  train.train(distill_cfg(teachers["demo"], steps=6), str(tmp_path), max_steps=2)
-  with pytest.raises(UsageError, match="was trained against the teacher .*demo.* resume with that teacher"):
-    train.train(distill_cfg(teachers["demo_seed1"], steps=6), str(tmp_path))
+def test_resume_checks_the_teacher(teachers, tmp_path):
+  teacher = tmp_path / "teacher"
+  shutil.copytree(teachers["demo"], teacher)
+  run = str(tmp_path / "run")
+  train.train(distill_cfg(str(teacher), steps=6), run, max_steps=2)
+  # The teacher run goes on after the student started: the student resumes from the teacher
+  # checkpoint it was trained against, not the teacher's newest.
+  train.train(tiny(demo_fashion_mnist, steps=6), str(teacher))
+  assert checkpoints.complete_steps(teacher / "checkpoints")[-1] == 6
+  state = train.train(distill_cfg(str(teacher), steps=6), run, max_steps=3)["state"]
+  assert int(state["step"]) == 3
+  meta = checkpoints.saved_metadata(checkpoints.weights_manager(run), 3)["distill_teacher"]
+  assert meta["step"] == 4 and meta["path"] == str(teacher)
+  with pytest.raises(UsageError, match="was trained against the teacher .*teacher.* resume with that teacher"):
+    train.train(distill_cfg(teachers["demo_seed1"], steps=6), run)
+  with pytest.raises(UsageError, match="was trained by distillation from .*; set --config.distill.teacher"):
+    train.train(tiny(demo_fashion_mnist, steps=6, **{"model.width": 16, "model.mlp_dim": 32,
+                                                     "model.drop_path_rate": 0.0}), run)
   plain = tiny(demo_fashion_mnist, steps=6, **{"model.width": 16, "model.mlp_dim": 32})
   train.train(plain, str(tmp_path / "plain"), max_steps=2)
   with pytest.raises(UsageError, match="was not trained by distillation"):
@@ -139,15 +154,29 @@ def test_resuming_against_another_teacher_is_refused(teachers, tmp_path):
 
 
 def test_teacher_of_another_architecture_is_one_error_line(teachers, tmp_path):
+  """A setting no array shape shows (attention heads) is caught from the teacher run's
+  config.json, in one line."""
   flags = ["--config", "configs/demo_distill_fashion_mnist.py:tiny", f"--config.distill.teacher={teachers['demo']}",
-           "--config.distill.model.depth=3"]
+           "--config.distill.model.num_heads=4"]
   proc = run_cli(*flags, workdir=tmp_path)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 2
   lines = err.strip().splitlines()
   assert len(lines) == 1, err[-2000:]
-  assert lines[0].startswith(f"error: distill.teacher={teachers['demo']!r} does not match distill.model"), lines[0]
-  assert "backbone/block2" in lines[0]
+  assert lines[0] == (f"error: distill.teacher={teachers['demo']!r} was trained with another architecture than "
+                      "distill.model / distill.head: distill.model.num_heads: 4, the teacher run's 2"), lines[0]
+
+
+def test_teacher_arrays_are_checked_without_its_config(teachers, tmp_path):
+  teacher = tmp_path / "teacher"
+  shutil.copytree(teachers["demo"], teacher)
+  (teacher / "config.json").unlink()
+  cfg = distill_cfg(str(teacher), **{"distill.model.depth": 3})
+  with pytest.raises(UsageError, match=r"does not match distill.model / distill.head: \d+ arrays differ, e.g. "
+                                       "backbone/block2"):
+    learner.build(cfg, sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
+  with pytest.raises(UsageError, match="holds no teacher|no checkpoint"):
+    learner.build(distill_cfg(str(tmp_path / "nothing")), sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -163,6 +192,13 @@ def test_bad_distillation_settings(teachers, override, message):
 def test_distill_teacher_needs_its_architecture():
   cfg = tiny(demo_fashion_mnist, **{"distill.teacher": "runs/demo"})
   with pytest.raises(UsageError, match="needs the teacher's architecture in distill.model and distill.head"):
+    config_checks.check(cfg, 8)
+  cfg = dinov2_distill_vits14.get_config("tiny")  # as shipped: the teacher still to be named
+  with pytest.raises(UsageError, match="distill.teacher is empty: name the teacher's run directory"):
+    config_checks.check(cfg, 8)
+  cfg.distill.teacher = "runs/vitg14"
+  del cfg.distill.model["num_heads"]
+  with pytest.raises(UsageError, match="distill.model / distill.head lack a setting"):
     config_checks.check(cfg, 8)
 
 
@@ -230,10 +266,16 @@ def test_phase_without_step_restarts_the_schedules(teachers):
   assert int(state["step"]) == 0
   assert_trees_close(jax.device_get(state["opt_state"]), jax.device_get(fresh["opt_state"]), atol=0)
   assert_trees_close(jax.device_get(state["teacher"].value["backbone"]), jax.device_get(source["backbone"]), atol=0)
+  # Without its teacher EMA carried, the EMA starts from the carried student.
+  cfg.phase.carry = ("params",)
+  state, _ = phases.start(learner.build(cfg, sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH).state, cfg)
+  assert_trees_close(jax.device_get(state["teacher"].value), jax.device_get(state["params"]), atol=0)
 
 
 @pytest.mark.parametrize("override,message", [
     ({"model.depth": 3}, "has no params/backbone/block2"),
+    ({"model.depth": 1}, "has params/backbone/block1.*which this config lacks"),
+    ({"epochs": 4 / TRAIN_STEPS_PER_EPOCH}, "is at step 4, at or past the end of this config's schedule"),
     ({"model.mlp_dim": 32}, "a phase may change the position-embedding grid, not the architecture"),
     ({"phase.carry": ("params", "momentum")}, "phase.carry: unknown part"),
     ({"model.init_from": "runs/x"}, "set phase.start_from or model.init_from, not both"),
