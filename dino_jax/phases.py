@@ -13,7 +13,7 @@ of its own whose config sets `phase.start_from` (the run it continues) and `phas
   step on: `epochs` then counts the whole training (all phases) and the phase trains the steps
   after the other run's. The curves continue exactly when the other run had the same `epochs`
   (and stopped early); after a finished run they are stretched to the new total (the demo's lr
-  goes from its floor, 1e-6, back to 1.9e-5 at the phase's first step). Without "step" the
+  goes from its floor, 1e-6, back to 2e-5 at the phase's first step). Without "step" the
   schedules restart at 0 and span the phase's own `epochs`.
 
 A ViT whose `model.pos_embed_grid` changed (16 -> 37 for 224 -> 518 px crops with patch 14)
