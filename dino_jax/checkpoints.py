@@ -199,6 +199,18 @@ def weights_manager(workdir: str) -> ocp.CheckpointManager:
                                item_handlers=ocp.PyTreeCheckpointHandler())
 
 
+def read_run(mngr: ocp.CheckpointManager, step: int | None, read) -> tuple[object, int]:
+  """(read(step), step) for `step` or the newest readable checkpoint of `mngr` (newer damaged
+  ones reported, one line each); closes `mngr`."""
+  directory = pathlib.Path(str(mngr.directory))
+  out, found, damaged = read_newest(directory, mngr.all_steps() if step is None else [step], read)
+  for bad, why in damaged.items():
+    logging.warning("checkpoint %d in %s is damaged (%s); using step %d, the newest readable one",
+                    bad, directory, why, found)
+  mngr.close()
+  return out, found
+
+
 def run_manager(workdir: str, step: int | None) -> ocp.CheckpointManager:
   """`weights_manager(workdir)`; UsageError when it has no checkpoint (or not `step`)."""
   mngr = weights_manager(workdir)
@@ -264,10 +276,7 @@ def saved_teacher_shapes(workdir: str, step: int | None = None) -> tuple[dict[st
       raise UsageError(f"{workdir!r} holds no teacher (not a dino_jax training or converted run)")
     return shapes_by_name(saved["teacher"]["value"])
 
-  directory = pathlib.Path(str(mngr.directory))
-  shapes, found, _ = read_newest(directory, mngr.all_steps() if step is None else [step], read)
-  mngr.close()
-  return shapes, found
+  return read_run(mngr, step, read)
 
 
 def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = None,
@@ -298,13 +307,7 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
                                                               partial_restore=True))
     return restored["params"] if student else restored["teacher"]["value"]
 
-  directory = pathlib.Path(str(mngr.directory))
-  weights, found, damaged = read_newest(directory, mngr.all_steps() if step is None else [step], read)
-  for bad, why in damaged.items():
-    logging.warning("checkpoint %d in %s is damaged (%s); using step %d, the newest readable one",
-                    bad, directory, why, found)
-  mngr.close()
-  return weights, found
+  return read_run(mngr, step, read)
 
 
 def restore_state_parts(workdir: str, like: dict, step: int | None = None) -> tuple[dict, int]:
@@ -338,13 +341,7 @@ def restore_state_parts(workdir: str, like: dict, step: int | None = None) -> tu
         sharding=x.sharding if shape(p) == x.shape else replicated, global_shape=shape(p), dtype=x.dtype), like)
     return mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
 
-  directory = pathlib.Path(str(mngr.directory))
-  parts, found, damaged = read_newest(directory, mngr.all_steps() if step is None else [step], read)
-  for bad, why in damaged.items():
-    logging.warning("checkpoint %d in %s is damaged (%s); using step %d, the newest readable one",
-                    bad, directory, why, found)
-  mngr.close()
-  return parts, found
+  return read_run(mngr, step, read)
 
 
 def init_from_run(state: dict, workdir: str) -> dict:

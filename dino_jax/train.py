@@ -204,7 +204,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None, 
   eval_every = {name: eval_every_steps(name, e, steps_per_epoch) for name, e in cfg.evals.items()}
 
   mngr = checkpoints.checkpoint_manager(workdir, cfg)
-  teacher_step = distill.resume_step(cfg, newest_metadata(mngr).get("distill_teacher")) if distill.active(cfg) else None
+  teacher_step = None  # a resumed distillation reads the teacher checkpoint it recorded
+  if distill.active(cfg):
+    teacher_step = distill.resume_step(cfg, newest_metadata(mngr).get("distill_teacher"))
   trainer = learner.build(cfg, mesh, steps_per_epoch, frozen_teacher, teacher_step=teacher_step)
   if jax.process_index() == 0:
     print(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, "
