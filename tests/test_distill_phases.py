@@ -22,7 +22,8 @@ from dino_jax import sharding
 from dino_jax import train
 from dino_jax.errors import UsageError
 from dino_jax.models.vit import resize_pos_embed
-from test_train import TRAIN_STEPS_PER_EPOCH, assert_trees_close, one_step, run_cli, step_crops, tiny
+from test_train import TRAIN_STEPS_PER_EPOCH, assert_resume_is_exact, assert_trees_close, one_step, run_cli, step_crops
+from test_train import tiny
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +121,7 @@ def test_frozen_teacher_gets_no_updates_and_gives_the_targets(teachers, tmp_path
 
 
 def test_distill_interrupted_and_resumed_equals_uninterrupted(teachers, tmp_path):
-  cfg = distill_cfg(teachers["demo"], steps=6)
-  full = train.train(cfg, str(tmp_path / "full"))["state"]
-  first = train.train(cfg, str(tmp_path / "resumed"), max_steps=3)["state"]
-  assert int(first["step"]) == 3
-  resumed = train.train(cfg, str(tmp_path / "resumed"))["state"]
-  assert int(resumed["step"]) == 6
-  assert_trees_close(jax.device_get(resumed), jax.device_get(full), atol=1e-6)
+  assert_resume_is_exact(distill_cfg(teachers["demo"], steps=6), tmp_path, stop_at=3, end=6)
 
 
 def test_resume_checks_the_teacher(teachers, tmp_path):
@@ -222,12 +217,8 @@ def hires_cfg(source, steps=8, **overrides):
 
 def test_phase_changing_resolution_resumes_exactly(teachers, tmp_path):
   cfg = hires_cfg(teachers["demo"], steps=8)  # steps 4..8 at 32 px crops, grid 8
-  full = train.train(cfg, str(tmp_path / "full"))["state"]
-  assert int(full["step"]) == 8 and full["params"]["backbone"]["pos_embed"].shape == (1, 8, 8, 32)
-  first = train.train(cfg, str(tmp_path / "resumed"), max_steps=6)["state"]
-  assert int(first["step"]) == 6
-  resumed = train.train(cfg, str(tmp_path / "resumed"))["state"]
-  assert_trees_close(jax.device_get(resumed), jax.device_get(full), atol=1e-6)
+  full = assert_resume_is_exact(cfg, tmp_path, stop_at=6, end=8)
+  assert full["params"]["backbone"]["pos_embed"].shape == (1, 8, 8, 32)
   rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   assert rows[0]["step"] == 5 and all(row["phase"] == "high_res" for row in rows)
   meta = checkpoints.saved_metadata(checkpoints.weights_manager(str(tmp_path / "resumed")), 8)

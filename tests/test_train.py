@@ -157,16 +157,23 @@ def final_state(workdir, cfg):
   return mngr.latest_step(), jax.device_get(mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract)))
 
 
+def assert_resume_is_exact(cfg, tmp_path, stop_at: int, end: int) -> dict:
+  """A run stopped after `stop_at` steps and rerun ends as the uninterrupted run (which it
+  returns) at step `end`."""
+  full = train.train(cfg, str(tmp_path / "full"))["state"]
+  first = train.train(cfg, str(tmp_path / "resumed"), max_steps=stop_at)["state"]
+  assert int(first["step"]) == stop_at
+  resumed = train.train(cfg, str(tmp_path / "resumed"))["state"]
+  assert int(resumed["step"]) == int(full["step"]) == end
+  assert_trees_close(jax.device_get(resumed), jax.device_get(full), atol=1e-6)
+  return full
+
+
 @pytest.mark.parametrize("module", [dinov2_vits14, dino_vits16], ids=["dinov2", "dino"])  # DINO: skip-mode freeze
 def test_interrupted_and_resumed_run_equals_uninterrupted(module, tmp_path):
   cfg = tiny(module, steps=6)
   cfg.checkpoint.every_steps = 2
-  full = train.train(cfg, str(tmp_path / "full"))["state"]
-  first = train.train(cfg, str(tmp_path / "resumed"), max_steps=3)["state"]
-  assert int(first["step"]) == 3
-  resumed = train.train(cfg, str(tmp_path / "resumed"))["state"]
-  assert int(resumed["step"]) == 6
-  assert_trees_close(jax.device_get(resumed), jax.device_get(full), atol=1e-6)
+  assert_resume_is_exact(cfg, tmp_path, stop_at=3, end=6)
 
 
 def run_cli(*args, workdir, **kw):
