@@ -310,6 +310,12 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
   return read_run(mngr, step, read)
 
 
+def _listed(names: list[str], shown: int = 3) -> str:
+  """The first `shown` names, and how many more there are."""
+  more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+  return ", ".join(names[:shown]) + more
+
+
 def restore_state_parts(workdir: str, like: dict, step: int | None = None) -> tuple[dict, int]:
   """The top-level parts of run `workdir`'s train state that `like` (a part of a train state)
   names, at `step` (default: the newest readable checkpoint), each array with its saved shape,
@@ -325,14 +331,12 @@ def restore_state_parts(workdir: str, like: dict, step: int | None = None) -> tu
     missing = sorted((name for name in wanted if name not in saved),
                      key=lambda name: name.startswith("opt_state"))  # the parameters first
     if missing:
-      raise UsageError(f"checkpoint {step} of {workdir!r} has no {', '.join(missing[:3])}"
-                       f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}: another kind of run")
+      raise UsageError(f"checkpoint {step} of {workdir!r} has no {_listed(missing)}: another kind of run")
     extra = sorted((name for name in saved if name.split("/")[0] in like and name not in wanted
                     and not name.endswith("mask_token")),  # iBOT's, unused without it
                    key=lambda name: name.startswith("opt_state"))
     if extra:
-      raise UsageError(f"checkpoint {step} of {workdir!r} has {', '.join(extra[:3])}"
-                       f"{f' (and {len(extra) - 3} more)' if len(extra) > 3 else ''}, which this config lacks: "
+      raise UsageError(f"checkpoint {step} of {workdir!r} has {_listed(extra)}, which this config lacks: "
                        "another architecture")
     replicated = sharding.replicated(next(iter(jax.tree.leaves(like))).sharding.mesh)
     shape = lambda path: saved[path_name(path)]
