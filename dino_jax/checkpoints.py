@@ -215,7 +215,7 @@ def run_manager(workdir: str, step: int | None) -> ocp.CheckpointManager:
   """`weights_manager(workdir)`; UsageError when it has no checkpoint (or not `step`)."""
   mngr = weights_manager(workdir)
   if not mngr.all_steps() or (step is not None and step not in mngr.all_steps()):
-    raise UsageError(f"no checkpoint {'' if step is None else step} in {workdir!r} "
+    raise UsageError(f"no checkpoint{'' if step is None else f' {step}'} in {workdir!r} "
                      f"(has: {sorted(mngr.all_steps()) or 'none'})")
   return mngr
 
