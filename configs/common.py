@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = dict(vit("small", 16), name="vit", ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
                  drop_path_uniform=False, pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
                  init_from="",  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
-                 dtype="float32", remat="none", attention="xla")  # speed knobs: see models.ViT
+                 dtype="float32", remat="none", scan=False, attention="xla")  # speed knobs: see models.ViT
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, share_ibot_head=False,
                 norm_last_layer=True,  # False: a trainable weight-norm gain (models.DINOHead)
                 ibot_bottleneck_dim=0)  # the iBOT head's, when not bottleneck_dim (DINOv2 ViT-g: 256 vs 384)
@@ -116,12 +116,13 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
   the zero-lr last-layer freeze, layer-wise lr decay 0.9, global scale (0.32, 1)) with the
   choices of its ViT-L/14 and ViT-g/14 yamls (`vitl14.yaml`, `vitg14.yaml`): patch 14,
   Sinkhorn-Knopp, separate iBOT head, teacher momentum 0.994, 98 px local crops, drop path 0.4
-  for large and giant (0.1 for small and base here)."""
+  for large and giant (0.1 for small and base here). ViT-L and ViT-g scan their blocks
+  (`models.ViT.scan_blocks`: the same function, a compile of seconds instead of minutes)."""
   c = base_config()
   c.model = dict(vit(size, 14), name="vit", ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
                  layerscale=1e-5, drop_path_rate={"small": 0.1, "base": 0.1}.get(size, 0.4),
                  drop_path_uniform=True, pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
-                 init_from="", dtype="float32", remat="none", attention="xla")
+                 init_from="", dtype="float32", remat="none", scan=size in ("large", "giant"), attention="xla")
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=384 if size == "giant" else 256,
                 num_layers=3, share_ibot_head=False, norm_last_layer=False, ibot_bottleneck_dim=0)
   c.aug.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), local_size=98)

@@ -72,7 +72,7 @@ def abstract_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, mo
 
 
 # Settings that do not change how the teacher computes (its run may have trained with others).
-NOT_ARCHITECTURE = ("init_from", "dtype", "remat", "attention", "drop_path_rate", "drop_path_uniform")
+NOT_ARCHITECTURE = ("init_from", "dtype", "remat", "scan", "attention", "drop_path_rate", "drop_path_uniform")
 
 
 def check_architecture(cfg: ml_collections.ConfigDict) -> None:

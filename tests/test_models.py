@@ -155,6 +155,19 @@ def test_dino_head_logits_are_cosine_similarities():
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_dino_head_scales_output_or_weight_alike(norm_last_layer):
+  """Few rows (the output scaled) and many rows (the weight scaled) give the same logits, with
+  and without the trainable gain."""
+  head = models.DINOHead(out_dim=10, hidden_dim=16, bottleneck_dim=8, num_layers=3, norm_last_layer=norm_last_layer)
+  x = jax.random.normal(jax.random.key(0), (40, WIDTH))
+  params = head.init(jax.random.key(1), x)["params"]
+  if not norm_last_layer:
+    params = flax.core.copy(params, {"last_layer_gain": jnp.linspace(0.5, 2.0, 10)[None, :]})
+  few, many = head.apply({"params": params}, x[:4]), head.apply({"params": params}, x)  # 4 <= 8 < 40 rows
+  np.testing.assert_allclose(few, many[:4], rtol=1e-5, atol=1e-6)
+
+
 def test_dino_head_param_shapes():
   head = models.DINOHead(out_dim=10, hidden_dim=16, bottleneck_dim=8, num_layers=3)
   params = head.init(jax.random.key(1), jnp.zeros((1, WIDTH)))["params"]
@@ -280,3 +293,36 @@ def test_subsets_only_above_rate_0_1_including_the_last_block(monkeypatch):
     params = vit.init(jax.random.key(0), images)
     vit.apply(params, images, deterministic=False, rngs={"dropout": jax.random.key(1)})
   assert calls == pytest.approx([0.4 * 1 / 3] * 2 + [0.4 * 2 / 3] * 2 + [0.4] * 2)  # attention and FFN of blocks 1-3
+
+
+@pytest.mark.parametrize("kw", [dict(num_registers=2), dict(ffn="swiglu", layerscale=1e-1, remat="dots")])
+def test_scan_computes_what_the_loop_computes(kw):
+  """model.scan runs the same blocks on the same (stored, per-block) parameters: equal outputs
+  and gradients; init, `layers=n` and the attention maps take the loop."""
+  loop, scanned = _vit(depth=3, **kw), _vit(depth=3, scan=True, **kw)
+  x = _images(jax.random.key(0), 2, 16)
+  params = _init(scanned, jax.random.key(1), x)
+  assert set(params) >= {"block0", "block1", "block2"}
+  assert jax.tree.structure(params) == jax.tree.structure(_init(loop, jax.random.key(1), x))
+  out_loop, out_scan = _apply(loop, params, x), _apply(scanned, params, x)
+  np.testing.assert_allclose(out_scan["patch"], out_loop["patch"], atol=1e-5)
+  np.testing.assert_allclose(out_scan["embedding"], out_loop["embedding"], atol=1e-5)
+  weights = jax.random.normal(jax.random.key(2), out_loop["patch"].shape)  # a loss that depends on every token
+  grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x)["patch"] * weights))(params)
+  g_loop, g_scan = grad(loop), grad(scanned)
+  for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())  # float32 rounding of the largest
+  inter = scanned.apply({"params": params}, x, layers=2)["intermediate"]
+  np.testing.assert_allclose(inter[-1]["embedding"], out_loop["embedding"], atol=1e-5)
+
+
+def test_scan_with_stochastic_depth_draws_per_block():
+  """Training mode: a uniform rate drops branches (outputs differ from deterministic ones and
+  between keys), and the kept-subset form still runs inside the scan."""
+  model = _vit(depth=3, scan=True, drop_path_rate=0.5, drop_path_uniform=True)
+  x = _images(jax.random.key(0), 4, 16)
+  params = _init(model, jax.random.key(1), x)
+  train = lambda k: model.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(k)})
+  a, b = train(2)["embedding"], train(3)["embedding"]
+  assert np.all(np.isfinite(a)) and not np.allclose(a, b)
+  assert not np.allclose(a, _apply(model, params, x)["embedding"])

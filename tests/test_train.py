@@ -133,6 +133,15 @@ def test_remat_gives_the_same_step_and_bfloat16_stays_close():
   assert np.isfinite(m_bf16["loss"]) and abs(m_bf16["loss"] - m_base["loss"]) < 0.05 * abs(m_base["loss"])
 
 
+def test_scan_gives_the_same_step():
+  """model.scan on 8 devices with FSDP: the same update as the loop (no stochastic depth)."""
+  over = {"model.drop_path_rate": 0.0, "mesh.fsdp": 4, "mesh.fsdp_min_size": 256}
+  loop, m_loop = one_step(tiny(dinov2_vits14, **over), jax.devices(), steps=2)
+  scanned, m_scan = one_step(tiny(dinov2_vits14, **over, **{"model.scan": True}), jax.devices(), steps=2)
+  assert_trees_close(scanned["params"], loop["params"], atol=1e-5)
+  np.testing.assert_allclose(m_scan["loss"], m_loop["loss"], rtol=1e-5)
+
+
 def test_step_moves_student_teacher_and_center():
   cfg = tiny()
   mesh = sharding.make_mesh()
@@ -306,8 +315,10 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ({"model.remat": "some"}, "model.remat must be one of none, full, dots, not 'some'"),
-    ({"model.attention": "cudnn"}, "model.attention=cudnn needs a GPU"),
+    ({"model.attention": "cudnn", "model.num_registers": 1}, "model.attention=cudnn needs a GPU"),  # 18 tokens
+    ({"model.attention": "cudnn"}, "needs an even number of tokens, and aug.global_size 16 gives 17"),
     ({"model.attention": "flash"}, "model.attention must be 'xla' or 'cudnn'"),
+    ({"model.scan": True, "model.drop_path_rate": 0.1}, "model.scan needs one stochastic-depth rate for every block"),
 ])
 def test_bad_speed_options(tmp_path, override, message):
   with pytest.raises(UsageError, match=message):

@@ -3,6 +3,7 @@ from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 
 class DINOHead(nn.Module):
@@ -28,10 +29,15 @@ class DINOHead(nn.Module):
     x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"mlp{self.num_layers - 1}")(x)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     v = self.param("last_layer", init, (self.bottleneck_dim, self.out_dim))
-    w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+    scale = 1.0 / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
     if not self.norm_last_layer:
-      w = w * self.param("last_layer_gain", nn.initializers.ones, (1, self.out_dim))
-    return x @ w
+      scale = scale * self.param("last_layer_gain", nn.initializers.ones, (1, self.out_dim))
+    # x @ (V * s) = (x @ V) * s: the column scale goes where it is cheaper, on the [n, K] output
+    # for a few rows (CLS tokens), on the [bottleneck, K] weight for many (iBOT's patch tokens).
+    # On XLA's CPU backend this took a ViT-S/14 step from 30 to 26 s: the scaled weight fused
+    # into a 16-row matmul had made the teacher's DINO head alone take 9 s.
+    rows = int(np.prod(x.shape[:-1]))
+    return (x @ v) * scale if rows <= self.bottleneck_dim else x @ (v * scale)
 
 
 class DINOModel(nn.Module):

@@ -133,6 +133,7 @@ class ViT(nn.Module):
   interpolate_antialias: bool = False
   dtype: jnp.dtype = jnp.float32  # compute dtype (bfloat16 for speed); parameters stay float32
   remat: str = "none"  # rematerialize each block in the backward pass: "none", "full" or "dots"
+  scan: bool = False  # the train step runs the blocks as one jax.lax.scan (`scan_blocks`)
   attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (GPU, bf16)
   batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's batch sharding
 
@@ -157,21 +158,52 @@ class ViT(nn.Module):
                        (1, self.num_registers, self.width))
       prefix.append(jnp.broadcast_to(reg, (b, self.num_registers, self.width)).astype(x.dtype))
     x = jnp.concatenate(prefix + [x], axis=1)
-    block = Block if self.remat == "none" else nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
     norm = nn.LayerNorm(epsilon=1e-6, name="norm")
     n_prefix = 1 + self.num_registers
     outputs = lambda x: {"embedding": x[:, 0], "registers": x[:, 1:n_prefix],
                          "patch": x[:, n_prefix:].reshape(b, *grid, self.width)}
     intermediate = []
-    for i in range(self.depth):
-      # DINO's torch.linspace(0, rate, depth), or DINOv2's drop_path_uniform.
-      rate = self.drop_path_rate * (1.0 if self.drop_path_uniform else i / max(self.depth - 1, 1))
-      x = block(self.num_heads, self.mlp_dim, self.ffn, self.layerscale, rate, self.dtype, self.attention,
-                self.batch_sharding, name=f"block{i}")(x, deterministic)
-      if i >= self.depth - layers:
-        intermediate.append(outputs(norm(x).astype(jnp.float32)))
+    block_args = lambda i: (self.num_heads, self.mlp_dim, self.ffn, self.layerscale, self.block_rate(i), self.dtype,
+                            self.attention, self.batch_sharding)
+    if self.scan and not (self.is_initializing() or layers or self.is_mutable_collection("intermediates")):
+      x = self.scan_blocks(Block(*block_args(0), parent=None), x, deterministic)
+    else:
+      block = Block if self.remat == "none" else nn.remat(Block, static_argnums=(2,),
+                                                          policy=REMAT_POLICIES[self.remat])
+      for i in range(self.depth):
+        x = block(*block_args(i), name=f"block{i}")(x, deterministic)
+        if i >= self.depth - layers:
+          intermediate.append(outputs(norm(x).astype(jnp.float32)))
     out = outputs(norm(x).astype(jnp.float32))
     return out | ({"intermediate": intermediate} if layers else {})
+
+  def block_rate(self, i: int) -> float:
+    """Block i's stochastic-depth rate: DINO's torch.linspace(0, rate, depth), or every block
+    at the rate (DINOv2's drop_path_uniform)."""
+    return self.drop_path_rate * (1.0 if self.drop_path_uniform else i / max(self.depth - 1, 1))
+
+  def scan_blocks(self, block: Block, x, deterministic: bool):
+    """The blocks as one `jax.lax.scan` over their parameters stacked on a new leading axis, so
+    XLA compiles one block, not `depth` (big_vision's scan; ViT-L/g compile minutes faster).
+    The parameters keep their stored layout (block0 .. block{depth-1}): checkpoints, the
+    optimizer's per-layer rules and the tools see no difference, and the function is the
+    loop's. Stochastic depth draws one key per block from the dropout stream, at one rate for
+    all blocks (`config_checks` refuses a rising one)."""
+    params = self.variables["params"]
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[f"block{i}"] for i in range(self.depth)])
+
+    def body(x, inputs):
+      p, key = inputs
+      return block.apply({"params": p}, x, deterministic, rngs=None if key is None else {"dropout": key}), None
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    keys = None if deterministic else jax.random.split(self.make_rng("dropout"), self.depth)
+    # The loop's residual stream takes a block's output dtype (float32 where the float32
+    # LayerScale promotes a bfloat16 branch); the scan's carry starts in it.
+    first = jax.tree.map(lambda a: a[0], (stacked, keys))
+    x = x.astype(jax.eval_shape(lambda x: body(x, first)[0], x).dtype)
+    return jax.lax.scan(body, x, (stacked, keys))[0]
 
   # What the trainer and the tools ask of every backbone.
 
@@ -182,7 +214,8 @@ class ViT(nn.Module):
                drop_path_rate=m.drop_path_rate, drop_path_uniform=m.get("drop_path_uniform", False),
                pos_embed_grid=m.pos_embed_grid,
                interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
-               dtype=jnp.dtype(m.dtype), remat=m.remat, attention=m.attention, batch_sharding=batch_sharding)
+               dtype=jnp.dtype(m.dtype), remat=m.remat, scan=m.get("scan", False), attention=m.attention,
+               batch_sharding=batch_sharding)
 
   @property
   def embed_dim(self) -> int:
