@@ -100,23 +100,24 @@ def peak_memory_bytes() -> int | None:
   return max((s or {}).get("peak_bytes_in_use", 0) for s in stats) or None
 
 
+def random_batches(cfg: ml_collections.ConfigDict, trainer: learner.Trainer):
+  """step -> the train step's batch: the step's augmentation (`make_views`) of fixed random
+  uint8 crops, and the iBOT masks of step 0."""
+  rng, a = np.random.default_rng(0), cfg.aug
+  crops = {"global": rng.integers(0, 256, (cfg.batch_size, 2, a.global_size, a.global_size, 3), np.uint8)}
+  if a.num_local:
+    crops["local"] = rng.integers(0, 256, (cfg.batch_size, a.num_local, a.local_size, a.local_size, 3), np.uint8)
+  crops = jax.device_put(crops, trainer.batch_sharding)
+  key = learner.augmentation_key(cfg)
+  masks = {"masks": jax.device_put(trainer.step_masks(0), trainer.batch_sharding)} if trainer.step_masks else {}
+  return lambda step: dict(trainer.make_views(key, step, crops)) | masks
+
+
 def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflops: float | None) -> dict:
   """Compiles, warms up and times `steps` train steps on random crops; returns the figures."""
   mesh = sharding.make_mesh(cfg)
   trainer = learner.build(cfg, mesh, steps_per_epoch=1000)
-  rng, a = np.random.default_rng(0), cfg.aug
-  views = {"global": rng.integers(0, 256, (cfg.batch_size, 2, a.global_size, a.global_size, 3), np.uint8)}
-  if a.num_local:
-    views["local"] = rng.integers(0, 256, (cfg.batch_size, a.num_local, a.local_size, a.local_size, 3), np.uint8)
-  views = jax.device_put(views, trainer.batch_sharding)
-  key = learner.augmentation_key(cfg)
-  masks = None
-  if trainer.step_masks:
-    masks = jax.device_put(trainer.step_masks(0), trainer.batch_sharding)
-
-  def batch_of(step):
-    batch = dict(trainer.make_views(key, step, views))
-    return batch | ({"masks": masks} if masks is not None else {})
+  batch_of = random_batches(cfg, trainer)
 
   start = time.perf_counter()
   batch = batch_of(0)
@@ -147,6 +148,55 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
       "compiled_memory": compiled_memory(compiled_step.compiled),
       "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
   }
+
+
+# ---------------------------------------------------------------------------------------
+# The same step in PyTorch (dino_jax.bench_pytorch), timed in the same process.
+# ---------------------------------------------------------------------------------------
+
+
+def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflops: float | None) -> dict:
+  """Times the config's JAX train step and the same step in PyTorch eager
+  (`bench_pytorch.TorchStep`) on the same augmented views and iBOT masks, alternating one
+  step of each; returns both medians and the ratio of images/s (JAX over PyTorch). The
+  augmentation is made once and timed on neither side (PyTorch's runs in its loader)."""
+  from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel  (torch: test extras)
+  mesh = sharding.make_mesh(cfg)
+  trainer = learner.build(cfg, mesh, steps_per_epoch=1000)
+  batch = random_batches(cfg, trainer)(0)
+  start = time.perf_counter()
+  compiled = trainer.compile_step(trainer.state, batch).run
+  compile_s = time.perf_counter() - start
+  device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  torch_step = bench_pytorch.TorchStep(cfg, device)
+  jax_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["params"]))
+  bench_pytorch.check_same_size(torch_step.num_student_params(), jax_params)
+  host = jax.device_get(batch)
+  torch_batch = torch_step.inputs({k: v for k, v in host.items() if k != "masks"}, host.get("masks"))
+  state, jax_times, torch_times = trainer.state, [], []
+  for _ in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    jax_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    torch_loss = torch_step(torch_batch)
+    torch_step.synchronize()
+    torch_times.append(time.perf_counter() - start)
+  jax_s, torch_s = statistics.median(jax_times[warmup:]), statistics.median(torch_times[warmup:])
+  flops, kind = train_step_flops(cfg), jax.devices()[0].device_kind
+  peak = (peak_tflops or PEAK_TFLOPS.get(kind) or 0) * 1e12 * jax.device_count()
+  mfu = lambda seconds: flops / seconds / peak if peak else None
+  return {"device": kind, "devices": jax.device_count(), "torch_device": device,
+          "torch_threads": bench_pytorch.num_threads(), "dtype": cfg.model.dtype, "batch_size": cfg.batch_size,
+          "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
+          "head_out_dim": cfg.head.out_dim, "ibot": cfg.loss.ibot_weight > 0, "student_params_m": jax_params / 1e6,
+          "steps_timed": steps, "compile_s": compile_s, "tflop_per_step": flops / 1e12,
+          "jax_step_s": jax_times[warmup:], "torch_step_s": torch_times[warmup:],
+          "jax_step_s_median": jax_s, "torch_step_s_median": torch_s,
+          "jax_images_per_s": cfg.batch_size / jax_s, "torch_images_per_s": cfg.batch_size / torch_s,
+          "jax_mfu": mfu(jax_s), "torch_mfu": mfu(torch_s), "speedup": torch_s / jax_s,
+          "jax_loss": float(metrics["loss"]), "torch_loss": torch_loss}
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,10 +258,12 @@ def memory_report(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def find_max_batch(cfg: ml_collections.ConfigDict, limit_gib: float, largest: int = 4096) -> dict:
-  """The largest per-device batch (a power of two, then refined by bisection) whose compiled
-  step's peak memory (`memory_report`) fits in `limit_gib` per device; compiles only, so it
-  works on any backend. Returns {"batch_per_device", "batch_size", "report" of that batch,
-  "tried": {per-device batch: peak GiB}}."""
+  """The largest per-device batch whose compiled step's peak memory (`memory_report`) fits in
+  `limit_gib` per device; compiles only, so it works on any backend. The peak grows about
+  linearly with the batch, so each try is where the line through the two nearest tries meets
+  the limit, kept inside the bracket of the largest batch that fits and the smallest that does
+  not (doubling while none fails): a handful of compiles. Returns {"batch_per_device",
+  "batch_size", "report" of that batch, "tried": {per-device batch: peak GiB}}."""
   devices = sharding.make_mesh(cfg).size
   tried, reports = {}, {}
 
@@ -225,17 +277,27 @@ def find_max_batch(cfg: ml_collections.ConfigDict, limit_gib: float, largest: in
   if not fits(1):
     raise UsageError(f"a batch of 1 per device needs {tried[1]:.2f} GiB per device, more than "
                      f"--memory_limit_gib={limit_gib:g}")
-  low, high = 1, None
-  while high is None and low < largest:
-    if fits(2 * low):
-      low *= 2
-    else:
-      high = 2 * low
-  while high is not None and high - low > 1:
-    mid = (low + high) // 2
-    low, high = (mid, high) if fits(mid) else (low, mid)
+  low, high = 1, None  # the largest batch that fits, the smallest that does not
+  while (high is None and low < largest) or (high is not None and high - low > 1):
+    top = largest if high is None else high - 1
+    guess = next_batch_to_try(tried, low, high, limit_gib)
+    b = min(max(guess, low + 1), top)
+    low, high = (b, high) if fits(b) else (low, b)
   return {"batch_per_device": low, "batch_size": low * devices, "limit_gib": limit_gib,
           "at_search_limit": high is None, "report": reports[low], "tried": tried}
+
+
+def next_batch_to_try(tried: dict, low: int, high: int | None, limit_gib: float) -> int:
+  """Where the line through `low`'s try and its nearest other try (`high`'s once a batch has
+  failed) reaches `limit_gib`; double `low` while only one batch was tried or the peak does not
+  grow."""
+  other = high if high is not None else max((b for b in tried if b < low), default=None)
+  if other is None:
+    return 2 * low
+  slope = (tried[other] - tried[low]) / (other - low)
+  if slope <= 0:
+    return 2 * low
+  return int(low + (limit_gib - tried[low]) / slope)
 
 
 def photo_jpegs(folder: pathlib.Path, count: int) -> None:
@@ -289,6 +351,8 @@ _MEMORY = flags.DEFINE_bool("memory", False, "Compile only and report the step's
                             "count: fake CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N).")
 _FIND_MAX_BATCH = flags.DEFINE_bool("find_max_batch", False, "Search the largest per-device batch whose step fits "
                                     "--memory_limit_gib (compiles only).")
+_AGAINST_PYTORCH = flags.DEFINE_bool("against_pytorch", False, "Time the same step in PyTorch eager (timm's ViT, "
+                                     "dino_jax.bench_pytorch) alternating with the JAX step; print the ratio.")
 _MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gib", None, "Per-device memory for --find_max_batch (default: "
                                    "the device's own limit where the backend reports one).")
 
@@ -316,8 +380,20 @@ def main(argv):
       raise UsageError("--config is required")
     if _STEPS.value < 1 or _WARMUP.value < 0:
       raise UsageError("--steps must be >= 1 and --warmup >= 0")
-    if _FIND_MAX_BATCH.value + _MEMORY.value + _LOADER.value > 1:
-      raise UsageError("--memory, --find_max_batch and --loader are separate modes: give one")
+    if _FIND_MAX_BATCH.value + _MEMORY.value + _LOADER.value + _AGAINST_PYTORCH.value > 1:
+      raise UsageError("--memory, --find_max_batch, --loader and --against_pytorch are separate modes: give one")
+    if _AGAINST_PYTORCH.value:
+      result = against_pytorch(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value)
+      print(f"{result['device']} x{result['devices']} (PyTorch on {result['torch_device']}, "
+            f"{result['torch_threads']} threads), batch {result['batch_size']} ({result['crops']}), "
+            f"{result['dtype']}, median of {result['steps_timed']} alternating steps: JAX "
+            f"{result['jax_step_s_median']:.3f} s/step = {result['jax_images_per_s']:.2f} images/s, PyTorch "
+            f"{result['torch_step_s_median']:.3f} s/step = {result['torch_images_per_s']:.2f} images/s; "
+            f"JAX / PyTorch images/s = {result['speedup']:.2f}x"
+            + (f"; MFU JAX {100 * result['jax_mfu']:.1f}%, PyTorch {100 * result['torch_mfu']:.1f}%"
+               if result["jax_mfu"] is not None else ""))
+      write_json(result)
+      return
     if _LOADER.value:
       if _LOADER_IMAGES.value < 1 or _LOADER_WORKERS.value < 0:
         raise UsageError("--loader_images must be >= 1 and --loader_workers >= 0")

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import dino_vits16
@@ -62,6 +63,13 @@ def state_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def test_next_batch_to_try_follows_the_line_through_the_tries():
+  assert bench.next_batch_to_try({1: 3.0}, 1, None, 10.0) == 2  # one try: double
+  assert bench.next_batch_to_try({1: 3.0, 2: 4.0}, 2, None, 10.0) == 8  # 2 + b GiB reaches 10 GiB at b = 8
+  assert bench.next_batch_to_try({1: 3.0, 2: 4.0, 9: 11.0}, 2, 9, 10.0) == 8  # the bracket's line
+  assert bench.next_batch_to_try({1: 3.0, 2: 3.0}, 2, None, 10.0) == 4  # the peak does not grow: double
+
+
 def test_memory_report_counts_the_state_per_device():
   """The compiled step's arguments are the train state and the batch: all of the state on each
   device when replicated, about an eighth of its large arrays with FSDP over 8 devices."""
@@ -91,11 +99,28 @@ def tiny_for_memory(**overrides):
 
 def test_find_max_batch_is_the_largest_that_fits():
   cfg = tiny_for_memory()
-  limit = bench.memory_report(cfg)["memory_gib"]["peak"] * 1.25  # above 2 per device, below 4
+  limit = bench.memory_report(cfg)["memory_gib"]["peak"] * 3  # 2 per device, three times over
   result = bench.find_max_batch(cfg, limit)
   best = result["batch_per_device"]
   assert result["tried"][best] <= limit < result["tried"][best + 1]
-  assert 2 <= best < 4 and result["batch_size"] == 8 * best
-  assert list(result["tried"])[:3] == [1, 2, 4]  # doubling, then bisection
+  assert best > 4 and result["batch_size"] == 8 * best
+  assert list(result["tried"])[:2] == [1, 2] and len(result["tried"]) <= 5  # lines through tries, not bisection
   with pytest.raises(UsageError, match="a batch of 1 per device needs"):
     bench.find_max_batch(cfg, 1e-6)
+
+
+def test_against_pytorch_times_both_steps_on_the_tiny_config():
+  """The same DINOv2 step (iBOT, KoLeo, Sinkhorn-Knopp, local crops) in PyTorch eager: the same
+  parameter count, finite losses, both medians and their ratio (no timing assertions)."""
+  cfg = dinov2_vits14.get_config("tiny")
+  result = bench.against_pytorch(cfg, steps=2, warmup=1, peak_tflops=1.0)
+  assert result["torch_device"] == "cpu" and result["ibot"] and len(result["jax_step_s"]) == 2
+  assert result["speedup"] == pytest.approx(result["torch_step_s_median"] / result["jax_step_s_median"])
+  assert result["jax_images_per_s"] == pytest.approx(16 / result["jax_step_s_median"])
+  assert result["jax_mfu"] == pytest.approx(result["tflop_per_step"] / result["jax_step_s_median"] / jax.device_count())
+  assert np.isfinite(result["jax_loss"]) and np.isfinite(result["torch_loss"])
+  from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel
+  torch_step = bench_pytorch.TorchStep(cfg, "cpu")
+  assert torch_step.num_student_params() == pytest.approx(result["student_params_m"] * 1e6)
+  with pytest.raises(UsageError, match="not the same architecture"):
+    bench_pytorch.check_same_size(torch_step.num_student_params() + 1, torch_step.num_student_params())

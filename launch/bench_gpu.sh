@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The README's GPU speed figures on one GPU (bfloat16), one mode per argument, in the order given:
+#   against   the JAX step vs the same step in PyTorch eager (bench --against_pytorch)
+#   bench     the full bench step (augmentation included): images/s, MFU, memory
+#   noscan    the same with the blocks unrolled (model.scan=False)
+#   max_batch the largest per-device batch that fits the GPU (bench --find_max_batch, compiles only)
+#   CONFIG=configs/dinov2_vitl14.py BATCH=32 OUT=runs/bench launch/bench_gpu.sh against bench max_batch
+# ATTENTION=cudnn for cuDNN's fused attention (even token counts only: config_checks). Each mode
+# appends a JSON line to $OUT/bench_gpu.jsonl. Needs jax with CUDA, and torch + timm for `against`
+# (requirements-test.txt). DRY_RUN=1 only prints.
+set -uo pipefail
+source "$(dirname "$0")/common.sh"
+CONFIG=${CONFIG:-configs/dinov2_vitl14.py}
+BATCH=${BATCH:-32}
+OUT=${OUT:-runs/bench}
+STEPS=${STEPS:-5}
+ATTENTION=${ATTENTION:-xla}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+bench() {
+  run "$PYTHON" -m dino_jax.bench --config "$CONFIG" --config.batch_size="$BATCH" --config.model.dtype=bfloat16 \
+      --config.model.attention="$ATTENTION" --json "$OUT/bench_gpu.jsonl" "$@"
+}
+status=0
+for mode in "$@"; do
+  case $mode in
+    # PyTorch needs memory beside JAX's: no preallocation.
+    against) XLA_PYTHON_CLIENT_PREALLOCATE=false bench --against_pytorch --steps "$STEPS" --warmup 2 ;;
+    bench) XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench --steps "$STEPS" --warmup 2 ;;
+    noscan) XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench --config.model.scan=False --steps "$STEPS" --warmup 2 ;;
+    # The search compiles only: XLA's autotuning would add minutes per try.
+    max_batch) XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+                 bench --find_max_batch ;;
+    *) echo "error: unknown mode $mode (against, bench, noscan, max_batch)" >&2; exit 2 ;;
+  esac || status=1
+done
+exit $status
