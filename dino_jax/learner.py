@@ -81,7 +81,7 @@ def flat_views(views):
 
 def per_image(out: dict, b: int) -> dict:
   """Model outputs of flattened views regrouped per image, [B*V, ...] -> [B, V, ...]; the
-  iBOT token logits [B*V, m, K] become the flat [B*V*m, K] rows the iBOT loss takes."""
+  iBOT token logits [G, m, K] (G groups of views) become the flat [G*m, K] rows the iBOT loss takes."""
   grouped = {k: v.reshape((b, -1) + v.shape[1:]) for k, v in out.items() if k != "patch_logits"}
   if "patch_logits" in out:
     grouped["patch_logits"] = out["patch_logits"].reshape(-1, out["patch_logits"].shape[-1])
@@ -116,8 +116,9 @@ def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, b
     teacher["token_weights"] = valid / num_patches
   elif "ibot" in names:
     mask = batch["masks"].reshape(glob.shape[0], -1)
+    groups = 1 if batch_sharding is None else batch_sharding.mesh.size  # one per device: local gathers
     index, teacher["token_weights"], valid = masking.masked_token_index(
-        mask, masking.max_masked_per_image(mask.shape[1], cfg.mask))
+        mask, groups, masking.max_masked_per_group(mask.shape[0], groups, mask.shape[1], cfg.mask))
 
   t_model, t_params = (teacher_model, frozen_params) if distilling else (model, state["teacher"].value)
   t_out = per_image(jax.lax.stop_gradient(t_model.apply({"params": t_params}, glob, patch_index=index)), b)

@@ -43,9 +43,17 @@ def block_mask(rng: np.random.Generator, grid: tuple[int, int], num_masked: int,
   return mask
 
 
-def max_masked_per_image(num_patches: int, cfg) -> int:
-  """Static upper bound on the masked patches of one image."""
-  return int(num_patches * cfg.mask_ratio[1])
+def max_masked_per_group(num_images: int, groups: int, num_patches: int, cfg) -> int:
+  """Static upper bound on the masked patches of one group of `num_images / groups` consecutive
+  images (a device's share of the batch's global crops) under `batch_masks`: it masks
+  int(num_images * mask_prob) images, the i-th at most int(num_patches * bounds[i + 1]) patches
+  (its stratum's top ratio), and a group holds at worst the largest of them. For one group that
+  is the batch's total, about a third of `num_images * num_patches * mask_ratio[1]` for
+  DINOv2's settings; for one image per group, int(num_patches * mask_ratio[1])."""
+  n_masked = int(num_images * cfg.mask_prob)
+  bounds = np.linspace(*cfg.mask_ratio, n_masked + 1)
+  largest = sorted((int(num_patches * b) for b in bounds[1:]), reverse=True)
+  return max(sum(largest[:num_images // groups]), 1)
 
 
 def batch_masks(rng: np.random.Generator, num_images: int, grid: tuple[int, int], cfg) -> np.ndarray:
@@ -75,14 +83,25 @@ def step_masks(cfg, step: int, grid: tuple[int, int], num_global: int) -> np.nda
   return masks[jax.process_index() * local:(jax.process_index() + 1) * local]
 
 
-def masked_token_index(masks, max_per_image):
-  """Per image, the indices of its masked patches padded to a static `max_per_image`.
+def masked_token_index(masks, groups: int, max_per_group: int):
+  """The masked patches of each group of consecutive images (`groups` divides the images; one
+  group per device keeps the gather on the device), padded to a static `max_per_group`
+  (`max_masked_per_group`): only the slots a group can need, not every image's worst case.
 
-  Returns [n, m] indices, flat [n*m] DINOv2 weights 1 / (masked patches of the image) with
-  0 for padding, and the flat [n*m] validity.
+  Args:
+    masks: [n, P] bool, True = masked.
+    groups: number of groups of n / groups images.
+    max_per_group: slots per group.
+  Returns:
+    [groups, max_per_group] positions in the group's flattened [n / groups * P] patches (masked
+    ones first), flat [groups * max_per_group] DINOv2 weights 1 / (masked patches of the token's
+    image) with 0 for padding, and the flat validity.
   """
-  index = jnp.argsort(~masks, axis=1, stable=True)[:, :max_per_image]  # masked ones first
-  per_image = jnp.sum(masks, axis=1, keepdims=True)
-  valid = jnp.arange(max_per_image)[None, :] < per_image
-  weights = jnp.where(valid, 1.0 / jnp.maximum(per_image, 1), 0.0)
+  num_patches = masks.shape[1]
+  grouped = masks.reshape(groups, -1)
+  index = jnp.argsort(~grouped, axis=1, stable=True)[:, :max_per_group]
+  per_image = jnp.sum(masks, axis=1).reshape(groups, -1)
+  count = jnp.take_along_axis(per_image, index // num_patches, axis=1)
+  valid = jnp.arange(max_per_group)[None, :] < jnp.sum(grouped, axis=1, keepdims=True)
+  weights = jnp.where(valid, 1.0 / jnp.maximum(count, 1), 0.0)
   return index, weights.reshape(-1), valid.reshape(-1).astype(jnp.float32)

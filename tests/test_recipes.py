@@ -312,16 +312,24 @@ def test_recipe_heads():
 
 
 def test_generated_masks_never_exceed_the_static_token_slots():
+  """Every group of consecutive images (one per device) fits its slots, from one group of the
+  whole batch to one image per group; one group needs about a third of the per-image slots."""
   from dino_jax import masking
   cfg = dinov2_vits14.get_config().mask
   for grid in ((4, 4), (16, 16), (7, 9)):
-    bound = masking.max_masked_per_image(grid[0] * grid[1], cfg)
-    for seed in range(30):
-      masks = masking.batch_masks(np.random.default_rng(seed), 64, grid, cfg)
-      assert masks.sum(1).max() <= bound
+    n = grid[0] * grid[1]
+    for groups in (1, 2, 8, 64):
+      bound = masking.max_masked_per_group(64, groups, n, cfg)
+      for seed in range(30):
+        masks = masking.batch_masks(np.random.default_rng(seed), 64, grid, cfg)
+        assert masks.reshape(groups, -1).sum(1).max() <= bound
+  assert masking.max_masked_per_group(16, 16, 256, cfg) == 128  # one image: its stratum's top ratio, 0.5
+  assert masking.max_masked_per_group(16, 1, 256, cfg) == sum(int(256 * r) for r in np.linspace(0.1, 0.5, 9)[1:])
+  assert masking.max_masked_per_group(16, 1, 256, cfg) < 0.35 * 16 * 128  # 665 slots instead of 2048
 
 
-def test_ibot_loss_on_padded_slots_equals_the_dense_reference():
+@pytest.mark.parametrize("groups", [1, 5])
+def test_ibot_loss_on_padded_slots_equals_the_dense_reference(groups):
   """The iBOT term from the padded masked-token slots (`masking.masked_token_index`) equals a
   dense computation over every patch token weighted by the mask (DINOv2's iBOTPatchLoss:
   per image the mean over its masked tokens, summed, divided by the number of images), for
@@ -332,7 +340,7 @@ def test_ibot_loss_on_padded_slots_equals_the_dense_reference():
   model = learner.make_model(cfg)
   grid = model.backbone.grid(16)
   n = grid[0] * grid[1]
-  bound = masking.max_masked_per_image(n, cfg.mask)
+  bound = int(n * cfg.mask.mask_ratio[1])  # the most the generator puts on one image
   rng = np.random.default_rng(0)
   masks = np.zeros((5, n), bool)
   masks[1, 3] = True
@@ -345,7 +353,8 @@ def test_ibot_loss_on_padded_slots_equals_the_dense_reference():
   params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
   temp, student_temp = 0.05, cfg.loss.student_temp
 
-  index, weights, _ = masking.masked_token_index(jnp.asarray(masks), bound)
+  slots = masks.reshape(groups, -1).sum(1).max() + 2  # with padding in every group
+  index, weights, _ = masking.masked_token_index(jnp.asarray(masks), groups, slots)
   student = model.apply({"params": params}, images, mask=jnp.asarray(masks), patch_index=index)["patch_logits"]
   teacher = model.apply({"params": params}, images, patch_index=index)["patch_logits"]
   padded = losses.ibot_patch_loss(student.reshape(-1, student.shape[-1]),

@@ -44,9 +44,10 @@ class DINOModel(nn.Module):
   """A backbone (any of `models.BACKBONES`) with the heads its objectives need.
 
   Outputs: "embedding" (the backbone's global embedding) and its DINO-head "logits";
-  with `patch_index` ([B, m] int: m patch tokens per image, e.g. its masked ones padded to a
-  static m; the batch axis is kept so the gather stays sharded with the batch) their
-  "patch_logits" from `ibot_head`, or from the DINO head when `ibot_head` is None (DINOv2's
+  with `patch_index` ([G, m] int: m patch positions in each of G groups of B / G consecutive
+  images, e.g. one group per device with its masked patches padded to a static m
+  (`masking.masked_token_index`), or every patch of each image with G = B; the group axis is
+  split like the batch, so the gather stays on the device) their "patch_logits" from `ibot_head`, or from the DINO head when `ibot_head` is None (DINOv2's
   shared-head option); with `region_head` (EsViT) the backbone's region tokens as
   "regions" [B, R, D] and their "region_logits" [B, R, K].
   """
@@ -59,8 +60,9 @@ class DINOModel(nn.Module):
     feats = self.backbone(images, mask=mask, deterministic=deterministic)
     out = {"embedding": feats["embedding"], "logits": self.head(feats["embedding"])}
     patches = feats["patch"].reshape(feats["patch"].shape[0], -1, feats["patch"].shape[-1])
-    if patch_index is not None:
-      tokens = jnp.take_along_axis(patches, patch_index[..., None], axis=1)
+    if patch_index is not None:  # positions in each group's (image's, or device's images') patches
+      grouped = patches.reshape(patch_index.shape[0], -1, patches.shape[-1])
+      tokens = jnp.take_along_axis(grouped, patch_index[..., None], axis=1)
       out["patch_logits"] = (self.ibot_head or self.head)(tokens)
     if self.region_head is not None:
       out["regions"] = patches
