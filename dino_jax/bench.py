@@ -159,15 +159,17 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
   """Times the config's JAX train step and the same step in PyTorch eager
   (`bench_pytorch.TorchStep`) on the same augmented views and iBOT masks, alternating one
   step of each; returns both medians and the ratio of images/s (JAX over PyTorch). The
-  augmentation is made once and timed on neither side (PyTorch's runs in its loader)."""
+  augmentation is made once and timed on neither side (PyTorch's runs in its loader). Both run
+  on one device: JAX on the first of this host's, PyTorch on the GPU or the CPU beside it."""
   from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel  (torch: test extras)
-  mesh = sharding.make_mesh(cfg)
-  trainer = learner.build(cfg, mesh, steps_per_epoch=1000)
+  device = bench_pytorch.check_comparable(cfg, jax.default_backend())
+  cfg = cfg.copy_and_resolve_references()
+  cfg.mesh.fsdp = 1
+  trainer = learner.build(cfg, sharding.make_mesh(cfg, jax.devices()[:1]), steps_per_epoch=1000)
   batch = random_batches(cfg, trainer)(0)
   start = time.perf_counter()
   compiled = trainer.compile_step(trainer.state, batch).run
   compile_s = time.perf_counter() - start
-  device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   torch_step = bench_pytorch.TorchStep(cfg, device)
   jax_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["params"]))
   bench_pytorch.check_same_size(torch_step.num_student_params(), jax_params)
@@ -185,9 +187,9 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
     torch_times.append(time.perf_counter() - start)
   jax_s, torch_s = statistics.median(jax_times[warmup:]), statistics.median(torch_times[warmup:])
   flops, kind = train_step_flops(cfg), jax.devices()[0].device_kind
-  peak = (peak_tflops or PEAK_TFLOPS.get(kind) or 0) * 1e12 * jax.device_count()
-  mfu = lambda seconds: flops / seconds / peak if peak else None
-  return {"device": kind, "devices": jax.device_count(), "torch_device": device,
+  peak = (peak_tflops or PEAK_TFLOPS.get(kind) or 0) * 1e12
+  mfu = lambda seconds: flops / seconds / peak if peak else None  # model FLOPs (train_step_flops)
+  return {"device": kind, "devices": 1, "torch_device": device,
           "torch_threads": bench_pytorch.num_threads(), "dtype": cfg.model.dtype, "batch_size": cfg.batch_size,
           "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
           "head_out_dim": cfg.head.out_dim, "ibot": cfg.loss.ibot_weight > 0, "student_params_m": jax_params / 1e6,
@@ -262,7 +264,8 @@ def find_max_batch(cfg: ml_collections.ConfigDict, limit_gib: float, largest: in
   `limit_gib` per device; compiles only, so it works on any backend. The peak grows about
   linearly with the batch, so each try is where the line through the two nearest tries meets
   the limit, kept inside the bracket of the largest batch that fits and the smallest that does
-  not (doubling while none fails): a handful of compiles. Returns {"batch_per_device",
+  not (doubling while none fails), bisecting after a try that did not halve the bracket: a
+  handful of compiles. Returns {"batch_per_device",
   "batch_size", "report" of that batch, "tried": {per-device batch: peak GiB}}."""
   devices = sharding.make_mesh(cfg).size
   tried, reports = {}, {}
@@ -278,11 +281,14 @@ def find_max_batch(cfg: ml_collections.ConfigDict, limit_gib: float, largest: in
     raise UsageError(f"a batch of 1 per device needs {tried[1]:.2f} GiB per device, more than "
                      f"--memory_limit_gib={limit_gib:g}")
   low, high = 1, None  # the largest batch that fits, the smallest that does not
+  bisect = False  # after a try that did not halve the bracket (a curve the line misjudges)
   while (high is None and low < largest) or (high is not None and high - low > 1):
     top = largest if high is None else high - 1
-    guess = next_batch_to_try(tried, low, high, limit_gib)
+    guess = (low + high) // 2 if bisect else next_batch_to_try(tried, low, high, limit_gib)
     b = min(max(guess, low + 1), top)
+    width = None if high is None else high - low
     low, high = (b, high) if fits(b) else (low, b)
+    bisect = width is not None and high - low > width / 2 and not bisect
   return {"batch_per_device": low, "batch_size": low * devices, "limit_gib": limit_gib,
           "at_search_limit": high is None, "report": reports[low], "tried": tried}
 

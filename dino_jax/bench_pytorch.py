@@ -28,19 +28,61 @@ except ImportError as e:  # only `bench --against_pytorch` needs them
                    "pip install -r requirements-test.txt") from None
 
 
+def check_comparable(cfg: ml_collections.ConfigDict, jax_backend: str) -> str:
+  """The torch device of the comparison ("cuda" beside a JAX GPU, "cpu" beside the JAX CPU);
+  UsageError for a step this module does not rebuild."""
+  if cfg.model.get("name", "vit") != "vit":
+    raise UsageError(f"--against_pytorch builds ViT steps; this config's model is {cfg.model.name!r}")
+  if cfg.get("distill", {}).get("teacher") or cfg.loss.get("region_weight", 0):
+    raise UsageError("--against_pytorch rebuilds DINO / DINOv2 steps, not distillation or EsViT's region loss")
+  if jax_backend == "gpu" and not torch.cuda.is_available():
+    raise UsageError("JAX runs on a GPU but this torch has no CUDA: install a CUDA build of torch")
+  if jax_backend not in ("gpu", "cpu"):
+    raise UsageError(f"--against_pytorch compares on this host's GPU or CPU; JAX's backend is {jax_backend}")
+  return "cuda" if jax_backend == "gpu" else "cpu"
+
+
+def residual(x, branch, rate: float, training: bool):
+  """x + branch(x) with stochastic depth as DINOv2 (and `dino_jax.models.layers.residual`):
+  above rate 0.1 the branch runs only on a random kept subset of the batch, its output added
+  back scaled by n / k; otherwise a per-sample mask."""
+  if not training or rate == 0:
+    return x + branch(x)
+  n = x.shape[0]
+  if rate > 0.1:
+    k = max(int(n * (1 - rate)), 1)
+    keep = torch.randperm(n, device=x.device)[:k]
+    return torch.index_add(x, 0, keep, branch(x[keep]).to(x.dtype), alpha=n / k)
+  mask = (torch.rand(n, 1, 1, device=x.device) < 1 - rate).to(x.dtype) / (1 - rate)
+  return x + branch(x) * mask
+
+
+def stochastic_depth_forward(block: nn.Module, rate: float):
+  """A timm block's forward with `residual`'s stochastic depth at `rate`."""
+
+  def forward(x):
+    x = residual(x, lambda y: block.ls1(block.attn(block.norm1(y))), rate, block.training)
+    return residual(x, lambda y: block.ls2(block.mlp(block.norm2(y))), rate, block.training)
+
+  return forward
+
+
 def make_backbone(m: ml_collections.ConfigDict) -> nn.Module:
   """timm's ViT with the config's architecture; its position embedding at m.pos_embed_grid and, as
   dino_jax.models.ViT, not on the CLS token (the official DINOv2 one also has a CLS position,
-  which the converter folds into the CLS token)."""
-  if m.name != "vit":
-    raise UsageError(f"--against_pytorch builds ViT steps; this config's model is {m.name!r}")
+  which the converter folds into the CLS token). Stochastic depth is the config's: per-block
+  rates (uniform, or rising as DINO's linspace), kept subsets above 0.1 (`residual`)."""
   swiglu = m.ffn == "swiglu"
-  return timm.models.vision_transformer.VisionTransformer(
+  vit = timm.models.vision_transformer.VisionTransformer(
       img_size=m.pos_embed_grid * m.patch_size, patch_size=m.patch_size, embed_dim=m.width, depth=m.depth,
       num_heads=m.num_heads, mlp_ratio=(2 if swiglu else 1) * m.mlp_dim / m.width,
       mlp_layer=SwiGLUPacked if swiglu else timm.layers.Mlp, act_layer=nn.SiLU if swiglu else nn.GELU,
-      init_values=m.layerscale, reg_tokens=m.num_registers, no_embed_class=True, drop_path_rate=m.drop_path_rate,
-      num_classes=0, dynamic_img_size=True)
+      init_values=m.layerscale, reg_tokens=m.num_registers, no_embed_class=True, num_classes=0,
+      dynamic_img_size=True)
+  for i, block in enumerate(vit.blocks):
+    rate = m.drop_path_rate * (1.0 if m.get("drop_path_uniform", False) else i / max(m.depth - 1, 1))
+    block.forward = stochastic_depth_forward(block, rate)
+  return vit
 
 
 class Head(nn.Module):
@@ -120,13 +162,15 @@ class TorchStep:
     self.teacher = Network(cfg, self.ibot).to(self.device)
     self.teacher.load_state_dict(self.student.state_dict())
     self.teacher.requires_grad_(False)
+    self.teacher.eval()  # no stochastic depth in the teacher
     self.params = [p for p in self.student.parameters() if p.requires_grad]
     self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=tuple(cfg.optim.betas), weight_decay=0.04)
-    self.center = torch.zeros(1, cfg.head.out_dim, device=self.device)
-    self.autocast = cfg.model.dtype == "bfloat16"
+    self.centers = {name: torch.zeros(1, cfg.head.out_dim, device=self.device) for name in ("dino", "ibot")}
+    self.autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
 
   def num_student_params(self) -> int:
-    return sum(p.numel() for p in self.student.parameters())
+    """Trainable parameters (the fixed unit gain of a norm_last_layer head is not one)."""
+    return sum(p.numel() for p in self.params)
 
   def inputs(self, views: dict, masks: np.ndarray | None) -> dict:
     """Torch tensors of the JAX step's augmented views ([B, V, H, W, 3] -> crop-major
@@ -142,14 +186,14 @@ class TorchStep:
     """One update; returns the loss."""
     cfg, b = self.cfg, batch["global"].shape[0] // 2
     masks = batch.get("masks") if self.ibot else None
-    with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+    with torch.autocast(self.device.type, self.autocast or torch.bfloat16, enabled=self.autocast is not None):
       with torch.no_grad():
         t_tokens = self.teacher.tokens(batch["global"])
         t_logits = self.teacher.head(t_tokens[:, 0])
-        t_probs = self.targets(t_logits).chunk(2)
+        t_probs = self.targets(t_logits, "dino").chunk(2)
         if masks is not None:
           patches = t_tokens[:, 1 + cfg.model.num_registers:][masks]
-          t_patch = self.targets((self.teacher.ibot_head or self.teacher.head)(patches))
+          t_patch = self.targets((self.teacher.ibot_head or self.teacher.head)(patches), "ibot")
       s_tokens = self.student.tokens(batch["global"], masks)
       s_logits = list(self.student.head(s_tokens[:, 0]).chunk(2))
       if "local" in batch:
@@ -177,15 +221,16 @@ class TorchStep:
       torch._foreach_add_(teacher, student, alpha=1 - momentum)  # pylint: disable=protected-access
     return float(loss.detach())
 
-  def targets(self, logits):
+  def targets(self, logits, name: str):
     """The teacher's targets: Sinkhorn-Knopp (DINOv2) or the centered softmax (DINO, with the
-    center's EMA)."""
+    EMA of the `name` center: "dino" or "ibot")."""
     temp = self.cfg.loss.teacher_temp[0]
     if self.cfg.loss.centering == "sinkhorn":
       return sinkhorn_knopp(logits, temp)
-    probs = F.softmax((logits.float() - self.center) / temp, dim=-1)
+    center = self.centers[name]
+    probs = F.softmax((logits.float() - center) / temp, dim=-1)
     m = self.cfg.loss.center_momentum
-    self.center.mul_(m).add_(logits.float().mean(0, keepdim=True), alpha=1 - m)
+    center.mul_(m).add_(logits.float().mean(0, keepdim=True), alpha=1 - m)
     return probs
 
   def synchronize(self):

@@ -86,7 +86,7 @@ def _check_choices(cfg) -> None:
   if cfg.model.get("scan", False):
     if cfg.model.get("name", "vit") != "vit":
       raise UsageError(f"model.scan runs a ViT's blocks as one loop; the {cfg.model.name} backbone has no such option")
-    if cfg.model.drop_path_rate and not cfg.model.drop_path_uniform:
+    if cfg.model.drop_path_rate and not cfg.model.get("drop_path_uniform", False):
       raise UsageError("model.scan needs one stochastic-depth rate for every block: model.drop_path_uniform=True "
                        "(DINOv2) or model.drop_path_rate=0")
 
@@ -137,7 +137,7 @@ def _check_attention(cfg, backbone) -> None:
   for what, tokens in counts.items():
     if tokens % 2:
       raise UsageError(f"model.attention=cudnn needs an even number of tokens, and {what} gives {tokens}: use "
-                       "model.attention=xla (or registers that make it even)")
+                       "model.attention=xla")
   if jax.default_backend() != "gpu" or cfg.model.dtype == "float32":
     raise UsageError("model.attention=cudnn needs a GPU and model.dtype bfloat16 or float16")
 

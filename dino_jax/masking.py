@@ -61,7 +61,8 @@ def batch_masks(rng: np.random.Generator, num_images: int, grid: tuple[int, int]
   over `mask_ratio`, the rest not at all. Returns [num_images, h*w] bool.
 
   As in DINOv2, an image whose target is under 3 patches (tiny grids) stays unmasked: the
-  smallest rectangle block_mask places has 3 cells.
+  smallest rectangle block_mask places has 3 cells. `max_masked_per_group` relies on the i-th
+  masked image getting at most int(h*w * bounds[i + 1]) patches.
   """
   n_patches = grid[0] * grid[1]
   n_masked_images = int(num_images * cfg.mask_prob)

@@ -17,20 +17,23 @@ STEPS=${STEPS:-5}
 ATTENTION=${ATTENTION:-xla}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-bench() {
-  run "$PYTHON" -m dino_jax.bench --config "$CONFIG" --config.batch_size="$BATCH" --config.model.dtype=bfloat16 \
-      --config.model.attention="$ATTENTION" --json "$OUT/bench_gpu.jsonl" "$@"
+bench() {  # bench VAR=value... -- bench flags...
+  local env=()
+  while [[ $1 != -- ]]; do env+=("$1"); shift; done
+  shift
+  run env "${env[@]}" "$PYTHON" -m dino_jax.bench --config "$CONFIG" --config.batch_size="$BATCH" \
+      --config.model.dtype=bfloat16 --config.model.attention="$ATTENTION" --json "$OUT/bench_gpu.jsonl" "$@"
 }
+full_gpu=XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 status=0
 for mode in "$@"; do
   case $mode in
     # PyTorch needs memory beside JAX's: no preallocation.
-    against) XLA_PYTHON_CLIENT_PREALLOCATE=false bench --against_pytorch --steps "$STEPS" --warmup 2 ;;
-    bench) XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench --steps "$STEPS" --warmup 2 ;;
-    noscan) XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench --config.model.scan=False --steps "$STEPS" --warmup 2 ;;
-    # The search compiles only: XLA's autotuning would add minutes per try.
-    max_batch) XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-                 bench --find_max_batch ;;
+    against) bench XLA_PYTHON_CLIENT_PREALLOCATE=false -- --against_pytorch --steps "$STEPS" --warmup 2 ;;
+    bench) bench $full_gpu -- --steps "$STEPS" --warmup 2 ;;
+    noscan) bench $full_gpu -- --config.model.scan=False --steps "$STEPS" --warmup 2 ;;
+    # The search compiles only: XLA's autotuning would add minutes per try. BATCH is not used.
+    max_batch) bench $full_gpu XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" -- --find_max_batch ;;
     *) echo "error: unknown mode $mode (against, bench, noscan, max_batch)" >&2; exit 2 ;;
   esac || status=1
 done

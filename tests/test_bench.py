@@ -70,6 +70,17 @@ def test_next_batch_to_try_follows_the_line_through_the_tries():
   assert bench.next_batch_to_try({1: 3.0, 2: 3.0}, 2, None, 10.0) == 4  # the peak does not grow: double
 
 
+@pytest.mark.parametrize("peak,limit,best", [
+    (lambda b: 1 + b ** 0.5, 20.0, 361),  # concave: the line through the tries overshoots
+    (lambda b: 1 + 4 * -(-b // 16), 30.0, 112),  # steps of 16 images
+    (lambda b: 2 + b, 1000.0, 998),
+])
+def test_find_max_batch_on_curves_the_line_misjudges(monkeypatch, peak, limit, best):
+  monkeypatch.setattr(bench, "memory_report", lambda c: {"memory_gib": {"peak": peak(c.batch_size // 8)}})
+  result = bench.find_max_batch(tiny_for_memory(), limit)
+  assert result["batch_per_device"] == best and len(result["tried"]) <= 16
+
+
 def test_memory_report_counts_the_state_per_device():
   """The compiled step's arguments are the train state and the batch: all of the state on each
   device when replicated, about an eighth of its large arrays with FSDP over 8 devices."""
@@ -109,18 +120,63 @@ def test_find_max_batch_is_the_largest_that_fits():
     bench.find_max_batch(cfg, 1e-6)
 
 
-def test_against_pytorch_times_both_steps_on_the_tiny_config():
-  """The same DINOv2 step (iBOT, KoLeo, Sinkhorn-Knopp, local crops) in PyTorch eager: the same
-  parameter count, finite losses, both medians and their ratio (no timing assertions)."""
-  cfg = dinov2_vits14.get_config("tiny")
+@pytest.mark.parametrize("module", [dinov2_vits14, dino_vits16])
+def test_against_pytorch_times_both_steps_on_the_tiny_config(module):
+  """The same DINOv2 step (iBOT, KoLeo, Sinkhorn-Knopp, local crops) or DINO step (centering,
+  fixed-gain heads) in PyTorch eager, on one device each: the same trainable parameter count,
+  finite losses, both medians and their ratio (no timing assertions)."""
+  pytest.importorskip("torch")
+  from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel
+  cfg = module.get_config("tiny")
   result = bench.against_pytorch(cfg, steps=2, warmup=1, peak_tflops=1.0)
-  assert result["torch_device"] == "cpu" and result["ibot"] and len(result["jax_step_s"]) == 2
+  assert result["torch_device"] == "cpu" and result["devices"] == 1 and len(result["jax_step_s"]) == 2
+  assert result["ibot"] == (module is dinov2_vits14)
   assert result["speedup"] == pytest.approx(result["torch_step_s_median"] / result["jax_step_s_median"])
   assert result["jax_images_per_s"] == pytest.approx(16 / result["jax_step_s_median"])
-  assert result["jax_mfu"] == pytest.approx(result["tflop_per_step"] / result["jax_step_s_median"] / jax.device_count())
+  assert result["jax_mfu"] == pytest.approx(result["tflop_per_step"] / result["jax_step_s_median"])
   assert np.isfinite(result["jax_loss"]) and np.isfinite(result["torch_loss"])
-  from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel
   torch_step = bench_pytorch.TorchStep(cfg, "cpu")
   assert torch_step.num_student_params() == pytest.approx(result["student_params_m"] * 1e6)
   with pytest.raises(UsageError, match="not the same architecture"):
     bench_pytorch.check_same_size(torch_step.num_student_params() + 1, torch_step.num_student_params())
+
+
+def test_against_pytorch_lays_views_and_masks_out_crop_major():
+  """The official collate's order: view v of image b is row v * B + b, for crops and masks alike."""
+  pytest.importorskip("torch")
+  from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel
+  torch_step = bench_pytorch.TorchStep(dinov2_vits14.get_config("tiny"), "cpu")
+  b, v, p = 3, 2, 16
+  views = np.arange(b * v, dtype=np.float32).reshape(b, v, 1, 1, 1) * np.ones((b, v, 4, 4, 3), np.float32)
+  masks = np.zeros((b, v, p), bool)
+  for i in range(b):
+    for j in range(v):
+      masks[i, j, i * v + j] = True  # image i, view j marks patch i * v + j
+  out = torch_step.inputs({"global": views}, masks)
+  for i in range(b):
+    for j in range(v):
+      assert float(out["global"][j * b + i, 0, 0, 0]) == i * v + j
+      assert bool(out["masks"][j * b + i, i * v + j]) and int(out["masks"][j * b + i].sum()) == 1
+
+
+def test_against_pytorch_refuses_steps_it_does_not_rebuild():
+  pytest.importorskip("torch")
+  from configs import esvit_swin_t  # pylint: disable=import-outside-toplevel
+  from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel
+  with pytest.raises(UsageError, match="builds ViT steps"):
+    bench_pytorch.check_comparable(esvit_swin_t.get_config("tiny"), "cpu")
+  with pytest.raises(UsageError, match="GPU or CPU; JAX's backend is tpu"):
+    bench_pytorch.check_comparable(dinov2_vits14.get_config("tiny"), "tpu")
+
+
+def test_pytorch_stochastic_depth_runs_branches_on_the_kept_subset_only():
+  """As DINOv2 (and dino_jax's subset_drop_path): above rate 0.1 the branch sees k of n samples."""
+  torch = pytest.importorskip("torch")
+  from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel
+  seen = []
+  branch = lambda y: seen.append(y.shape[0]) or y * 2
+  x = torch.ones(10, 3, 4)
+  out = bench_pytorch.residual(x, branch, 0.4, training=True)
+  kept = torch.isclose(out[:, 0, 0], torch.tensor(1 + 2 * 10 / 6))
+  assert seen == [6] and int(kept.sum()) == 6 and bool((out[~kept] == 1).all())
+  assert torch.equal(bench_pytorch.residual(x, branch, 0.4, training=False), 3 * x)

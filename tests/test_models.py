@@ -316,6 +316,18 @@ def test_scan_computes_what_the_loop_computes(kw):
   np.testing.assert_allclose(inter[-1]["embedding"], out_loop["embedding"], atol=1e-5)
 
 
+def test_scan_in_bfloat16_with_layerscale_keeps_the_loop_s_stream():
+  """bfloat16 blocks whose float32 LayerScale promotes the residual stream: the scan's carry
+  starts in the block's output dtype, and the outputs match the loop's."""
+  kw = dict(depth=3, dtype=jnp.bfloat16, layerscale=0.1)
+  loop, scanned = _vit(**kw), _vit(scan=True, **kw)
+  x = _images(jax.random.key(0), 2, 16)
+  params = _init(scanned, jax.random.key(1), x)
+  a, b = _apply(loop, params, x)["patch"], _apply(scanned, params, x)["patch"]
+  assert a.dtype == b.dtype == jnp.float32
+  np.testing.assert_allclose(b, a, atol=1e-5)
+
+
 def test_scan_with_stochastic_depth_draws_per_block():
   """Training mode: a uniform rate drops branches (outputs differ from deterministic ones and
   between keys), and the kept-subset form still runs inside the scan."""
@@ -326,3 +338,6 @@ def test_scan_with_stochastic_depth_draws_per_block():
   a, b = train(2)["embedding"], train(3)["embedding"]
   assert np.all(np.isfinite(a)) and not np.allclose(a, b)
   assert not np.allclose(a, _apply(model, params, x)["embedding"])
+  rising = _vit(depth=3, scan=True, drop_path_rate=0.5)  # DINO's linspace rates: not one rate to scan with
+  with pytest.raises(ValueError, match="one stochastic-depth rate"):
+    rising.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})

@@ -140,6 +140,10 @@ def test_scan_gives_the_same_step():
   scanned, m_scan = one_step(tiny(dinov2_vits14, **over, **{"model.scan": True}), jax.devices(), steps=2)
   assert_trees_close(scanned["params"], loop["params"], atol=1e-5)
   np.testing.assert_allclose(m_scan["loss"], m_loop["loss"], rtol=1e-5)
+  # DINOv2's kept-subset stochastic depth inside the scan, each device's subset its own.
+  _, m_drop = one_step(tiny(dinov2_vits14, **(over | {"model.scan": True, "model.drop_path_rate": 0.4})),
+                       jax.devices(), steps=1)
+  assert np.isfinite(m_drop["loss"])
 
 
 def test_step_moves_student_teacher_and_center():

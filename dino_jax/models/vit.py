@@ -189,6 +189,8 @@ class ViT(nn.Module):
     optimizer's per-layer rules and the tools see no difference, and the function is the
     loop's. Stochastic depth draws one key per block from the dropout stream, at one rate for
     all blocks (`config_checks` refuses a rising one)."""
+    if not deterministic and self.drop_path_rate and not self.drop_path_uniform:
+      raise ValueError("scan needs one stochastic-depth rate for every block (drop_path_uniform) in training")
     params = self.variables["params"]
     stacked = jax.tree.map(lambda *p: jnp.stack(p), *[params[f"block{i}"] for i in range(self.depth)])
 
