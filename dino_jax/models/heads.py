@@ -48,8 +48,9 @@ class DINOModel(nn.Module):
   images, e.g. one group per device with its masked patches padded to a static m
   (`masking.masked_token_index`), or every patch of each image with G = B; the group axis is
   split like the batch, so the gather stays on the device) their "patch_logits" from
-  `ibot_head`, or from the DINO head when `ibot_head` is None (DINOv2's shared-head option); with `region_head` (EsViT) the backbone's region tokens as
-  "regions" [B, R, D] and their "region_logits" [B, R, K].
+  `ibot_head`, or from the DINO head when `ibot_head` is None (DINOv2's shared-head option);
+  with `region_head` (EsViT) the backbone's region tokens as "regions" [B, R, D] and their
+  "region_logits" [B, R, K].
   """
   backbone: nn.Module
   head: DINOHead
