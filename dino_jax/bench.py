@@ -100,6 +100,11 @@ def peak_memory_bytes() -> int | None:
   return max((s or {}).get("peak_bytes_in_use", 0) for s in stats) or None
 
 
+def num_params(state) -> int:
+  """The student's parameter count (arrays or shapes)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+
+
 def random_batches(cfg: ml_collections.ConfigDict, trainer: learner.Trainer):
   """step -> the train step's batch: the step's augmentation (`make_views`) of fixed random
   uint8 crops, and the iBOT masks of step 0."""
@@ -171,7 +176,7 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
   compiled = trainer.compile_step(trainer.state, batch).run
   compile_s = time.perf_counter() - start
   torch_step = bench_pytorch.TorchStep(cfg, device)
-  jax_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["params"]))
+  jax_params = num_params(trainer.state)
   bench_pytorch.check_same_size(torch_step.num_student_params(), jax_params)
   host = jax.device_get(batch)
   torch_batch = torch_step.inputs({k: v for k, v in host.items() if k != "masks"}, host.get("masks"))
@@ -250,7 +255,7 @@ def memory_report(cfg: ml_collections.ConfigDict) -> dict:
   memory = compiled_memory(step.compiled)
   if memory is None:
     raise UsageError(f"the {jax.default_backend()} backend gives no memory analysis of compiled programs")
-  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["params"]))
+  params = num_params(trainer.state)
   return {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
           "dtype": cfg.model.dtype, "remat": cfg.model.remat, "batch_size": cfg.batch_size,
           "batch_per_device": cfg.batch_size // mesh.size,

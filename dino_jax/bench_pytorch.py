@@ -15,6 +15,7 @@ architecture. Needs torch and timm (requirements-test.txt).
 import ml_collections
 import numpy as np
 
+from dino_jax import models
 from dino_jax.errors import UsageError
 
 try:
@@ -79,9 +80,9 @@ def make_backbone(m: ml_collections.ConfigDict) -> nn.Module:
       mlp_layer=SwiGLUPacked if swiglu else timm.layers.Mlp, act_layer=nn.SiLU if swiglu else nn.GELU,
       init_values=m.layerscale, reg_tokens=m.num_registers, no_embed_class=True, num_classes=0,
       dynamic_img_size=True)
+  jax_vit = models.make_backbone(m)
   for i, block in enumerate(vit.blocks):
-    rate = m.drop_path_rate * (1.0 if m.get("drop_path_uniform", False) else i / max(m.depth - 1, 1))
-    block.forward = stochastic_depth_forward(block, rate)
+    block.forward = stochastic_depth_forward(block, jax_vit.block_rate(i))
   return vit
 
 
