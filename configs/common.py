@@ -71,6 +71,44 @@ def base_config() -> ml_collections.ConfigDict:
                                learning_rates=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1),
                                grid_blocks=(1, 4), crop_scale=(0.08, 1.0), seed=0, baselines=False,
                                train_split="train", test_split="validation")
+  # The papers' downstream evaluations (dino_jax.downstream; off by default: every_steps=-1). `path` is
+  # the benchmark's folder (README "Downstream evaluations"). DINO Sec. 4.2.1 (eval_image_retrieval.py):
+  # CLS at imsize 224 (rOxford) or 512 + multiscale (rParis), revisited mAP easy / medium / hard.
+  c.evals.retrieval = dict(type="retrieval", every_steps=-1, every_epochs=0.0, path="", imsize=224, multiscale=False,
+                           feature="cls", gem_p=4.0, crop_queries=False)
+  # DINO Sec. 4.2.2 (eval_copy_detection.py): Copydays "strong", 320² input, CLS ++ GeM(p=4) of the
+  # patch tokens, PCA-whitened on `whitening`, cosine ranking among `distractors`, AP over the top 20.
+  c.evals.copy_detection = dict(type="copy_detection", every_steps=-1, every_epochs=0.0, path="", blocks=("strong",),
+                                distractors="distractors", whitening="whitening", imsize=320, gem_p=4.0,
+                                whitening_dim=0, topk=20, match_prefix=4, batch_size=16)
+  # DINO Sec. 4.2.3 (eval_video_segmentation.py), DAVIS-2017 val: first frame + last 7, top-5 neighbours within
+  # 12 patches, T = 0.1, frames at 480 px (shorter side); J&F on all frames but the first and last (tolerance 0.008).
+  c.evals.video_propagation = dict(type="video_propagation", every_steps=-1, every_epochs=0.0, path="",
+                                   resolution="480p", split="val", scale_size=480, n_last_frames=7, topk=5,
+                                   size_mask_neighborhood=12, temperature=0.1, bound_th=0.008)
+  # SD-DINO (Zhang et al. 2023), SPair-71k test: nearest-neighbour keypoint transfer on the zero-padded square
+  # canvas's 60 x 60 patch grid (image_size 0: 60 patches; grid N > 0: resampled over the image, not SD-DINO's),
+  # fusion [α·l2n(external), (1-α)·l2n(backbone)] with α = 0.5 when `features_dir` holds external (Stable
+  # Diffusion) maps; PCK@0.1 of the target's bounding box (PF-Pascal: 0.05 / 0.1 / 0.15).
+  c.evals.correspondence = dict(type="correspondence", every_steps=-1, every_epochs=0.0, path="", split="test",
+                                features_dir="", alpha=0.5, pca_dim=0, grid=0, image_size=0, match="nn",
+                                temperature=0.02, soft_window=7, pck_alphas=(0.05, 0.1, 0.15), pairs_per_category=0)
+  # DINOv2 Sec. 7.4 linear segmentation (ade20k_linear_config): BN + 1x1 conv on the last block's patch tokens
+  # (n_last_blocks=4: "+ms" input), AdamW lr 1e-3 wd 1e-4, 1500 warmup + poly, 40k steps x 16 crops 512, slide 512/341.
+  c.evals.segmentation = dict(type="segmentation", every_steps=-1, every_epochs=0.0, path="", num_classes=150,
+                              reduce_zero_label=True, ignore_index=255, n_last_blocks=1, cls_token=False,
+                              batch_norm=True, crop_size=512, ratio_range=(0.5, 2.0), flip=True, slide_stride=341,
+                              steps=40000, batch_size=16, learning_rate=1e-3, weight_decay=1e-4, warmup_steps=1500,
+                              warmup_ratio=1e-6, schedule="poly", min_lr_ratio=0.0, grad_clip=0.0, seed=0,
+                              baselines=False)
+  # DINOv2 Sec. 7.4 linear depth "lin. 1" (nyu_linear_config): last block's patch tokens + CLS, x4 upsampled, 256 bins
+  # on [1e-3, 10] m, SigLoss; AdamW lr 1e-4 wd 0.01, clip 35, 12800 warmup + cosine, 38400 steps x 16 crops 416x544.
+  c.evals.depth = dict(type="depth", every_steps=-1, every_epochs=0.0, path="", head="classify", bins=256,
+                       n_blocks=1, cls_token=True, upsample=4, min_depth=1e-3, max_depth=10.0, depth_scale=1000.0,
+                       crop_size=(416, 544), flip=True, flip_test=True, eigen_crop=True, steps=38400, batch_size=16,
+                       learning_rate=1e-4, weight_decay=0.01, warmup_steps=12800, warmup_ratio=1e-3,
+                       schedule="cosine", min_lr_ratio=1e-8, grad_clip=35.0, sigloss_warmup_steps=100,
+                       gradient_loss_weight=0.0, seed=0, baselines=False)
   c.checkpoint = dict(every_steps=1000, keep=3)
   # A phase continues another run under this config (dino_jax.phases): the carried parts of
   # start_from's checkpoint (start_step; -1 the newest) start this run. Carrying "step" continues

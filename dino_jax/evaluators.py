@@ -23,6 +23,11 @@ teacher. `python -m dino_jax.evaluate run --workdir RUN --evals NAME` runs one o
 Features are sharded over the mesh, each process decoding its slice of every batch; k-NN and
 the fast probe then run on the host (`dino_jax.knn`, `dino_jax.probe`), the protocols' steps
 on the devices (jitted, batches split over the mesh, classifiers replicated).
+
+The papers' downstream evaluations live in `dino_jax.downstream` (retrieval, copy_detection,
+video_propagation, correspondence, segmentation, depth: see its docstring); they read a
+benchmark folder (`path`), not the training data, so they also run when it has no labels
+(`needs_labels` False).
 """
 import concurrent.futures
 import functools
@@ -41,6 +46,10 @@ from dino_jax import knn
 from dino_jax import models
 from dino_jax import probe
 from dino_jax import sharding
+from dino_jax.downstream import correspondence
+from dino_jax.downstream import dense
+from dino_jax.downstream import retrieval
+from dino_jax.downstream import video
 from dino_jax.errors import UsageError
 
 EVALUATED = {"teacher": "trained teacher", "random_init": "random init", "raw_pixels": "raw pixels"}
@@ -107,6 +116,8 @@ class KnnEvaluator:
   """DINO's weighted k-NN (each k of `k`, T) and optionally the linear probe on frozen
   embeddings. Metrics: `knn_top1` (k = 20, or the only / first k), with several k also
   `knn_top1_k<k>` for each; `linear_top1` with `linear_probe`."""
+  needs_labels = True  # scores classification of the training data's classes
+  shards_batches = True  # evals.<name>.batch_size is split over the devices
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     self.ecfg = ecfg
@@ -244,6 +255,8 @@ class LinearEvaluator:
   token}, decayed per iteration. Swin (no CLS token): its embedding is the one input.
   Raw pixels (params None) have no blocks: nothing is reported for them.
   """
+  needs_labels = True
+  shards_batches = True
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     self.ecfg = ecfg
@@ -361,7 +374,11 @@ class LinearEvaluator:
                        f"(model.depth)")
 
 
-EVALUATORS = {"knn": KnnEvaluator, "linear": LinearEvaluator}
+EVALUATORS = {"knn": KnnEvaluator, "linear": LinearEvaluator,
+              "retrieval": retrieval.RetrievalEvaluator, "copy_detection": retrieval.CopyDetectionEvaluator,
+              "video_propagation": video.VideoPropagationEvaluator,
+              "correspondence": correspondence.CorrespondenceEvaluator,
+              "segmentation": dense.SegmentationEvaluator, "depth": dense.DepthEvaluator}
 
 
 def check_one(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, num_devices: int,
@@ -370,7 +387,11 @@ def check_one(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.Co
   model only where it will run (`enabled`)."""
   if ecfg.get("type") not in EVALUATORS:
     raise UsageError(f"evals.{name}.type must be one of {', '.join(EVALUATORS)}, not {ecfg.get('type')!r}")
-  if ecfg.batch_size % num_devices:
+  if getattr(EVALUATORS[ecfg.type], "shards_batches", False) and (
+      isinstance(ecfg.get("batch_size"), bool) or not isinstance(ecfg.get("batch_size"), int)
+      or ecfg.batch_size < 1):
+    raise UsageError(f"evals.{name}.batch_size must be a positive int, not {ecfg.get('batch_size')!r}")
+  if getattr(EVALUATORS[ecfg.type], "shards_batches", False) and ecfg.batch_size % num_devices:
     raise UsageError(f"evals.{name}.batch_size {ecfg.batch_size} is not divisible by the {num_devices} devices")
   EVALUATORS[ecfg.type].check(name, ecfg, cfg, enabled)
 
@@ -382,8 +403,7 @@ def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
 
 def make(cfg: ml_collections.ConfigDict, mesh, labelled: bool) -> dict:
-  """The config's evaluators that will run (every_steps >= 0), by name; none when the
-  training data has no labels (`labelled` False), since they score classification."""
-  if not labelled:
-    return {}
-  return {name: EVALUATORS[e.type](e, cfg, mesh) for name, e in cfg.evals.items() if e.every_steps >= 0}
+  """The config's evaluators that will run (every_steps >= 0), by name; those that score the
+  training data's classes (`needs_labels`) only when it has labels (`labelled`)."""
+  return {name: EVALUATORS[e.type](e, cfg, mesh) for name, e in cfg.evals.items()
+          if e.every_steps >= 0 and (labelled or not EVALUATORS[e.type].needs_labels)}

@@ -30,12 +30,13 @@ import jax
 import matplotlib
 from matplotlib.figure import Figure
 import numpy as np
-from PIL import Image
 
 from dino_jax import augment
 from dino_jax import data
 from dino_jax import extract
 from dino_jax import models
+from dino_jax.downstream import common
+from dino_jax.downstream import correspondence
 from dino_jax.errors import ArgumentParser
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
@@ -50,15 +51,9 @@ PCA_THRESHOLD = 0.5  # on the min-max scaled first component
 # ---------------------------------------------------------------------------------------
 
 def read_images(paths: list[str], size: int) -> np.ndarray:
-  """uint8 [n, size, size, 3]: each file decoded with PIL, shorter side resized, center crop."""
-  images = []
-  for path in paths:
-    try:
-      with Image.open(path) as image:
-        images.append(data.to_square_rgb(image, size))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-      raise UsageError(f"cannot read image {path!r} ({type(e).__name__}: {e})") from None
-  return np.stack(images)
+  """uint8 [n, size, size, 3]: each file decoded (`downstream.common.read_rgb`: one UsageError
+  naming a file that cannot be read), shorter side resized, center crop."""
+  return np.stack([data.to_square_rgb(common.read_rgb(path), size) for path in paths])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -133,16 +128,11 @@ def pca_rgb(feats: np.ndarray, threshold: float | None = None) -> tuple[np.ndarr
   return rgb.reshape(*feats.shape[:-1], 3), foreground.reshape(feats.shape[:-1])
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-  """x divided by its l2 norm along the last axis (zero vectors stay zero)."""
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def mutual_nearest_neighbours(feats_a: np.ndarray, feats_b: np.ndarray):
   """Pairs (i, j) where b[j] is a[i]'s most cosine-similar row of b and a[i] is b[j]'s in a.
 
   feats_a [Na, D], feats_b [Nb, D] -> (idx_a, idx_b, sim), by decreasing cosine similarity."""
-  sim = l2_normalize(np.asarray(feats_a, np.float64)) @ l2_normalize(np.asarray(feats_b, np.float64)).T
+  sim = common.l2_normalize(np.asarray(feats_a, np.float64)) @ common.l2_normalize(np.asarray(feats_b, np.float64)).T
   best_b, best_a = sim.argmax(axis=1), sim.argmax(axis=0)
   idx_a = np.flatnonzero(best_a[best_b] == np.arange(len(sim)))
   idx_b = best_b[idx_a]
@@ -151,12 +141,11 @@ def mutual_nearest_neighbours(feats_a: np.ndarray, feats_b: np.ndarray):
 
 
 def fuse_features(dino: np.ndarray, extra: np.ndarray) -> np.ndarray:
-  """SD-DINO-style fusion: l2-normalized DINO patch features [h, w, D] next to l2-normalized
-  extra features [h', w', C], resized (linear) to the patch grid if needed -> [h, w, D + C]."""
-  h, w = dino.shape[:2]
-  if extra.shape[:2] != (h, w):
-    extra = jax.image.resize(np.asarray(extra, np.float32), (h, w, extra.shape[-1]), "linear")
-  return np.concatenate([l2_normalize(np.asarray(dino)), l2_normalize(np.asarray(extra))], axis=-1)
+  """SD-DINO's fusion (`correspondence.fuse`) of DINO patch features [h, w, D] and extra
+  features [h', w', C], resized bilinearly to the patch grid -> [h, w, D + C]: each part
+  l2-normalized, weighted alike (SD-DINO's α = 0.5 up to a common factor, which cosine
+  similarity ignores)."""
+  return correspondence.fuse([dino, extra], (1.0, 1.0))
 
 
 def correspondences(feats_a: np.ndarray, feats_b: np.ndarray, num_matches: int) -> dict:
@@ -272,16 +261,11 @@ def pca_command(backbone, images, names, args, out: pathlib.Path) -> list[pathli
 
 
 def read_extra_features(paths: list[str]) -> list[np.ndarray]:
-  """The --extra_features .npy files, each a feature map [h, w, C]."""
-  extra = []
-  for path in paths:
-    try:
-      x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-      raise UsageError(f"cannot read extra features {path!r} ({type(e).__name__}: {e})") from None
-    if x.ndim != 3:
-      raise UsageError(f"extra features {path!r} have shape {x.shape}; expected [h, w, C]")
-    extra.append(x)
+  """The --extra_features .npy files, feature maps float32 [h, w, C] with one C; one UsageError
+  naming a file that cannot be read, is not [h, w, C] with h, w, C >= 1 or not finite, or
+  whose C differs (`correspondence.load_feature_map`, `correspondence.check_channels`)."""
+  extra = [correspondence.load_feature_map(path) for path in paths]
+  correspondence.check_channels(extra, paths)
   return extra
 
 

@@ -290,7 +290,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None, 
   if evals and end_step == total_steps and "preempted_at" not in results:
     for evaluator in evals.values():
       evaluated = {"teacher": state["teacher"].value["backbone"]}
-      if evaluator.ecfg.baselines:
+      if evaluator.ecfg.get("baselines", False):
         evaluated["random_init"] = learner.build(cfg, mesh, steps_per_epoch,
                                                 trainer.frozen_teacher).state["params"]["backbone"]
         evaluated["raw_pixels"] = None
