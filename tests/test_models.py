@@ -341,3 +341,17 @@ def test_scan_with_stochastic_depth_draws_per_block():
   rising = _vit(depth=3, scan=True, drop_path_rate=0.5)  # DINO's linspace rates: not one rate to scan with
   with pytest.raises(ValueError, match="one stochastic-depth rate"):
     rising.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+
+
+def test_intermediate_layers_before_the_final_norm(vit_with_params):
+  """final_norm=False gives the blocks' raw outputs (get_intermediate_layers(norm=False)): the
+  final LayerNorm of the last one is the model's output."""
+  model, params = vit_with_params
+  x = _images(jax.random.key(3), 2, 16)
+  raw = model.apply({"params": params}, x, layers=2, final_norm=False)
+  normed = model.apply({"params": params}, x, layers=2)
+  last = np.asarray(raw["intermediate"][-1]["patch"], np.float64)
+  np.testing.assert_allclose(_np_layernorm(last, params["norm"]), normed["patch"], atol=1e-5)
+  np.testing.assert_allclose(_np_layernorm(np.asarray(raw["intermediate"][0]["embedding"], np.float64),
+                                           params["norm"]), normed["intermediate"][0]["embedding"], atol=1e-5)
+  assert not np.allclose(last, normed["patch"], atol=1e-2)

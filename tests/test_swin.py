@@ -178,6 +178,9 @@ def test_outputs_grid_layer_ids_and_config(tiny_params):
   np.testing.assert_array_equal(out["intermediate"][-1]["patch"], out["patch"])
   first = out["intermediate"][0]
   np.testing.assert_allclose(first["embedding"], first["patch"].mean(axis=(1, 2)), atol=1e-6)
+  raw = module.apply({"params": params}, images(32), layers=3, final_norm=False)["intermediate"]
+  np.testing.assert_allclose(raw[0]["patch"], first["patch"], atol=1e-5)  # stage 0's block has no norm either way
+  assert not np.allclose(raw[-1]["patch"], out["patch"], atol=1e-2)  # the last stage's, before the norm
   assert module.grid(64) == (8, 8) and module.grid(36) == (5, 5) and module.grid(96) == (12, 12)
   with pytest.raises(ValueError, match="not a multiple of patch size 4"):
     module.grid(30)

@@ -22,22 +22,22 @@ class DenseFeatures:
   """The backbone of `model_cfg` as a frozen feature map on uint8 [B, H, W, 3] images of any
   size (ImageNet-normalized here; H and W multiples of `stride`, see `fit`):
   {"embedding": [B, D] (CLS, or pooled where there is none), "patch": [B, h, w, D]} as float32
-  numpy, and with `layers=n` also "intermediate" (the last n blocks', as `models.ViT`). One
-  compile per input shape."""
+  numpy, and with `layers=n` also "intermediate" (the last n blocks', as `models.ViT`; with
+  `final_norm=False` before the final norm). One compile per input shape."""
 
   def __init__(self, model_cfg: ml_collections.ConfigDict):
     self.module = models.make_backbone(model_cfg)
     self.stride = model_cfg.patch_size  # ViT and Swin both take inputs in multiples of the patch size
 
-  @functools.partial(jax.jit, static_argnums=(0, 3))
-  def _apply(self, params, images, layers):
-    return self.module.apply({"params": params}, augment.normalize(images), layers=layers)
+  @functools.partial(jax.jit, static_argnums=(0, 3, 4))
+  def _apply(self, params, images, layers, final_norm):
+    return self.module.apply({"params": params}, augment.normalize(images), layers=layers, final_norm=final_norm)
 
-  def __call__(self, params, images: np.ndarray, layers: int = 0) -> dict:
+  def __call__(self, params, images: np.ndarray, layers: int = 0, final_norm: bool = True) -> dict:
     h, w = images.shape[1:3]
     if h % self.stride or w % self.stride:
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.stride} (use fit)")
-    return jax.device_get(self._apply(params, jnp.asarray(images), layers))
+    return jax.device_get(self._apply(params, jnp.asarray(images), layers, final_norm))
 
   def fit(self, image: np.ndarray, max_side: int | None = None) -> np.ndarray:
     """`image` (uint8 [H, W, 3]) resized bicubic to the nearest multiples of the stride, its

@@ -438,8 +438,8 @@ def check_channels(maps: list[np.ndarray], paths: list) -> None:
 class CorrespondenceEvaluator:
   """SD-DINO's zero-shot keypoint transfer, scored by PCK@α_bbox (module docstring), for this
   project's patch features alone and, with `features_dir`, for the external maps alone and
-  for their fusion. SD-DINO takes DINOv2's last-block tokens before the final LayerNorm (its
-  extractor's facet "token"); `common.DenseFeatures` gives them after it."""
+  for their fusion. The backbone's features are its last block's patch tokens before the
+  final LayerNorm, as SD-DINO's extractor takes DINOv2's (facet "token")."""
   needs_labels = False
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
@@ -465,7 +465,7 @@ class CorrespondenceEvaluator:
         feats = [pixel_patches(x, self.backbone.stride) for x in images]
       else:
         padded = np.concatenate([images, np.zeros((BATCH - len(batch),) + images.shape[1:], np.uint8)])
-        feats = self.backbone(params, padded)["patch"]
+        feats = self.backbone(params, padded, layers=1, final_norm=False)["intermediate"][0]["patch"]
       for path, canvas, f in zip(batch, canvases, feats):
         maps[path], frames[path] = np.asarray(f, np.float32), canvas
         if self.ecfg.grid:

@@ -57,9 +57,9 @@ photometric distortion, `cat_max_ratio` and the long-side cap 2048 of the resize
 rotation, color augmentation and the NYU border crop of training images (depth), the one-cycle
 Adam momentum of the NYU config and the test-time multi-scale of "+ms" are left out; the depth
 learning rate is the 1e-4 of the published config's public copies (one copy has 5e-3). The
-backbone's intermediate outputs are the ones `models` gives (through the final norm, as
-`get_intermediate_layers(norm=True)` that the segmentation heads use; the official depth heads
-take them without the norm, `norm=False` in `hub/depthers.py`). The NYU config also weights a
+backbone's block outputs are taken as the official heads take them: through the final norm for
+segmentation (`get_intermediate_layers(norm=True)`), before it for depth (`norm=False` in
+`hub/depthers.py`). The NYU config also weights a
 `GradientLoss` 0.5, but its slices act on the batch and channel axes of [B, 1, H, W] maps, so
 with 2 images per GPU it is exactly 0: `gradient_loss_weight` defaults to 0, and > 0 adds the
 intended multi-scale log-depth gradient matching (MegaDepth) on the spatial axes. The backbone
@@ -432,6 +432,7 @@ class DenseProbe:
   folder, suffixes = "annotations", MASK_SUFFIXES
   name = ""
   blocks_key = "n_last_blocks"  # the last n blocks; "n_blocks": n evenly spaced ones
+  final_norm = True  # the blocks' outputs through the final norm (get_intermediate_layers(norm=...))
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     self.ecfg = ecfg
@@ -443,6 +444,8 @@ class DenseProbe:
     self.crop = crop_size(ecfg.crop_size, self.features.stride)
     self.layers, self.picks = block_picks(ecfg[self.blocks_key], backbone_blocks(self.features.module),
                                           spaced=self.blocks_key == "n_blocks")
+    if not self.final_norm and self.picks is None:  # the last block before the norm, not the output
+      self.layers, self.picks = 1, (0,)
     self.seed = cfg.seed + ecfg.seed
     self.progress = cfg.get("progress_bar", True)
     self.workers = max(1, cfg.data.get("workers", 8))
@@ -456,7 +459,8 @@ class DenseProbe:
 
   def inputs(self, params, images):
     """The frozen backbone's head input [B, h, w, C] of uint8 images [B, H, W, 3]."""
-    out = self.features.module.apply({"params": params}, augment.normalize(images), layers=self.layers)
+    out = self.features.module.apply({"params": params}, augment.normalize(images), layers=self.layers,
+                                     final_norm=self.final_norm)
     return jax.lax.stop_gradient(probe_inputs(out, self.picks, self.ecfg.cls_token))
 
   def _train_step(self, state, params, images, targets, step):
@@ -628,6 +632,7 @@ class DepthEvaluator(DenseProbe):
   splits = DEPTH_SPLITS
   folder, suffixes = "depth", DEPTH_SUFFIXES
   blocks_key = "n_blocks"
+  final_norm = False  # DINOv2's depth heads: get_intermediate_layers(norm=False) (hub/depthers.py)
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     super().__init__(ecfg, cfg, mesh)

@@ -1,11 +1,12 @@
 """Backbones by name (`model.name`) and the heads put on them.
 
 Every backbone is a Flax module built by `Backbone.from_config(model_config, batch_sharding)`
-whose call `(images, mask=None, deterministic=True, layers=0)` returns
+whose call `(images, mask=None, deterministic=True, layers=0, final_norm=True)` returns
 
   "embedding"     [B, D]        the global embedding (CLS token, or pooled where there is none)
   "patch"         [B, h, w, D]  its patch / region tokens on their grid
-  "intermediate"  with layers=n: the last n layers' {"embedding", "patch"}
+  "intermediate"  with layers=n: the last n layers' {"embedding", "patch"} (final_norm=False:
+                 before the final norm, as `get_intermediate_layers(norm=False)`)
 
 and which tells `embed_dim`, `num_layers` and `layer_id(param name)` (layer-wise lr decay),
 `grid(image_size)` and `forward_flops(image_size)` (the benchmark). Adding a backbone is one

@@ -175,8 +175,8 @@ class Swin(nn.Module):
   embedding); "patch" [B, h, w, D]: the last stage's region tokens after the final norm;
   with `layers=n` "intermediate": the last n blocks (counted over all stages, as EsViT's
   `forward_return_n_last_blocks`), each {"embedding": its average-pooled map, "patch": its
-  map}. As in EsViT, the final norm is applied to the blocks of the last stage only; blocks
-  of earlier stages are given raw, at their own width and grid.
+  map}. As in EsViT, the final norm is applied to the blocks of the last stage only (none with
+  `final_norm=False`); blocks of earlier stages are given raw, at their own width and grid.
 
   D = width * 2^(stages - 1). `mask` must be None: EsViT has no masked-image objective and
   Swin no mask token (iBOT needs a ViT).
@@ -195,7 +195,7 @@ class Swin(nn.Module):
   batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's batch sharding
 
   @nn.compact
-  def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0):
+  def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0, final_norm: bool = True):
     if mask is not None:
       raise ValueError("Swin takes no mask: it has no mask token (masked-image objectives such as iBOT need a ViT)")
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
@@ -216,7 +216,7 @@ class Swin(nn.Module):
     out = outputs(norm(x).astype(jnp.float32))
     if not layers:
       return out
-    last_stage = len(blocks) - self.depths[-1]
+    last_stage = len(blocks) - self.depths[-1] if final_norm else len(blocks)
     return out | {"intermediate": [outputs((norm(x) if i >= last_stage else x).astype(jnp.float32))
                                    for i, x in enumerate(blocks) if i >= len(blocks) - layers]}
 

@@ -113,7 +113,8 @@ class ViT(nn.Module):
   "embedding" [B, D] (the normalized CLS token), "patch" [B, h, w, D] (patch tokens on their
   grid), here also "registers" [B, R, D], and with `layers=n` "intermediate": the last n
   blocks' outputs through the final norm, each {"embedding", "patch"} (DINO's and DINOv2's
-  `get_intermediate_layers`, for the linear-probe protocols).
+  `get_intermediate_layers`, for the linear-probe protocols); with `final_norm=False` before
+  it (`get_intermediate_layers(norm=False)`: DINOv2's depth heads, SD-DINO's features).
 
   `mask` ([B, h*w] bool, True = masked) replaces those patch embeddings by the learned
   mask token before the position embedding is added, as in iBOT / DINOv2.
@@ -138,7 +139,7 @@ class ViT(nn.Module):
   batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's batch sharding
 
   @nn.compact
-  def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0):
+  def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0, final_norm: bool = True):
     b = images.shape[0]
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
                 dtype=self.dtype, name="patch_embed")(images)
@@ -173,7 +174,7 @@ class ViT(nn.Module):
       for i in range(self.depth):
         x = block(*block_args(i), name=f"block{i}")(x, deterministic)
         if i >= self.depth - layers:
-          intermediate.append(outputs(norm(x).astype(jnp.float32)))
+          intermediate.append(outputs((norm(x) if final_norm else x).astype(jnp.float32)))
     out = outputs(norm(x).astype(jnp.float32))
     return out | ({"intermediate": intermediate} if layers else {})
 
