@@ -102,13 +102,14 @@ def base_config() -> ml_collections.ConfigDict:
                               warmup_ratio=1e-6, schedule="poly", min_lr_ratio=0.0, grad_clip=0.0, seed=0,
                               baselines=False)
   # DINOv2 Sec. 7.4 linear depth "lin. 1" (nyu_linear_config): last block's patch tokens + CLS, x4 upsampled, 256 bins
-  # on [1e-3, 10] m, SigLoss; AdamW lr 1e-4 wd 0.01, clip 35, 12800 warmup + cosine, 38400 steps x 16 crops 416x544.
+  # on [1e-3, 10] m, SigLoss per 2 images (per GPU); AdamW lr 1e-4 wd 0.01, clip 35, 12800 warmup + cosine,
+  # 38400 steps x 16 crops 416x544.
   c.evals.depth = dict(type="depth", every_steps=-1, every_epochs=0.0, path="", head="classify", bins=256,
                        n_blocks=1, cls_token=True, upsample=4, min_depth=1e-3, max_depth=10.0, depth_scale=1000.0,
                        crop_size=(416, 544), flip=True, flip_test=True, eigen_crop=True, steps=38400, batch_size=16,
                        learning_rate=1e-4, weight_decay=0.01, warmup_steps=12800, warmup_ratio=1e-3,
                        schedule="cosine", min_lr_ratio=1e-8, grad_clip=35.0, sigloss_warmup_steps=100,
-                       gradient_loss_weight=0.0, seed=0, baselines=False)
+                       loss_group=2, gradient_loss_weight=0.0, seed=0, baselines=False)
   c.checkpoint = dict(every_steps=1000, keep=3)
   # A phase continues another run under this config (dino_jax.phases): the carried parts of
   # start_from's checkpoint (start_step; -1 the newest) start this run. Carrying "step" continues

@@ -5,12 +5,17 @@ import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+import numpy as np
 import pytest
 
-from configs import common
+from configs import common as configs_common
 from dino_jax import evaluators
 from dino_jax import sharding
 from dino_jax import train
+from dino_jax.downstream import common
 from dino_jax.downstream import retrieval
 from dino_jax.downstream import synthetic
 from dino_jax.errors import UsageError
@@ -20,7 +25,7 @@ DOWNSTREAM = ("retrieval", "copy_detection", "video_propagation", "correspondenc
 
 
 def test_every_downstream_type_is_registered_with_defaults_that_check():
-  defaults = common.base_config().evals
+  defaults = configs_common.base_config().evals
   for name in DOWNSTREAM:
     ecfg = defaults[name]
     assert ecfg.type == name and ecfg.every_steps == -1  # off unless asked for
@@ -58,7 +63,7 @@ def test_downstream_evaluator_runs_in_training(retrieval_run):
   assert 0 < out["results"]["retrieval_map_teacher"] <= 1
 
 
-def test_evaluate_run_cli_and_synthetic_cli(retrieval_run, tmp_path):
+def test_evaluate_run_cli_and_synthetic_cli(retrieval_run, tmp_path, capsys):
   workdir, bench, _ = retrieval_run
   ok = subprocess.run([sys.executable, "-m", "dino_jax.evaluate", "run", "--workdir", str(workdir), "--evals",
                        "retrieval", "--set", f"path={bench}", "--set", "multiscale=True"], cwd=REPO,
@@ -76,5 +81,25 @@ def test_evaluate_run_cli_and_synthetic_cli(retrieval_run, tmp_path):
   assert (tmp_path / "davis" / "ImageSets" / "2017" / "val.txt").is_file()
   for argv, message in ((["video_propagation", "--out", str(tmp_path / "davis")], "exists and is not empty"),
                         (["imagenet", "--out", str(tmp_path / "x")], "invalid choice: 'imagenet'")):
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
       synthetic.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_dense_features_come_back_replicated_from_fsdp_split_parameters():
+  """Parameters split over 8 devices (FSDP, as a run with mesh.fsdp=8 holds them; over processes
+  on a pod) give outputs replicated on the mesh, which every process can read: the same numbers
+  as on one device."""
+  cfg = tiny(**{"mesh.fsdp": 8})
+  mesh = sharding.make_mesh(cfg)
+  net = common.DenseFeatures(cfg.model, mesh)
+  params = net.module.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+  split = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, sharding.fsdp_spec(x.shape, 8, 1))), params)
+  assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(split))
+  images = np.random.default_rng(0).integers(0, 256, (2, 24, 32, 3), np.uint8)
+  out = net._apply(split, jnp.asarray(images), 1, False)
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(out))
+  expected = common.DenseFeatures(cfg.model)(params, images, layers=1, final_norm=False)
+  np.testing.assert_allclose(jax.device_get(out)["patch"], expected["patch"], atol=1e-5)

@@ -355,3 +355,16 @@ def test_bad_config_is_one_usage_error(tiny, synthetic, overrides, message):
   c, _ = tiny
   ecfg = evaluator_config(synthetic, **overrides)
   expect_usage_error(lambda: correspondence.CorrespondenceEvaluator.check("corr", ecfg, c, True), message)
+
+
+def test_backbone_features_are_the_last_block_before_the_final_norm(tiny, synthetic):
+  """SD-DINO's extractor takes DINOv2's last block output before the final LayerNorm."""
+  c, params = tiny
+  ev = correspondence.CorrespondenceEvaluator(evaluator_config(synthetic), c, None)
+  paths = sorted((synthetic / "JPEGImages").rglob("*.jpg"))[:1]
+  maps, frames = ev.backbone_maps(params, paths)
+  canvas = frames[paths[0]]
+  image = canvas.place(common.read_rgb(paths[0]))[None]
+  raw = ev.backbone(params, image, layers=1, final_norm=False)["intermediate"][0]["patch"][0]
+  np.testing.assert_allclose(maps[paths[0]], raw, atol=1e-5)
+  assert not np.allclose(maps[paths[0]], ev.backbone(params, image)["patch"][0], atol=1e-3)

@@ -41,7 +41,7 @@ def depth_config(data_path, **overrides) -> ml_collections.ConfigDict:
       upsample=4, min_depth=1e-3, max_depth=10.0, depth_scale=1000.0, crop_size=(32, 32), flip=True,
       flip_test=True, eigen_crop=False, steps=120, batch_size=8, learning_rate=3e-2, weight_decay=0.01,
       warmup_steps=5, warmup_ratio=1e-3, schedule="cosine", min_lr_ratio=1e-8, grad_clip=35.0,
-      sigloss_warmup_steps=5, gradient_loss_weight=0.0, seed=0), **overrides))
+      sigloss_warmup_steps=5, loss_group=2, gradient_loss_weight=0.0, seed=0), **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,16 @@ def test_sig_loss_bins_and_gradient_loss_by_hand():
   pred = jnp.array([[math.e - eps, math.e ** 2 - eps, math.e ** 3 - eps, 7.0]])  # g = 1, 2, 3
   assert float(dense.sig_loss(pred, gt, False)) == pytest.approx(math.sqrt(1.0 + 0.15 * 4), rel=1e-5)
   assert float(dense.sig_loss(pred, gt, True)) == pytest.approx(math.sqrt(0.15 * 4), rel=1e-5)
+  # Per group of 2 images (the official per-GPU batch), averaged: group 0 (images 0-1) has g = 1, 3, 0, 0
+  # (mean 1, unbiased Var 6 / 3), group 1 (images 2-3) g = 1, 1, 1, 1 (mean 1, Var 0); one group of 4 is sig_loss.
+  g = jnp.array([[1.0, 3.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+  ones = jnp.ones_like(g) - eps
+  pred4 = jnp.exp(g) * (ones + eps) - eps
+  group0 = math.sqrt(((1 - 1) ** 2 + (3 - 1) ** 2 + 1 + 1) / 3 + 0.15 * 1.0)
+  group1 = math.sqrt(0.15 * 1.0)
+  assert float(dense.grouped_sig_loss(pred4, ones, False, 2)) == pytest.approx((group0 + group1) / 2, rel=1e-5)
+  assert float(dense.grouped_sig_loss(pred4, ones, False, 4)) == pytest.approx(
+      float(dense.sig_loss(pred4, ones, False)), rel=1e-6)
   # 3 bins on [1, 3]: (relu(l) + 0.1) / sum weights the centres 1, 2, 3.
   logits = jnp.array([[[[1.0, -1.0, 0.0]]]])
   assert float(dense.depth_from_logits(logits, "classify", 1.0, 3.0)[0, 0, 0]) == pytest.approx(1.6 / 1.3)
@@ -435,3 +445,17 @@ def test_one_name_under_two_suffixes_is_one_usage_error(synthetic, tmp_path):
   (tmp_path / "images/test/scene_0001.jpg").write_bytes((tmp_path / "images/test/scene_0001.png").read_bytes())
   one_line_error(lambda: dense.DepthEvaluator.check("nyu", depth_config(tmp_path), tiny(), True),
                  "'scene_0001.jpg' and 'scene_0001.png' .* the same <name> twice")
+
+
+def test_depth_takes_the_last_block_before_the_final_norm_and_segmentation_after(synthetic, backbone):
+  """DINOv2's depth heads read get_intermediate_layers(norm=False), its segmentation head the
+  normed output: each probe's input is the matching map of the backbone."""
+  c, mesh, params = backbone
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
+  module = common.DenseFeatures(c.model).module
+  raw = module.apply({"params": params}, augment.normalize(images), layers=1, final_norm=False)["intermediate"][0]
+  normed = module.apply({"params": params}, augment.normalize(images))
+  depth = dense.DepthEvaluator(depth_config(synthetic), c, mesh)
+  np.testing.assert_allclose(depth.inputs(params, images)[..., :raw["patch"].shape[-1]], raw["patch"], atol=1e-5)
+  seg = dense.SegmentationEvaluator(seg_config(synthetic), c, mesh)
+  np.testing.assert_allclose(seg.inputs(params, images), normed["patch"], atol=1e-5)

@@ -1,6 +1,5 @@
 """What the downstream evaluators share: the frozen backbone on images of any size, image
 files read as uint8 RGB, and the progress bar."""
-import functools
 import os
 import pathlib
 
@@ -15,6 +14,7 @@ import tqdm
 from dino_jax import augment
 from dino_jax import data
 from dino_jax import models
+from dino_jax import sharding
 from dino_jax.errors import UsageError
 
 
@@ -23,14 +23,17 @@ class DenseFeatures:
   size (ImageNet-normalized here; H and W multiples of `stride`, see `fit`):
   {"embedding": [B, D] (CLS, or pooled where there is none), "patch": [B, h, w, D]} as float32
   numpy, and with `layers=n` also "intermediate" (the last n blocks', as `models.ViT`; with
-  `final_norm=False` before the final norm). One compile per input shape."""
+  `final_norm=False` before the final norm). One compile per input shape. With the `mesh` the
+  parameters live on (FSDP splits them, over processes too), the outputs are replicated on it,
+  so every process can read them."""
 
-  def __init__(self, model_cfg: ml_collections.ConfigDict):
+  def __init__(self, model_cfg: ml_collections.ConfigDict, mesh=None):
     self.module = models.make_backbone(model_cfg)
     self.stride = model_cfg.patch_size  # ViT and Swin both take inputs in multiples of the patch size
+    replicated = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
+    self._apply = jax.jit(self._forward, static_argnums=(2, 3), **replicated)
 
-  @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-  def _apply(self, params, images, layers, final_norm):
+  def _forward(self, params, images, layers, final_norm):
     return self.module.apply({"params": params}, augment.normalize(images), layers=layers, final_norm=final_norm)
 
   def __call__(self, params, images: np.ndarray, layers: int = 0, final_norm: bool = True) -> dict:
@@ -64,6 +67,11 @@ def sample_data(name: str) -> str:
   "logo2.png"; elevation maps "jacksboro_fault_dem.npz" ("elevation"), "topobathy.npz"
   ("topo")."""
   return matplotlib.cbook.get_sample_data(name, asfileobj=False)
+
+
+def sample_photos() -> list[np.ndarray]:
+  """matplotlib's two bundled photographs (Grace Hopper, the Minduka present) as uint8 RGB."""
+  return [read_rgb(sample_data(name)) for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")]
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -102,6 +110,13 @@ def check_positive_number(name: str, ecfg, key: str) -> None:
   value = ecfg.get(key)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
     raise UsageError(f"evals.{name}.{key} must be a positive number, not {value!r}")
+
+
+def check_non_negative_number(name: str, ecfg, key: str) -> None:
+  """UsageError unless ecfg[key] is a finite number >= 0."""
+  value = ecfg.get(key)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+    raise UsageError(f"evals.{name}.{key} must be a number >= 0, not {value!r}")
 
 
 def check_bool(name: str, ecfg, key: str) -> None:

@@ -443,9 +443,8 @@ class CorrespondenceEvaluator:
   needs_labels = False
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
-    del mesh  # one image batch at a time on the default device
     self.ecfg = ecfg
-    self.backbone = common.DenseFeatures(cfg.model)
+    self.backbone = common.DenseFeatures(cfg.model, mesh)
     self.image_size = ecfg.image_size or SDDINO_PATCHES * self.backbone.stride
     self.pairs = read_pairs(ecfg.path, ecfg.split, ecfg.features_dir, ecfg.pairs_per_category)
     self.alphas = tuple(float(a) for a in ecfg.pck_alphas)

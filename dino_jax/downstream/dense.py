@@ -39,8 +39,9 @@ with its CLS token, concatenated), upsampled 4x bilinearly, a 1x1 convolution to
 min_depth (the official non-classify head; pixels its relu drives below 0 stop learning, so it
 wants a small learning rate). The prediction is resized bilinearly to the depth map. Loss: the
 scale-invariant log loss (AdaBins' SigLoss: sqrt(Var g + 0.15 mean(g)²), Var unbiased, g =
-log(d + 1e-3) - log(d* + 1e-3) over the batch's pixels with d* > 0; its warm-up, the first 100
-steps, sqrt(0.15 mean(g)²)). AdamW (lr 1e-4, weight decay 0.01), gradient clipping at norm 35,
+log(d + 1e-3) - log(d* + 1e-3) over the pixels with d* > 0 of each `loss_group` images (2, the
+official per-GPU batch: DDP averages the GPUs' gradients), averaged over the groups; its warm-up,
+the first 100 steps, sqrt(0.15 mean(g)²)). AdamW (lr 1e-4, weight decay 0.01), gradient clipping at norm 35,
 12800 steps of linear warmup from 1e-3 x lr then cosine to 1e-8 x lr over 38400 steps of 16
 random crops 416x544 with flip. Test: the whole image, predictions clamped to [min_depth,
 max_depth], averaged with the flipped image's; RMSE, abs rel and δ1 (max(d/d*, d*/d) < 1.25) over
@@ -55,13 +56,16 @@ Simplifications and choices: crops and windows are rounded to multiples of the p
 -> 518 for /14 models; the official code zero-pads each 512 window to 518); the official
 photometric distortion, `cat_max_ratio` and the long-side cap 2048 of the resize (segmentation),
 rotation, color augmentation and the NYU border crop of training images (depth), the one-cycle
-Adam momentum of the NYU config and the test-time multi-scale of "+ms" are left out; the depth
+Adam momentum of the NYU config and the test-time multi-scale of "+ms" are left out; images are
+resized with PIL (antialiased when shrinking, where mmcv's cv2 resize is not; the segmentation
+test image's shorter side is 518 at patch 14), and a depth test image is resized bicubic to
+multiples of the patch (480x640 -> 476x644 at patch 14) where the official code pads it; the depth
 learning rate is the 1e-4 of the published config's public copies (one copy has 5e-3). The
 backbone's block outputs are taken as the official heads take them: through the final norm for
 segmentation (`get_intermediate_layers(norm=True)`), before it for depth (`norm=False` in
-`hub/depthers.py`). The NYU config also weights a
-`GradientLoss` 0.5, but its slices act on the batch and channel axes of [B, 1, H, W] maps, so
-with 2 images per GPU it is exactly 0: `gradient_loss_weight` defaults to 0, and > 0 adds the
+`hub/depthers.py`). The NYU config also weights a `GradientLoss` 0.5, but its slices act on
+the batch and channel axes of [B, 1, H, W] maps, so with 2 images per GPU it is exactly 0:
+`gradient_loss_weight` defaults to 0, and > 0 adds the
 intended multi-scale log-depth gradient matching (MegaDepth) on the spatial axes. The backbone
 runs on every training batch (frozen), as the official code does. Evaluation compiles the
 backbone once per window count (segmentation) or image size (depth).
@@ -316,6 +320,14 @@ def sig_loss(pred, gt, warm_up):
   return jnp.sqrt(jnp.where(warm_up, 0.0, var) + SIG_LAMBDA * mean ** 2)
 
 
+def grouped_sig_loss(pred, gt, warm_up, group: int):
+  """`sig_loss` of each `group` consecutive images of the batch, averaged: the official probe
+  computes SigLoss on each GPU's 2 images and DDP averages the GPUs' gradients, which is not the
+  loss of the pooled batch (the variance and mean are per group)."""
+  split = lambda x: x.reshape(x.shape[0] // group, group, *x.shape[1:])
+  return jnp.mean(jax.vmap(sig_loss, in_axes=(0, 0, None))(split(pred), split(gt), warm_up))
+
+
 def gradient_loss(pred, gt):
   """MegaDepth's multi-scale gradient matching of log depth on [B, H, W] (strides 1, 2, 4, 6;
   differences two pixels apart, as the official `GradientLoss`), over pixels with gt > 0."""
@@ -440,7 +452,7 @@ class DenseProbe:
     what = f"{self.name} data {ecfg.path!r}"
     self.train_pairs, self.test_pairs = (paired_files(self.root, split, self.folder, self.suffixes, what)
                                          for split in self.splits)
-    self.features = common.DenseFeatures(cfg.model)
+    self.features = common.DenseFeatures(cfg.model, mesh)
     self.crop = crop_size(ecfg.crop_size, self.features.stride)
     self.layers, self.picks = block_picks(ecfg[self.blocks_key], backbone_blocks(self.features.module),
                                           spaced=self.blocks_key == "n_blocks")
@@ -638,7 +650,8 @@ class DepthEvaluator(DenseProbe):
     super().__init__(ecfg, cfg, mesh)
     self.predict = jax.jit(self._predict, static_argnums=(3,), out_shardings=self.replicated)
     if ecfg.eigen_crop:  # a non-NYU frame fails here, before training, not after it
-      eigen_box(self.read_target(self.test_pairs[0][1]).shape, self.test_pairs[0][1])
+      for _, depth_path in self.test_pairs:
+        eigen_box(self.read_target(depth_path).shape, depth_path)
 
   def read_target(self, path) -> np.ndarray:
     return read_depth(path, self.ecfg.depth_scale)
@@ -665,7 +678,7 @@ class DepthEvaluator(DenseProbe):
 
   def loss(self, head, stats, feats, depth, step):
     pred = resize(self.depth(head, feats)[..., None], depth.shape[1:3])[..., 0]
-    loss = sig_loss(pred, depth, step < self.ecfg.sigloss_warmup_steps)
+    loss = grouped_sig_loss(pred, depth, step < self.ecfg.sigloss_warmup_steps, self.ecfg.loss_group)
     if self.ecfg.gradient_loss_weight:
       loss = loss + self.ecfg.gradient_loss_weight * gradient_loss(pred, depth)
     return loss, stats
@@ -705,11 +718,15 @@ class DepthEvaluator(DenseProbe):
     if ecfg.bins < 2:
       raise UsageError(f"evals.{name}.bins must be an int >= 2 (DINOv2: 256), not {ecfg.bins!r}")
     common.check_positive_int(name, ecfg, "sigloss_warmup_steps", zero=True)
+    common.check_positive_int(name, ecfg, "loss_group")
+    if isinstance(ecfg.get("batch_size"), int) and ecfg.batch_size % ecfg.loss_group:
+      raise UsageError(f"evals.{name}.loss_group {ecfg.loss_group} must divide batch_size {ecfg.batch_size} "
+                       "(SigLoss is taken per group of images: the official per-GPU batch, 2)")
     for key in ("cls_token", "flip", "flip_test", "eigen_crop"):
       common.check_bool(name, ecfg, key)
     for key in ("min_depth", "max_depth", "depth_scale"):
       common.check_positive_number(name, ecfg, key)
-    check_non_negative_number(name, ecfg, "gradient_loss_weight")
+    common.check_non_negative_number(name, ecfg, "gradient_loss_weight")
     if not ecfg.min_depth < ecfg.max_depth < math.inf:
       raise UsageError(f"evals.{name}.min_depth {ecfg.min_depth} must be below max_depth {ecfg.max_depth} "
                        f"(finite; NYU: 1e-3 and 10 m)")
@@ -719,13 +736,6 @@ class DepthEvaluator(DenseProbe):
       raise UsageError(f"evals.{name}.crop_size must be (height, width), positive ints (DINOv2 NYU: (416, 544)), "
                        f"not {size!r}")
     check_training(name, ecfg, DepthEvaluator, cfg, enabled)
-
-
-def check_non_negative_number(name: str, ecfg, key: str) -> None:
-  """UsageError unless ecfg[key] is a finite number >= 0."""
-  value = ecfg.get(key)
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-    raise UsageError(f"evals.{name}.{key} must be a number >= 0, not {value!r}")
 
 
 def check_pair(name: str, ecfg, key: str) -> tuple[float, float]:
@@ -746,7 +756,7 @@ def check_training(name: str, ecfg, probe: type, cfg: ml_collections.ConfigDict,
     common.check_positive_int(name, ecfg, key, zero=True)
   common.check_positive_number(name, ecfg, "learning_rate")
   for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip"):  # grad_clip 0: none
-    check_non_negative_number(name, ecfg, key)
+    common.check_non_negative_number(name, ecfg, key)
   if ecfg.get("schedule") not in ("poly", "cosine"):
     raise UsageError(f"evals.{name}.schedule must be 'poly' (DINOv2 segmentation) or 'cosine' (DINOv2 depth), "
                      f"not {ecfg.get('schedule')!r}")
@@ -798,8 +808,7 @@ def _terrains() -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _photos() -> list[np.ndarray]:
   """Real photographs and renderings as backgrounds (uint8 RGB)."""
-  photos = [common.read_rgb(common.sample_data(name)) for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")]
-  return photos + [t[0] for t in _terrains()]
+  return common.sample_photos() + [t[0] for t in _terrains()]
 
 
 def _window(rng, arrays: list[np.ndarray], size: int, resamples) -> list[np.ndarray]:

@@ -361,10 +361,9 @@ class RetrievalEvaluator:
   needs_labels = False
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
-    del mesh
     self.ecfg = ecfg
     self.layout = retrieval_layout(ecfg.path)
-    self.net = common.DenseFeatures(cfg.model)
+    self.net = common.DenseFeatures(cfg.model, mesh)
     self.progress = cfg.get("progress_bar", True)
 
   def descriptor(self, params, image: np.ndarray, what: str) -> np.ndarray:
@@ -451,10 +450,9 @@ class CopyDetectionEvaluator:
   needs_labels = False
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
-    del mesh
     self.ecfg = ecfg
     self.layout = copydays_layout(ecfg)
-    self.net = common.DenseFeatures(cfg.model)
+    self.net = common.DenseFeatures(cfg.model, mesh)
     self.progress = cfg.get("progress_bar", True)
 
   def descriptors(self, params, paths: list, desc: str) -> np.ndarray:
@@ -529,8 +527,7 @@ class CopyDetectionEvaluator:
 def real_photos() -> list[np.ndarray]:
   """The real images bundled with matplotlib (`common.sample_data`): two photos, a logo and
   two elevation maps rendered with a terrain colormap, as uint8 RGB."""
-  photos = [common.read_rgb(common.sample_data(name))
-            for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")]
+  photos = common.sample_photos() + [common.read_rgb(common.sample_data("logo2.png"))]
   terrain = matplotlib.colormaps["terrain"]
   for name, key in (("jacksboro_fault_dem.npz", "elevation"), ("topobathy.npz", "topo")):
     with np.load(common.sample_data(name)) as d:

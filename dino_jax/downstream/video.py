@@ -296,9 +296,8 @@ class VideoPropagationEvaluator:
   needs_labels = False
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
-    del mesh
     self.ecfg = ecfg
-    self.features = common.DenseFeatures(cfg.model)
+    self.features = common.DenseFeatures(cfg.model, mesh)
     self.sequences = list_sequences(ecfg.path, ecfg.resolution, ecfg.split, f"video propagation data {ecfg.path!r}")
     self.progress_bar = cfg.get("progress_bar", True)
 
@@ -379,7 +378,7 @@ def write_synthetic(out: pathlib.Path, seed: int = 0, num_sequences: int = 2, nu
   rng = np.random.default_rng(seed)
   out = pathlib.Path(out)
   items = data.fashion_mnist_demo("train", 28).images[..., 0]
-  photos = [common.read_rgb(common.sample_data(name)) for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")]
+  photos = common.sample_photos()
   names = [f"synthetic-{i:02d}" for i in range(num_sequences)]
   for n, name in enumerate(names):
     photo = photos[n % len(photos)]
