@@ -8,7 +8,6 @@ brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), grayscale (p=0.2), gauss
 
 Differences from torchvision, on purpose: jitter ops run in a fixed order (not a random
 permutation). Every random choice comes from one key, so a step's views are reproducible.
-`random_resized_crop` is a device-side crop for evaluation-time augmentation.
 """
 import dataclasses
 
@@ -25,26 +24,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 class ViewSpec:
   blur_prob: float
   solarize_prob: float
-
-
-def random_resized_crop(key, image, size, scale, ratio=(3 / 4, 4 / 3)):
-  """Crop a random area fraction in `scale` with aspect ratio in `ratio`; resize to size².
-
-  Bilinear with antialiasing; crops larger than the image are clipped to it.
-  """
-  h, w = image.shape[:2]
-  k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
-  area = jax.random.uniform(k_area, minval=scale[0], maxval=scale[1]) * h * w
-  log_r = jax.random.uniform(k_ratio, minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
-  aspect = jnp.exp(log_r)
-  crop_w = jnp.minimum(jnp.sqrt(area * aspect), w)
-  crop_h = jnp.minimum(jnp.sqrt(area / aspect), h)
-  y0 = jax.random.uniform(k_y) * (h - crop_h)
-  x0 = jax.random.uniform(k_x) * (w - crop_w)
-  scale_yx = jnp.stack([size / crop_h, size / crop_w])
-  return jax.image.scale_and_translate(
-      image, (size, size, image.shape[2]), (0, 1), scale_yx,
-      -jnp.stack([y0, x0]) * scale_yx, method="linear", antialias=True)
 
 
 def grayscale(image):

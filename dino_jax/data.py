@@ -338,17 +338,30 @@ def read_batch(source, indices, pool=None):
   return np.stack([im for im, _ in items]), np.array([lb for _, lb in items], np.int32)
 
 
+def labelled_views(source, index, position, step: int, seed: int, specs: list[crops.CropSpec]):
+  """(the crops `crops.views` of image `index`, drawn from (seed, step, position), its label)."""
+  return source.get(index, lambda image: crops.views(image, crops.view_rng(seed, step, int(position)), specs, to_rgb))
+
+
 def read_views(source, indices, positions, step: int, seed: int, specs: list[crops.CropSpec], pool=None) -> dict:
   """The crops of a step's images (`crops.views`): "global" uint8 [b, 2, G, G, 3] and, with
   local crops, "local" [b, N, L, L, 3]; image i's come from (seed, step, positions[i])."""
-  def image_views(index, position):
-    finish = lambda image: crops.views(image, crops.view_rng(seed, step, int(position)), specs, to_rgb)
-    return source.get(index, finish)[0]
+  image_views = lambda index, position: labelled_views(source, index, position, step, seed, specs)[0]
   per_image = list((pool.map if pool else map)(image_views, indices, positions))
   out = {"global": np.stack([np.stack(v[:2]) for v in per_image])}
   if len(specs) > 2:
     out["local"] = np.stack([np.stack(v[2:]) for v in per_image])
   return out
+
+
+def read_crops(source, indices, positions, step: int, seed: int, spec: crops.CropSpec,
+               pool=None) -> tuple[np.ndarray, np.ndarray]:
+  """One random-resized crop of each image (`crops.views`, from the full image: torchvision's
+  RandomResizedCrop + flip, as the papers' linear evaluations train on) as uint8 [b, S, S, 3],
+  and the labels; image i's crop comes from (seed, step, positions[i])."""
+  items = list((pool.map if pool else map)(
+      lambda index, position: labelled_views(source, index, position, step, seed, [spec]), indices, positions))
+  return np.stack([views[0] for views, _ in items]), np.array([label for _, label in items], np.int32)
 
 
 def train_batches(source, global_batch: int, seed: int, start_step: int, specs: list[crops.CropSpec],

@@ -13,10 +13,11 @@ teacher. `python -m dino_jax.evaluate run --workdir RUN --evals NAME` runs one o
           frozen embeddings (`linear_top1`, the online monitor).
   linear  The papers' linear evaluation (`dino_jax.probe`): classifiers on the frozen
           backbone's last blocks, trained on augmented training images (random resized crop,
-          scale 0.08-1, and flip, on device) with a backbone forward on every batch, scored on
-          the evaluation view of the test split; `protocol` "dino" (one input, a learning-rate
-          sweep: `linear_dino_top1`, `linear_dino_top1_lr<lr>`) or "dinov2" (the grid of
-          inputs x learning rates: `linear_dinov2_top1`, `linear_dinov2_top1_<input>` and
+          scale 0.08-1, of the full image and flip, on the host as torchvision's) with a backbone
+          forward on every batch, scored on the evaluation view of the test split; `protocol`
+          "dino" (one input, a learning-rate sweep: `linear_dino_top1`,
+          `linear_dino_top1_lr<lr>`) or "dinov2" (the grid of inputs x learning rates:
+          `linear_dinov2_top1`, `linear_dinov2_top1_<input>` and
           `linear_dinov2_top1_<input>_lr<lr>`). As in the papers, the best is picked on the
           test split.
 
@@ -41,6 +42,7 @@ import numpy as np
 import tqdm
 
 from dino_jax import augment
+from dino_jax import crops
 from dino_jax import data
 from dino_jax import knn
 from dino_jax import models
@@ -173,15 +175,14 @@ def linear_variants(ecfg: ml_collections.ConfigDict, model_cfg: ml_collections.C
                                  cls_token=model_cfg.get("name", "vit") == "vit")
 
 
-def make_linear_fns(backbone, variants, image_size: int, crop_scale, lrs, steps_per_epoch: int, epochs: int,
-                    per_epoch: bool, seed: int, mesh):
+def make_linear_fns(backbone, variants, image_size: int, lrs, steps_per_epoch: int, epochs: int,
+                    per_epoch: bool, mesh):
   """Jitted (features, train_step, eval_step) of a linear protocol on the mesh.
 
   features(params, x) -> {variant: [B, D_v]} (frozen: no gradient reaches the backbone);
-  train_step(state, params, uint8 images, labels, step) -> (state, mean loss): the step's
-  augmentation (random resized crop of `crop_scale` to image_size², flip p = 0.5, ImageNet
-  normalization), a backbone forward, one SGD step of every classifier at its cosine-decayed
-  learning rate; eval_step(state, params, images, labels) -> ({variant: [L] correct},
+  train_step(state, params, uint8 crops, labels, step) -> (state, mean loss): ImageNet
+  normalization of the training crops (`data.read_crops`), a backbone forward, one SGD step of
+  every classifier at its cosine-decayed learning rate; eval_step(state, params, images, labels) -> ({variant: [L] correct},
   labelled rows) on the evaluation view (rows labelled -1 left out). Batches are split over
   the mesh, classifiers replicated.
   """
@@ -195,16 +196,9 @@ def make_linear_fns(backbone, variants, image_size: int, crop_scale, lrs, steps_
     out = backbone.apply({"params": params}, sharding.constrain(x, batch), layers=layers)
     return jax.lax.stop_gradient(probe.linear_inputs(out, variants))
 
-  def train_view(key, image):
-    k_crop, k_flip = jax.random.split(key)
-    x = augment.random_resized_crop(k_crop, image, image_size, tuple(crop_scale))
-    return jnp.where(jax.random.bernoulli(k_flip, 0.5), x[:, ::-1], x)
-
   @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(replicated, replicated))
   def train_step(state, params, images, labels, step):
-    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), step), images.shape[0])
-    x = jax.vmap(train_view)(keys, images.astype(jnp.float32) / 255.0)
-    feats = features(params, (x - augment.IMAGENET_MEAN) / augment.IMAGENET_STD)
+    feats = features(params, augment.normalize(images))
     loss, grads = jax.value_and_grad(probe.classifiers_loss)(state["params"], feats, labels)
     factor = probe.cosine_factor(step, steps_per_epoch, epochs, per_epoch)
     new_params, momentum = probe.sgd_momentum(state["params"], state["momentum"], grads, lrs * factor)
@@ -218,25 +212,28 @@ def make_linear_fns(backbone, variants, image_size: int, crop_scale, lrs, steps_
   return jax.jit(features), train_step, eval_step
 
 
-def read_ahead(source, batches, batch_sharding):
+def read_ahead(batches, batch_sharding, read_images):
   """Yields (images, labels) global arrays of each global index batch in `batches` (padding
-  rows: index -1, read as image 0 with label -1); each process reads its slice, a thread
-  reads the next batch while the devices work on this one."""
+  rows: index -1, read as image 0 with label -1); each process reads its slice with
+  `read_images(indices, positions in the global batch, batch number)`, a thread reads the next
+  batch while the devices work on this one."""
   to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
+  numbered = iter(enumerate(batches))
 
-  def read(index):
+  def read(item):
+    number, index = item
     n = len(index) // jax.process_count()
-    index = index[jax.process_index() * n:(jax.process_index() + 1) * n]
-    images, labels = data.read_batch(source, np.maximum(index, 0))
+    start = jax.process_index() * n
+    index = index[start:start + n]
+    images, labels = read_images(np.maximum(index, 0), np.arange(start, start + n), number)
     return images, np.where(index >= 0, labels, -1).astype(np.int32)
 
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    batches = iter(batches)
-    first = next(batches, None)
+    first = next(numbered, None)
     future = pool.submit(read, first) if first is not None else None
     while future is not None:
       images, labels = future.result()
-      following = next(batches, None)
+      following = next(numbered, None)
       future = pool.submit(read, following) if following is not None else None
       yield to_global(images), to_global(labels)
 
@@ -273,12 +270,14 @@ class LinearEvaluator:
     self.scaled_lrs = tuple(lr * self.batch_size / 256 for lr in self.lrs)  # the linear scaling rule
     self.image_size = cfg.aug.global_size
     self.seed = cfg.seed + ecfg.get("seed", 0)
+    self.crop = crops.CropSpec(self.image_size, tuple(ecfg.get("crop_scale", (0.08, 1.0))))
+    self.workers = max(1, cfg.data.get("workers", 8))
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.prefix = f"linear_{ecfg.protocol}"
     self.progress = cfg.get("progress_bar", True) and jax.process_index() == 0
     self.features, self.train_step, self.eval_step = make_linear_fns(
-        models.make_backbone(cfg.model), self.variants, self.image_size, ecfg.get("crop_scale", (0.08, 1.0)),
-        self.scaled_lrs, self.steps_per_epoch, self.epochs, ecfg.protocol == "dino", self.seed, mesh)
+        models.make_backbone(cfg.model), self.variants, self.image_size, self.scaled_lrs, self.steps_per_epoch,
+        self.epochs, ecfg.protocol == "dino", mesh)
     self.replicated = sharding.replicated(mesh)
 
   def init_state(self, params) -> dict:
@@ -290,22 +289,28 @@ class LinearEvaluator:
     return jax.device_put(state, self.replicated)
 
   def train(self, params) -> dict:
-    """The classifiers after `epochs` epochs on augmented training images."""
+    """The classifiers after `epochs` epochs on augmented training images: each a random
+    resized crop of `crop_scale` of the full image, flipped with p = 0.5 (`data.read_crops`,
+    torchvision's RandomResizedCrop as the papers' scripts), made on the host by `workers`
+    threads from (seed, step, position in the batch)."""
     state = self.init_state(params)
     total = self.epochs * self.steps_per_epoch
     order = lambda step: self.train_index[data.batch_indices(len(self.train_index), self.batch_size, step, self.seed)]
-    batches = read_ahead(self.train_src, (order(step) for step in range(total)), self.batch_sharding)
     bar = tqdm.trange(self.epochs, desc=f"{self.prefix} ({len(self.variants) * len(self.lrs)} classifiers)",
                       unit="epoch", leave=False, disable=not self.progress, dynamic_ncols=True)
-    step = 0
-    for _ in bar:
-      for _ in range(self.steps_per_epoch):
-        images, labels = next(batches)
-        state, loss = self.train_step(state, params, images, labels, step)
-        step += 1
-      bar.set_postfix(loss=f"{float(loss):.4f}")
-    bar.close()
-    batches.close()
+    with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+      read = lambda index, positions, step: data.read_crops(self.train_src, index, positions, step, self.seed,
+                                                            self.crop, pool)
+      batches = read_ahead((order(step) for step in range(total)), self.batch_sharding, read)
+      step = 0
+      for _ in bar:
+        for _ in range(self.steps_per_epoch):
+          images, labels = next(batches)
+          state, loss = self.train_step(state, params, images, labels, step)
+          step += 1
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+      bar.close()
+      batches.close()
     return state
 
   def score(self, state, params) -> dict:
@@ -314,7 +319,8 @@ class LinearEvaluator:
     index = np.arange(math.ceil(n / b) * b)
     index = np.where(index < n, index, -1).reshape(-1, b)
     correct, count = None, 0
-    for images, labels in read_ahead(self.test_src, index, self.batch_sharding):
+    read = lambda index, positions, number: data.read_batch(self.test_src, index)
+    for images, labels in read_ahead(index, self.batch_sharding, read):
       c, labelled_rows = jax.device_get(self.eval_step(state, params, images, labels))
       correct = c if correct is None else {k: correct[k] + c[k] for k in c}
       count += int(labelled_rows)

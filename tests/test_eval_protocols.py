@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from configs import esvit_swin_t
+from dino_jax import crops
 from dino_jax import data
 from dino_jax import evaluate
 from dino_jax import evaluators
@@ -223,6 +224,31 @@ def test_dinov2_grid_learns_fashion_mnist_well_above_chance(small_data, capsys):
   assert all(0 <= v <= 1 for v in scores.values())
   assert "linear_dinov2 (12 classifiers)" in capsys.readouterr().err  # the bar over the epochs
   assert evaluator.run(None) == {}  # raw pixels: no blocks
+
+
+def test_linear_protocol_trains_on_host_crops_of_the_full_image(small_data):
+  """Each training image is torchvision's RandomResizedCrop (scale 0.08-1, bicubic) of the full
+  image plus a flip, drawn from (seed, step, position in the batch) as the training views: the
+  first step's batch equals crops.views of the originals."""
+  cfg = vit_cfg(**{"model.depth": 2, "evals.linear_dino.n_last_blocks": 2, "evals.linear_dino.epochs": 1,
+                   "evals.linear_dino.epoch_length": 2, "evals.linear_dino.batch_size": 16,
+                   "evals.linear_dino.learning_rates": (0.1,), "evals.linear_dino.seed": 3})
+  mesh = sharding.make_mesh(cfg)
+  evaluator = evaluators.LinearEvaluator(cfg.evals.linear_dino, cfg, mesh)
+  seen = []
+  step_fn = evaluator.train_step
+  evaluator.train_step = lambda *args: seen.append(jax.device_get(args[2:5])) or step_fn(*args)
+  evaluator.train(learner.build(cfg, mesh, 10).state["params"]["backbone"])
+  assert [int(s[2]) for s in seen] == [0, 1]
+  src, seed = small_data["train"], cfg.seed + 3
+  for step, (images, labels, _) in enumerate(seen):
+    index = evaluator.train_index[data.batch_indices(len(evaluator.train_index), 16, step, seed)]
+    spec = crops.CropSpec(16, (0.08, 1.0))
+    want = [crops.views(data.as_pil(src.originals[i]), crops.view_rng(seed, step, position), [spec], data.to_rgb)[0]
+            for position, i in enumerate(index)]
+    np.testing.assert_array_equal(images, np.stack(want))
+    np.testing.assert_array_equal(labels, src.labels[index])
+  assert not np.array_equal(seen[0][0], seen[1][0])
 
 
 def test_bad_protocol_configs_are_one_usage_error():
