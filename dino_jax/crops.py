@@ -27,6 +27,7 @@ ATTEMPTS = 10
 class CropSpec:
   size: int
   scale: tuple[float, float]
+  resample: int = Image.BICUBIC  # the training views' (DINO, DINOv2); DINO's linear evaluation: BILINEAR
 
 
 def crop_specs(aug: ml_collections.ConfigDict) -> list[CropSpec]:
@@ -71,7 +72,8 @@ def draft_size(boxes, sizes, width: int, height: int) -> tuple[int, int]:
 
 def views(image: Image.Image, rng: np.random.Generator, specs: list[CropSpec], to_rgb) -> list[np.ndarray]:
   """uint8 [size, size, 3] views of an opened (not yet decoded) image: boxes drawn on its full
-  size, a reduced-size decode where they allow it, bicubic resize of each box, flip p = 0.5.
+  size, a reduced-size decode where they allow it, each box resized (`spec.resample`, bicubic
+  by default), flip p = 0.5.
   `to_rgb` converts the decoded image to RGB (`data.to_rgb`)."""
   width, height = image.size
   boxes, flips = [], []
@@ -85,6 +87,6 @@ def views(image: Image.Image, rng: np.random.Generator, specs: list[CropSpec], t
   out = []
   for (top, left, h, w), flip, spec in zip(boxes, flips, specs):
     box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-    view = image.resize((spec.size, spec.size), Image.BICUBIC, box=box)
+    view = image.resize((spec.size, spec.size), spec.resample, box=box)
     out.append(np.asarray(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view))
   return out

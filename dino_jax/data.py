@@ -356,9 +356,9 @@ def read_views(source, indices, positions, step: int, seed: int, specs: list[cro
 
 def read_crops(source, indices, positions, step: int, seed: int, spec: crops.CropSpec,
                pool=None) -> tuple[np.ndarray, np.ndarray]:
-  """One random-resized crop of each image (`crops.views`, from the full image: torchvision's
-  RandomResizedCrop + flip, as the papers' linear evaluations train on) as uint8 [b, S, S, 3],
-  and the labels; image i's crop comes from (seed, step, positions[i])."""
+  """One random-resized crop of each image (`crops.views` of `spec`, from the full image:
+  torchvision's RandomResizedCrop + flip, what the papers' linear evaluations train on) as uint8
+  [b, S, S, 3], and the labels; image i's crop comes from (seed, step, positions[i])."""
   items = list((pool.map if pool else map)(
       lambda index, position: labelled_views(source, index, position, step, seed, [spec]), indices, positions))
   return np.stack([views[0] for views, _ in items]), np.array([label for _, label in items], np.int32)

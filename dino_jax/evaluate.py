@@ -67,11 +67,14 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def evaluator_config(cfg: ml_collections.ConfigDict, name: str, overrides: dict) -> ml_collections.ConfigDict:
-  """Evaluator `name`'s config: the run's evals.<name>, else the defaults' (a run that predates
-  it), with `overrides`; an unknown name or key is one UsageError."""
+  """Evaluator `name`'s config: the run's evals.<name> (its keys missing there, added since the
+  run was made, from the defaults), else the defaults' (a run that predates it), with
+  `overrides`; an unknown name or key is one UsageError."""
   defaults = common.base_config().evals
   if name in cfg.get("evals", {}):
     ecfg = cfg.evals[name].to_dict()
+    if name in defaults and defaults[name].type == ecfg.get("type"):  # keys added since the run was made
+      ecfg = {**defaults[name].to_dict(), **ecfg}
   elif name in defaults:
     ecfg = defaults[name].to_dict()
   else:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 import tqdm
 
 from dino_jax import augment
@@ -182,9 +183,9 @@ def make_linear_fns(backbone, variants, image_size: int, lrs, steps_per_epoch: i
   features(params, x) -> {variant: [B, D_v]} (frozen: no gradient reaches the backbone);
   train_step(state, params, uint8 crops, labels, step) -> (state, mean loss): ImageNet
   normalization of the training crops (`data.read_crops`), a backbone forward, one SGD step of
-  every classifier at its cosine-decayed learning rate; eval_step(state, params, images, labels) -> ({variant: [L] correct},
-  labelled rows) on the evaluation view (rows labelled -1 left out). Batches are split over
-  the mesh, classifiers replicated.
+  every classifier at its cosine-decayed learning rate; eval_step(state, params, images,
+  labels) -> ({variant: [L] correct}, labelled rows) on the evaluation view (rows labelled -1
+  left out). Batches are split over the mesh, classifiers replicated.
   """
   replicated = sharding.replicated(mesh)
   batch = sharding.batch_sharding(mesh)
@@ -270,7 +271,9 @@ class LinearEvaluator:
     self.scaled_lrs = tuple(lr * self.batch_size / 256 for lr in self.lrs)  # the linear scaling rule
     self.image_size = cfg.aug.global_size
     self.seed = cfg.seed + ecfg.get("seed", 0)
-    self.crop = crops.CropSpec(self.image_size, tuple(ecfg.get("crop_scale", (0.08, 1.0))))
+    # DINO's eval_linear.py: RandomResizedCrop(224) at torchvision's default bilinear; DINOv2's: bicubic.
+    self.crop = crops.CropSpec(self.image_size, tuple(ecfg.get("crop_scale", (0.08, 1.0))),
+                               Image.BILINEAR if ecfg.protocol == "dino" else Image.BICUBIC)
     self.workers = max(1, cfg.data.get("workers", 8))
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.prefix = f"linear_{ecfg.protocol}"
@@ -290,9 +293,9 @@ class LinearEvaluator:
 
   def train(self, params) -> dict:
     """The classifiers after `epochs` epochs on augmented training images: each a random
-    resized crop of `crop_scale` of the full image, flipped with p = 0.5 (`data.read_crops`,
-    torchvision's RandomResizedCrop as the papers' scripts), made on the host by `workers`
-    threads from (seed, step, position in the batch)."""
+    resized crop of `crop_scale` of the full image (bilinear for DINO, bicubic for DINOv2, as
+    their scripts' RandomResizedCrop), flipped with p = 0.5 (`data.read_crops`), made on the
+    host by `workers` threads from (seed, step, position in the batch)."""
     state = self.init_state(params)
     total = self.epochs * self.steps_per_epoch
     order = lambda step: self.train_index[data.batch_indices(len(self.train_index), self.batch_size, step, self.seed)]
@@ -302,15 +305,17 @@ class LinearEvaluator:
       read = lambda index, positions, step: data.read_crops(self.train_src, index, positions, step, self.seed,
                                                             self.crop, pool)
       batches = read_ahead((order(step) for step in range(total)), self.batch_sharding, read)
-      step = 0
-      for _ in bar:
-        for _ in range(self.steps_per_epoch):
-          images, labels = next(batches)
-          state, loss = self.train_step(state, params, images, labels, step)
-          step += 1
-        bar.set_postfix(loss=f"{float(loss):.4f}")
-      bar.close()
-      batches.close()
+      try:
+        step = 0
+        for _ in bar:
+          for _ in range(self.steps_per_epoch):
+            images, labels = next(batches)
+            state, loss = self.train_step(state, params, images, labels, step)
+            step += 1
+          bar.set_postfix(loss=f"{float(loss):.4f}")
+      finally:  # the reader stops before its pool does
+        bar.close()
+        batches.close()
     return state
 
   def score(self, state, params) -> dict:

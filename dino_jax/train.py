@@ -418,8 +418,8 @@ def main(argv):
     for who, name in names.items():
       if f"knn_top1_{who}" in res:
         print(f"  {name:<17} " + " ".join(f"{res[f'{m}_{who}']:>11.4f}" for m in metrics))
-  others = {k[:-len("_teacher")]: v for k, v in res.items()  # the other evaluators' final metrics
-            if k.endswith("_teacher") and not k.startswith(("knn_top1", "linear_top1"))}
+  others = {k[:-len("_teacher")]: v for k, v in res.items()  # the other evaluators' headline metrics
+            if k.endswith("_teacher") and not k.startswith(("knn_top1", "linear_top1")) and "_lr" not in k}
   if others:
     print("\nfinal evaluation of the teacher: " + ", ".join(f"{k} {v:.4f}" for k, v in others.items()))
   if "preempted_at" in res:

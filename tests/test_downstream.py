@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import common as configs_common
+from dino_jax import evaluate
 from dino_jax import evaluators
 from dino_jax import sharding
 from dino_jax import train
@@ -103,3 +104,13 @@ def test_dense_features_come_back_replicated_from_fsdp_split_parameters():
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(out))
   expected = common.DenseFeatures(cfg.model)(params, images, layers=1, final_norm=False)
   np.testing.assert_allclose(jax.device_get(out)["patch"], expected["patch"], atol=1e-5)
+
+
+def test_a_run_saved_before_a_key_was_added_takes_its_default():
+  """`evaluate run` on a run whose config predates an evaluator key (e.g. depth's loss_group)
+  fills it from the defaults; the run's own values win."""
+  cfg = tiny()
+  del cfg.evals.depth["loss_group"]
+  cfg.evals.depth.steps = 7
+  ecfg = evaluate.evaluator_config(cfg, "depth", {"learning_rate": 0.5})
+  assert (ecfg.loss_group, ecfg.steps, ecfg.learning_rate, ecfg.every_steps) == (2, 7, 0.5, 0)

@@ -168,6 +168,10 @@ def test_sig_loss_bins_and_gradient_loss_by_hand():
   assert float(dense.grouped_sig_loss(pred4, ones, False, 2)) == pytest.approx((group0 + group1) / 2, rel=1e-5)
   assert float(dense.grouped_sig_loss(pred4, ones, False, 4)) == pytest.approx(
       float(dense.sig_loss(pred4, ones, False)), rel=1e-6)
+  # A group without any depth adds 0 and a finite gradient (not NaN through sqrt(0)).
+  empty = ones.at[2:].set(0.0)
+  grad = jax.grad(lambda p: dense.grouped_sig_loss(p, empty, False, 2))(pred4)
+  assert np.isfinite(np.asarray(grad)).all() and not np.asarray(grad)[2:].any()
   # 3 bins on [1, 3]: (relu(l) + 0.1) / sum weights the centres 1, 2, 3.
   logits = jnp.array([[[[1.0, -1.0, 0.0]]]])
   assert float(dense.depth_from_logits(logits, "classify", 1.0, 3.0)[0, 0, 0]) == pytest.approx(1.6 / 1.3)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from PIL import Image
 import pytest
 
 from configs import esvit_swin_t
@@ -227,9 +228,9 @@ def test_dinov2_grid_learns_fashion_mnist_well_above_chance(small_data, capsys):
 
 
 def test_linear_protocol_trains_on_host_crops_of_the_full_image(small_data):
-  """Each training image is torchvision's RandomResizedCrop (scale 0.08-1, bicubic) of the full
-  image plus a flip, drawn from (seed, step, position in the batch) as the training views: the
-  first step's batch equals crops.views of the originals."""
+  """Each training image is torchvision's RandomResizedCrop (scale 0.08-1; bilinear as DINO's
+  eval_linear.py) of the full image plus a flip, drawn from (seed, step, position in the batch)
+  as the training views: the first step's batch equals crops.views of the originals."""
   cfg = vit_cfg(**{"model.depth": 2, "evals.linear_dino.n_last_blocks": 2, "evals.linear_dino.epochs": 1,
                    "evals.linear_dino.epoch_length": 2, "evals.linear_dino.batch_size": 16,
                    "evals.linear_dino.learning_rates": (0.1,), "evals.linear_dino.seed": 3})
@@ -243,12 +244,13 @@ def test_linear_protocol_trains_on_host_crops_of_the_full_image(small_data):
   src, seed = small_data["train"], cfg.seed + 3
   for step, (images, labels, _) in enumerate(seen):
     index = evaluator.train_index[data.batch_indices(len(evaluator.train_index), 16, step, seed)]
-    spec = crops.CropSpec(16, (0.08, 1.0))
+    spec = crops.CropSpec(16, (0.08, 1.0), Image.BILINEAR)
     want = [crops.views(data.as_pil(src.originals[i]), crops.view_rng(seed, step, position), [spec], data.to_rgb)[0]
             for position, i in enumerate(index)]
     np.testing.assert_array_equal(images, np.stack(want))
     np.testing.assert_array_equal(labels, src.labels[index])
   assert not np.array_equal(seen[0][0], seen[1][0])
+  assert evaluators.LinearEvaluator(cfg.evals.linear_dinov2, cfg, mesh).crop.resample == Image.BICUBIC
 
 
 def test_bad_protocol_configs_are_one_usage_error():

@@ -317,7 +317,8 @@ def sig_loss(pred, gt, warm_up):
   g = jnp.where(valid, jnp.log(pred + LOG_EPS) - jnp.log(jnp.where(valid, gt, 1.0) + LOG_EPS), 0.0)
   mean = g.sum() / n
   var = jnp.sum(jnp.where(valid, (g - mean) ** 2, 0.0)) / (n - 1)
-  return jnp.sqrt(jnp.where(warm_up, 0.0, var) + SIG_LAMBDA * mean ** 2)
+  # Floored under the root: a group without depth is 0 with a zero (not NaN) gradient.
+  return jnp.sqrt(jnp.maximum(jnp.where(warm_up, 0.0, var) + SIG_LAMBDA * mean ** 2, 1e-12))
 
 
 def grouped_sig_loss(pred, gt, warm_up, group: int):
@@ -649,7 +650,7 @@ class DepthEvaluator(DenseProbe):
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     super().__init__(ecfg, cfg, mesh)
     self.predict = jax.jit(self._predict, static_argnums=(3,), out_shardings=self.replicated)
-    if ecfg.eigen_crop:  # a non-NYU frame fails here, before training, not after it
+    if ecfg.eigen_crop:  # a non-NYU or unreadable test map fails here, before training, not after it
       for _, depth_path in self.test_pairs:
         eigen_box(self.read_target(depth_path).shape, depth_path)
 
