@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   # patch tokens, PCA-whitened on `whitening`, cosine ranking among `distractors`, AP over the top 20.
   c.evals.copy_detection = dict(type="copy_detection", every_steps=-1, every_epochs=0.0, path="", blocks=("strong",),
                                 distractors="distractors", whitening="whitening", imsize=320, gem_p=4.0,
-                                whitening_dim=0, topk=20, match_prefix=4, batch_size=16)
+                                whitening_dim=0, topk=20, threshold=-1.0, match_prefix=4, batch_size=16)
   # DINO Sec. 4.2.3 (eval_video_segmentation.py), DAVIS-2017 val: first frame + last 7, top-5 neighbours within
   # 12 patches, T = 0.1, frames at 480 px (shorter side); J&F on all frames but the first and last (tolerance 0.008).
   c.evals.video_propagation = dict(type="video_propagation", every_steps=-1, every_epochs=0.0, path="",

@@ -44,7 +44,7 @@ def copy_ecfg(path, **kw):
   return ml_collections.ConfigDict(dict(dict(type="copy_detection", every_steps=-1, every_epochs=0.0, path=path,
                                              blocks=("strong", "jpegqual/10", "crops/50"), distractors="distractors",
                                              whitening="whitening", imsize=32, gem_p=4.0, whitening_dim=0, topk=20,
-                                             match_prefix=4, batch_size=16), **kw))
+                                             threshold=-1.0, match_prefix=4, batch_size=16), **kw))
 
 
 def test_average_precision_by_hand():
@@ -219,6 +219,13 @@ def test_copy_detection_topk_by_hand(tmp_path, tiny):
   # Top 3: rank 2 adds (0 + 1/3) / 2 = 1/6, so (1/4 + 1/6 + 1 + 1/6) / 4 = 19/48.
   ev.ecfg.topk = 3
   assert ev.score(queries, np.eye(3), None) == {"copy_detection_map": pytest.approx(19 / 48)}
+  # A similarity threshold drops matches below it: the copies' cosines are 0.440, 0.089, 1 and 0.364.
+  # At 0.3 the second query's copy (0.089) is not detected: (1/4 + 0 + 1 + 1/6) / 4 = 17/48; at 0.4 the
+  # fourth's (0.364) neither: (1/4 + 1) / 4 = 5/16.
+  ev.ecfg.threshold = 0.3
+  assert ev.score(queries, np.eye(3), None) == {"copy_detection_map": pytest.approx(17 / 48)}
+  ev.ecfg.threshold = 0.4
+  assert ev.score(queries, np.eye(3), None) == {"copy_detection_map": pytest.approx(5 / 16)}
 
 
 def scene_of(path) -> str:
@@ -317,8 +324,8 @@ def test_bad_input(tmp_path, tiny):
   (tmp_path / "cd" / "strong" / "777701.jpg").write_bytes((tmp_path / "cd" / "original" / "000000.jpg").read_bytes())
   with pytest.raises(UsageError, match="query strong/777701.jpg matches no image of original/"):
     check_c()
-  for bad in (dict(path=None), dict(blocks=""), dict(topk=0), dict(imsize=3), dict(whitening_dim=-1),
-              dict(distractors=None)):
+  for bad in (dict(path=None), dict(blocks=""), dict(topk=0), dict(threshold=1.5), dict(imsize=3),
+              dict(whitening_dim=-1), dict(distractors=None)):
     with pytest.raises(UsageError, match=f"evals.c.{next(iter(bad))}"):
       retrieval.CopyDetectionEvaluator.check("c", copy_ecfg(**dict(dict(path=tmp_path), **bad)), cfg, False)
   with pytest.raises(UsageError, match="layout must be one of"):

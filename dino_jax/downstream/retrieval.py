@@ -444,8 +444,10 @@ class CopyDetectionEvaluator:
   16), the last block's CLS token concatenated with GeM (`gem_p`) of its patch tokens,
   PCA-whitened (`fit_whitening`, `whitening_dim` 0: all components), l2-normalized. Each query
   ranks the database by cosine similarity; its AP (`average_precision`) counts the true copies
-  among the first `topk`. Metrics: `copy_detection_map` over all queries, and with several
-  blocks `copy_detection_map_<block>` (slashes as _) for each.
+  among the first `topk` whose similarity is at least `threshold` (-1: no threshold, as DINO's
+  script, which ranks the top 20; a copy below it counts as not detected). Metrics:
+  `copy_detection_map` over all queries, and with several blocks `copy_detection_map_<block>`
+  (slashes as _) for each.
   """
   needs_labels = False
 
@@ -478,8 +480,11 @@ class CopyDetectionEvaluator:
       database = apply_whitening(database, transform)
       queries = {b: apply_whitening(q, transform) for b, q in queries.items()}
     database = common.l2_normalize(database)
-    maps = {b: mean_average_precision(ranking(common.l2_normalize(q) @ database.T, e.topk),
-                                      self.layout["positives"][b]) for b, q in queries.items()}
+    maps = {}
+    for b, q in queries.items():
+      similarity = common.l2_normalize(q) @ database.T
+      order = [o[s[o] >= e.threshold] for o, s in zip(ranking(similarity, e.topk), similarity)]
+      maps[b] = mean_average_precision(order, self.layout["positives"][b])
     sizes = {b: len(q) for b, q in queries.items()}
     out = {"copy_detection_map": sum(maps[b] * sizes[b] for b in maps) / sum(sizes.values())}
     if len(maps) > 1:
@@ -500,6 +505,7 @@ class CopyDetectionEvaluator:
   def describe(ecfg: ml_collections.ConfigDict) -> str:
     return (f"copy-detection mAP@{ecfg.topk} on {', '.join(as_blocks(ecfg.blocks))}: cosine of CLS + GeM "
             f"(p={ecfg.gem_p:g}) at {ecfg.imsize}px" + (", whitened" if ecfg.whitening else "")
+            + (f", similarity >= {ecfg.threshold:g}" if ecfg.threshold > -1 else "")
             + (", with distractors" if ecfg.distractors else ""))
 
   @staticmethod
@@ -513,6 +519,9 @@ class CopyDetectionEvaluator:
     for key in ("whitening_dim", "match_prefix"):
       common.check_positive_int(name, ecfg, key, zero=True)
     common.check_positive_number(name, ecfg, "gem_p")
+    threshold = ecfg.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
+      raise UsageError(f"evals.{name}.threshold must be a cosine similarity in [-1, 1] (-1: none), not {threshold!r}")
     for key in ("distractors", "whitening"):  # folder names, "" for none
       common.check_string(name, ecfg, key)
     check_imsize(name, ecfg, cfg)
