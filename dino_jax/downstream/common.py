@@ -42,12 +42,10 @@ class DenseFeatures:
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.stride} (use fit)")
     return jax.device_get(self._apply(params, jnp.asarray(images), layers, final_norm))
 
-  def fit(self, image: np.ndarray, max_side: int | None = None) -> np.ndarray:
-    """`image` (uint8 [H, W, 3]) resized bicubic to the nearest multiples of the stride, its
-    longer side first scaled down to `max_side` when larger."""
+  def fit(self, image: np.ndarray) -> np.ndarray:
+    """`image` (uint8 [H, W, 3]) resized bicubic to the nearest multiples of the stride."""
     h, w = image.shape[:2]
-    scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
-    size = tuple(max(self.stride, round(s * scale / self.stride) * self.stride) for s in (w, h))
+    size = tuple(max(self.stride, round(s / self.stride) * self.stride) for s in (w, h))
     return image if size == (w, h) else np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
 
 
