@@ -49,6 +49,7 @@ from dino_jax import knn
 from dino_jax import models
 from dino_jax import probe
 from dino_jax import sharding
+from dino_jax.downstream import common
 from dino_jax.downstream import correspondence
 from dino_jax.downstream import dense
 from dino_jax.downstream import retrieval
@@ -398,12 +399,10 @@ def check_one(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.Co
   model only where it will run (`enabled`)."""
   if ecfg.get("type") not in EVALUATORS:
     raise UsageError(f"evals.{name}.type must be one of {', '.join(EVALUATORS)}, not {ecfg.get('type')!r}")
-  if getattr(EVALUATORS[ecfg.type], "shards_batches", False) and (
-      isinstance(ecfg.get("batch_size"), bool) or not isinstance(ecfg.get("batch_size"), int)
-      or ecfg.batch_size < 1):
-    raise UsageError(f"evals.{name}.batch_size must be a positive int, not {ecfg.get('batch_size')!r}")
-  if getattr(EVALUATORS[ecfg.type], "shards_batches", False) and ecfg.batch_size % num_devices:
-    raise UsageError(f"evals.{name}.batch_size {ecfg.batch_size} is not divisible by the {num_devices} devices")
+  if getattr(EVALUATORS[ecfg.type], "shards_batches", False):
+    common.check_positive_int(name, ecfg, "batch_size")
+    if ecfg.batch_size % num_devices:
+      raise UsageError(f"evals.{name}.batch_size {ecfg.batch_size} is not divisible by the {num_devices} devices")
   EVALUATORS[ecfg.type].check(name, ecfg, cfg, enabled)
 
 

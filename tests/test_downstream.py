@@ -81,7 +81,9 @@ def test_evaluate_run_cli_and_synthetic_cli(retrieval_run, tmp_path, capsys):
   synthetic.main(["video_propagation", "--out", str(tmp_path / "davis")])
   assert (tmp_path / "davis" / "ImageSets" / "2017" / "val.txt").is_file()
   for argv, message in ((["video_propagation", "--out", str(tmp_path / "davis")], "exists and is not empty"),
-                        (["imagenet", "--out", str(tmp_path / "x")], "invalid choice: 'imagenet'")):
+                        (["imagenet", "--out", str(tmp_path / "x")], "invalid choice: 'imagenet'"),
+                        (["depth", "--out", str(tmp_path / "davis" / "ImageSets" / "2017" / "val.txt" / "x")],
+                         "cannot create --out")):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
       synthetic.main(argv)

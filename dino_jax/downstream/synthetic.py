@@ -40,6 +40,10 @@ def main(argv: list[str]) -> None:
   if out.exists() and any(out.iterdir()):
     fail(f"--out {args.out!r} exists and is not empty")
   try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    fail(f"cannot create --out {args.out!r} ({e.strerror})")
+  try:
     WRITERS[args.type](out, seed=args.seed)
   except UsageError as e:
     fail(str(e))
