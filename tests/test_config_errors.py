@@ -15,7 +15,8 @@ from dino_jax import train
 from dino_jax.errors import UsageError
 from tests.test_train import run_cli, tiny
 
-TRAIN_CONFIGS = ["demo_fashion_mnist", "demo_esvit_fashion_mnist", "dino_vits16", "dino_vits16_300ep", "dinov2_vits14",
+TRAIN_CONFIGS = ["demo_fashion_mnist", "demo_esvit_fashion_mnist", "dino_vits16", "dino_vits16_300ep", "dino_vits8",
+                 "dino_vitb16", "dino_vitb8", "dinov2_vits14",
                  "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitl16_short", "dinov2_vitg14", "esvit_swin_t"]
 
 

@@ -95,6 +95,55 @@ def test_recipes_say_their_rules():
   assert optim.peak_lr(dino) == pytest.approx(5e-4 * dino.batch_size / 256)
 
 
+# The DINO runs' published arguments (`main_dino.py` flags; the README command for the 100-epoch
+# run, whose other flags are main_dino's defaults). world_size: GPUs (ViT-S/8's: the paper's 1024 / 16).
+DINO_DEFAULTS = dict(arch="vit_small", patch_size=16, epochs=100, batch_size_per_gpu=64, world_size=8, lr=5e-4,
+                     min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
+                     warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+                     norm_last_layer=True, freeze_last_layer=1, momentum_teacher=0.996, drop_path_rate=0.1,
+                     local_crops_number=8, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), out_dim=65536)
+DINO_RUNS = {
+    "dino_vits16": {},
+    "dino_vits16_300ep": dict(epochs=300, world_size=16, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+                              norm_last_layer=False),
+    "dino_vits8": dict(patch_size=8, epochs=800, batch_size_per_gpu=16, world_size=64, teacher_temp=0.07,
+                       warmup_teacher_temp_epochs=30, norm_last_layer=False, local_crops_number=10),
+    "dino_vitb16": dict(arch="vit_base", epochs=400, batch_size_per_gpu=32, world_size=32, lr=7.5e-4, min_lr=2e-6,
+                        clip_grad=0.3, teacher_temp=0.07, warmup_teacher_temp_epochs=50, freeze_last_layer=3,
+                        local_crops_number=10, global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25)),
+    "dino_vitb8": dict(arch="vit_base", patch_size=8, epochs=300, batch_size_per_gpu=6, world_size=176, min_lr=2e-6,
+                       warmup_teacher_temp=0.03, teacher_temp=0.07, warmup_teacher_temp_epochs=50,
+                       freeze_last_layer=3, local_crops_number=10, global_crops_scale=(0.25, 1.0),
+                       local_crops_scale=(0.05, 0.25)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DINO_RUNS))
+def test_dino_recipe_is_its_published_arguments(name):
+  import importlib
+  a = dict(DINO_DEFAULTS, **DINO_RUNS[name])
+  c = importlib.import_module(f"configs.{name}").get_config()
+  width = {"vit_small": 384, "vit_base": 768}[a["arch"]]
+  batch = a["batch_size_per_gpu"] * a["world_size"]
+  assert (c.model.width, c.model.patch_size, c.model.pos_embed_grid) == (width, a["patch_size"], 224 // a["patch_size"])
+  assert (c.epochs, c.batch_size, c.optim.min_lr, c.optim.warmup_epochs) == (
+      a["epochs"], batch, a["min_lr"], a["warmup_epochs"])
+  assert optim.peak_lr(c) == pytest.approx(a["lr"] * batch / 256)  # main_dino: lr * batch_size / 256
+  assert (c.optim.weight_decay, c.optim.clip_grad, c.optim.clip_mode) == (
+      (a["weight_decay"], a["weight_decay_end"]), a["clip_grad"], "per_tensor")
+  assert (c.loss.teacher_temp, c.loss.teacher_temp_warmup_epochs, c.loss.teacher_temp_steps) == (
+      (a["warmup_teacher_temp"], a["teacher_temp"]), a["warmup_teacher_temp_epochs"], "per_epoch")
+  assert (c.head.norm_last_layer, c.optim.freeze_last_layer_epochs, c.optim.teacher_momentum) == (
+      a["norm_last_layer"], a["freeze_last_layer"], (a["momentum_teacher"], 1.0))
+  assert (c.model.drop_path_rate, c.model.drop_path_uniform, c.head.out_dim) == (
+      a["drop_path_rate"], False, a["out_dim"])
+  assert (c.aug.num_local, c.aug.global_scale, c.aug.local_scale) == (
+      a["local_crops_number"], a["global_crops_scale"], a["local_crops_scale"])
+  # eval_linear.py: ViT-S the last 4 CLS tokens, ViT-B the last CLS with average-pooled patch tokens.
+  assert (c.evals.linear_dino.n_last_blocks, c.evals.linear_dino.avgpool_patchtokens) == (
+      (4, False) if a["arch"] == "vit_small" else (1, True))
+
+
 # ---------------------------------------------------------------------------------------
 # Clipping against torch.
 # ---------------------------------------------------------------------------------------
@@ -281,7 +330,8 @@ def test_epoch_length_sets_the_schedule_and_bad_values_are_one_error(tmp_path):
 # Every recipe's :tiny variant trains through the command line.
 # ---------------------------------------------------------------------------------------
 
-RECIPES = ["dino_vits16", "dino_vits16_300ep", "dinov2_vitl16_short", "dinov2_vitg14", "dinov2_vits14", "esvit_swin_t"]
+RECIPES = ["dino_vits16", "dino_vits16_300ep", "dino_vits8", "dino_vitb16", "dino_vitb8", "dinov2_vitl16_short",
+           "dinov2_vitg14", "dinov2_vits14", "esvit_swin_t"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
