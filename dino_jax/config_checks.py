@@ -15,7 +15,6 @@ import tempfile
 
 import jax
 import ml_collections
-import numpy as np
 
 from dino_jax import augment
 from dino_jax import evaluators
@@ -122,23 +121,10 @@ def _check_crops(cfg, backbone) -> None:
       raise UsageError(f"{key} {e}") from None
 
 
-def _check_attention(cfg, backbone) -> None:
-  """cuDNN's fused attention: bfloat16 or float16 on a GPU, and (JAX 0.11.2 on an H200 refused
-  257 tokens in training) an even number of tokens per attention: every crop's, or a Swin
-  window's."""
-  if cfg.model.attention != "cudnn":
-    return
-  if cfg.model.get("name", "vit") == "swin":
-    counts = {f"model.window_size {cfg.model.window_size}": cfg.model.window_size ** 2}
-  else:
-    sizes = ("aug.global_size", "aug.local_size")[:2 if cfg.aug.num_local else 1]
-    counts = {f"{key} {_get(cfg, key)}": int(np.prod(backbone.grid(_get(cfg, key)))) + 1 + cfg.model.num_registers
-              for key in sizes}
-  for what, tokens in counts.items():
-    if tokens % 2:
-      raise UsageError(f"model.attention=cudnn needs an even number of tokens, and {what} gives {tokens}: use "
-                       "model.attention=xla")
-  if jax.default_backend() != "gpu" or cfg.model.dtype == "float32":
+def _check_attention(cfg) -> None:
+  """cuDNN's fused attention: bfloat16 or float16 on a GPU (odd token counts go padded to even,
+  `models.layers.attention`)."""
+  if cfg.model.attention == "cudnn" and (jax.default_backend() != "gpu" or cfg.model.dtype == "float32"):
     raise UsageError("model.attention=cudnn needs a GPU and model.dtype bfloat16 or float16")
 
 
@@ -205,7 +191,7 @@ def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   _check_heads(cfg.model)
   backbone = models.make_backbone(cfg.model)
   _check_crops(cfg, backbone)
-  _check_attention(cfg, backbone)
+  _check_attention(cfg)
   _check_masking(cfg, backbone)
   _check_lineage(cfg, backbone)
 

@@ -5,7 +5,7 @@
 #   noscan    the same with the blocks unrolled (model.scan=False)
 #   max_batch the largest per-device batch that fits the GPU (bench --find_max_batch, compiles only)
 #   CONFIG=configs/dinov2_vitl14.py BATCH=32 OUT=runs/bench launch/bench_gpu.sh against bench max_batch
-# ATTENTION=cudnn for cuDNN's fused attention (even token counts only: config_checks). Each mode
+# ATTENTION=cudnn for cuDNN's fused attention (odd token counts padded to even). Each mode
 # appends a JSON line to $OUT/bench_gpu.jsonl. Needs jax with CUDA, and torch + timm for `against`
 # (requirements-test.txt). DRY_RUN=1 only prints.
 set -uo pipefail

@@ -355,3 +355,22 @@ def test_intermediate_layers_before_the_final_norm(vit_with_params):
   np.testing.assert_allclose(_np_layernorm(np.asarray(raw["intermediate"][0]["embedding"], np.float64),
                                            params["norm"]), normed["intermediate"][0]["embedding"], atol=1e-5)
   assert not np.allclose(last, normed["patch"], atol=1e-2)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_padded_to_even_is_the_same_function(with_bias):
+  """cuDNN's path for odd token counts (a ViT's 17 here, a Swin window's 49): one masked
+  padding token changes neither the outputs nor the gradients (run with XLA's attention)."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 17, 3, 8)), jnp.float32) for _ in range(3))
+  bias = jnp.asarray(rng.normal(size=(1, 3, 17, 17)), jnp.float32) if with_bias else None
+
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.sin(fn(q, k, v, bias)))
+  plain = lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias)
+  padded = lambda q, k, v, bias: layers.padded_to_even(q, k, v, bias)
+  np.testing.assert_allclose(padded(q, k, v, bias), plain(q, k, v, bias), rtol=1e-5, atol=1e-6)
+  for g_pad, g_ref in zip(jax.grad(lambda *a: loss(padded, *a), argnums=(0, 1, 2))(q, k, v),
+                          jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_pad, g_ref, rtol=1e-5, atol=1e-6)
+  assert layers.attention(q, k, v, bias, "xla").shape == (2, 17, 3, 8)

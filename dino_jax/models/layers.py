@@ -84,3 +84,29 @@ def residual(x, branch, rate: float, deterministic: bool, make_rng, batch_shardi
   if not deterministic and rate > 0.1:
     return subset_drop_path(x, branch, rate, make_rng("dropout"), batch_sharding)
   return x + DropPath(rate)(branch(x), deterministic)
+
+
+def padded_to_even(q, k, v, bias=None, implementation=None):
+  """`jax.nn.dot_product_attention` over [B, N, H, d] with one zero token appended to the
+  sequence and masked out as a key (`key_value_seq_lengths`), its output row dropped: the same
+  function on N + 1 tokens. cuDNN's fused attention refuses an odd N in training (JAX 0.10's
+  check with a bias, 0.11's for 257 ViT tokens), and a ViT's N = patches + 1 (+ registers) and
+  a Swin window of 7 x 7 are odd."""
+  n = q.shape[1]
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, 1)] + [(0, 0)] * (x.ndim - 2))
+  if bias is not None:
+    bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, 1), (0, 1)])
+  lengths = jnp.full((q.shape[0],), n, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), bias=bias, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :n]
+
+
+def attention(q, k, v, bias=None, implementation: str = "xla"):
+  """Softmax attention over [B, N, H, d] (`jax.nn.dot_product_attention`): "xla", or "cudnn"'s
+  fused kernel, to which an odd N goes padded to even (`padded_to_even`)."""
+  if implementation == "cudnn" and q.shape[1] % 2:
+    return padded_to_even(q, k, v, bias, "cudnn")
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=None if implementation == "xla" else
+                                      implementation)
+

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dino_jax.models import layers
 from dino_jax.models.layers import Mlp, REMAT_POLICIES, residual
 
 SWIN_SIZES = {  # name: (width, depths, heads) of Liu et al. 2021, Sec. 3.3
@@ -106,8 +107,8 @@ class SwinBlock(nn.Module):
       qkv = nn.DenseGeneral((3, heads, d // heads), dtype=self.dtype, name="qkv")(y)
       qkv = qkv.reshape(b, rows, window, cols, window, 3, heads, d // heads).transpose(0, 2, 4, 5, 1, 3, 6, 7)
       qkv = qkv.reshape(b, area, 3, rows * cols * heads, d // heads)
-      y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias.astype(qkv.dtype),
-                                       implementation=None if self.attention == "xla" else self.attention)
+      y = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias.astype(qkv.dtype),
+                           implementation=self.attention)
       y = y.reshape(b, window, window, rows, cols, heads, d // heads).transpose(0, 3, 1, 4, 2, 5, 6)
       y = y.reshape(b, hp, wp, heads, d // heads)
       y = jnp.roll(y, (shift, shift), axis=(1, 2)) if shift else y

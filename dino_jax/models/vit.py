@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dino_jax.models import layers
 from dino_jax.models.layers import LayerScale, Mlp, REMAT_POLICIES, SwiGLU, residual
 
 VIT_SIZES = {  # name: (width, depth, heads, mlp_dim)
@@ -90,7 +91,7 @@ class Block(nn.Module):
       h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
       qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype, name="qkv")(h)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-      h = jax.nn.dot_product_attention(q, k, v, implementation=None if self.attention == "xla" else self.attention)
+      h = layers.attention(q, k, v, implementation=self.attention)
       if self.is_mutable_collection("intermediates"):  # attention maps for inspection
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
         self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
