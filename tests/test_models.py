@@ -373,4 +373,21 @@ def test_attention_padded_to_even_is_the_same_function(with_bias):
   for g_pad, g_ref in zip(jax.grad(lambda *a: loss(padded, *a), argnums=(0, 1, 2))(q, k, v),
                           jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(g_pad, g_ref, rtol=1e-5, atol=1e-6)
-  assert layers.attention(q, k, v, bias, "xla").shape == (2, 17, 3, 8)
+
+
+def test_cudnn_attention_pads_odd_token_counts_only(monkeypatch):
+  """`attention(..., "cudnn")` hands cuDNN N + 1 tokens with the lengths for an odd N, and N
+  tokens as they are for an even N (the kernel itself recorded, not run, on the CPU)."""
+  calls = []
+
+  def record(q, k, v, bias=None, key_value_seq_lengths=None, implementation=None):
+    calls.append((q.shape[1], None if key_value_seq_lengths is None else np.asarray(key_value_seq_lengths),
+                  implementation))
+    return q
+  monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+  for n in (17, 18):
+    x = jnp.zeros((2, n, 3, 8))
+    assert layers.attention(x, x, x, implementation="cudnn").shape == (2, n, 3, 8)
+  (odd_len, odd_lengths, odd_impl), (even_len, even_lengths, even_impl) = calls
+  assert (odd_len, odd_lengths.tolist(), odd_impl) == (18, [17, 17], "cudnn")
+  assert (even_len, even_lengths, even_impl) == (18, None, "cudnn")

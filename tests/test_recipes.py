@@ -123,9 +123,11 @@ def test_dino_recipe_is_its_published_arguments(name):
   import importlib
   a = dict(DINO_DEFAULTS, **DINO_RUNS[name])
   c = importlib.import_module(f"configs.{name}").get_config()
-  width = {"vit_small": 384, "vit_base": 768}[a["arch"]]
+  # main_dino's vit_small / vit_base: (width, depth, heads, MLP width).
+  arch = {"vit_small": (384, 12, 6, 1536), "vit_base": (768, 12, 12, 3072)}[a["arch"]]
   batch = a["batch_size_per_gpu"] * a["world_size"]
-  assert (c.model.width, c.model.patch_size, c.model.pos_embed_grid) == (width, a["patch_size"], 224 // a["patch_size"])
+  assert (c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim) == arch
+  assert (c.model.patch_size, c.model.pos_embed_grid) == (a["patch_size"], 224 // a["patch_size"])
   assert (c.epochs, c.batch_size, c.optim.min_lr, c.optim.warmup_epochs) == (
       a["epochs"], batch, a["min_lr"], a["warmup_epochs"])
   assert optim.peak_lr(c) == pytest.approx(a["lr"] * batch / 256)  # main_dino: lr * batch_size / 256
