@@ -89,9 +89,9 @@ def residual(x, branch, rate: float, deterministic: bool, make_rng, batch_shardi
 def padded_to_even(q, k, v, bias=None, implementation=None):
   """`jax.nn.dot_product_attention` over [B, N, H, d] with one zero token appended to the
   sequence and masked out as a key (`key_value_seq_lengths`), its output row dropped: the same
-  function as the attention over the N tokens, computed on N + 1. cuDNN's fused attention refuses an odd N in training (JAX 0.10's
-  check with a bias, 0.11's for 257 ViT tokens), and a ViT's N = patches + 1 (+ registers) and
-  a Swin window of 7 x 7 are odd."""
+  function as the attention over the N tokens, computed on N + 1. cuDNN's fused attention
+  refuses an odd N in training (JAX 0.10's check with a bias, 0.11's for 257 ViT tokens), and a
+  ViT's N = patches + 1 (+ registers) and a Swin window of 7 x 7 are odd."""
   n = q.shape[1]
   pad = lambda x: jnp.pad(x, [(0, 0), (0, 1)] + [(0, 0)] * (x.ndim - 2))
   if bias is not None:
