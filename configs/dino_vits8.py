@@ -7,9 +7,9 @@ facebookresearch/dino's README, which reports 78.3% k-NN and 79.7% linear top-1 
       --teacher_temp 0.07 --warmup_teacher_temp 0.04 --warmup_teacher_temp_epochs 30 \
       --norm_last_layer false --freeze_last_layer 1 --momentum_teacher 0.996 --drop_path_rate 0.1 \
       --local_crops_number 10 --global_crops_scale 0.4 1.0 --local_crops_scale 0.05 0.4 --out_dim 65536
-i.e. lr 5e-4 x batch/256 (linear rule) and a 28 x 28 position-embedding grid (224 / 8). The args
-file copies seen here give 16 images per GPU but not the number of GPUs; batch 1024 is the
-paper's (Caron et al. 2021, Sec. 4: "a batch size of 1024"), i.e. 64 GPUs of 16.
+on 64 GPUs (the author in facebookresearch/dino issue #104: "--batch_size_per_gpu 16 on 64
+V100-32Gb GPUs"), i.e. batch 1024, lr 5e-4 x 1024/256 (linear rule) and a 28 x 28
+position-embedding grid (224 / 8).
 
   python -m dino_jax.train --config configs/dino_vits8.py --workdir gs://bucket/run \
       --config.data.data_dir=gs://bucket/tfds

@@ -96,7 +96,7 @@ def test_recipes_say_their_rules():
 
 
 # The DINO runs' published arguments (`main_dino.py` flags; the README command for the 100-epoch
-# run, whose other flags are main_dino's defaults). world_size: GPUs (ViT-S/8's: the paper's 1024 / 16).
+# run, whose other flags are main_dino's defaults). world_size: GPUs (ViT-S/8's: dino issue #104).
 DINO_DEFAULTS = dict(arch="vit_small", patch_size=16, epochs=100, batch_size_per_gpu=64, world_size=8, lr=5e-4,
                      min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
                      warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
