@@ -7,8 +7,9 @@ facebookresearch/dino's README, which reports 77.4% k-NN and 80.1% linear top-1 
       --clip_grad 3.0 --teacher_temp 0.07 --warmup_teacher_temp 0.03 --warmup_teacher_temp_epochs 50 \
       --norm_last_layer true --freeze_last_layer 3 --momentum_teacher 0.996 --drop_path_rate 0.1 \
       --local_crops_number 10 --global_crops_scale 0.25 1.0 --local_crops_scale 0.05 0.25 --out_dim 65536
-i.e. batch 6 x 176 = 1056 (divisible by 8, 16 or 32 devices; for 64 or more, set
-`--config.batch_size` and the lr follows the linear rule), lr 5e-4 x batch/256, a 28 x 28
+i.e. batch 6 x 176 = 1056 (the world size, 176, is in one of the two copies of the args file
+seen here; the other leaves it out). 1056 divides over 8, 16 or 32 devices; for 64 or more, set
+`--config.batch_size` and the lr follows. lr 5e-4 x batch/256 (linear rule), a 28 x 28
 position-embedding grid, the teacher temperature warmed up from 0.03. Linear evaluation as
 DINO's ViT-B protocol (last block's CLS with average-pooled patch tokens).
 
