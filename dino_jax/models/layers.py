@@ -107,6 +107,5 @@ def attention(q, k, v, bias=None, implementation: str = "xla"):
   fused kernel, to which an odd N goes padded to even (`padded_to_even`)."""
   if implementation == "cudnn" and q.shape[1] % 2:
     return padded_to_even(q, k, v, bias, "cudnn")
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=None if implementation == "xla" else
-                                      implementation)
-
+  implementation = None if implementation == "xla" else implementation  # None: XLA's
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
