@@ -3,6 +3,7 @@ independently here: DINO's `utils.cosine_scheduler` / `clip_gradients` / `get_pa
 and its per-epoch teacher temperature (facebookresearch/dino), DINOv2's `CosineScheduler`,
 `sqrt_wrt_1024` lr rule, `get_params_groups_with_decay` and per-module `clip_grad_norm_`
 (facebookresearch/dinov2)."""
+import importlib
 import json
 import math
 
@@ -120,7 +121,6 @@ DINO_RUNS = {
 
 @pytest.mark.parametrize("name", sorted(DINO_RUNS))
 def test_dino_recipe_is_its_published_arguments(name):
-  import importlib
   a = dict(DINO_DEFAULTS, **DINO_RUNS[name])
   c = importlib.import_module(f"configs.{name}").get_config()
   # main_dino's vit_small / vit_base: (width, depth, heads, MLP width).
