@@ -15,6 +15,7 @@ from dino_jax import curate
 from dino_jax import data
 from dino_jax import sharding
 from dino_jax import train
+from dino_jax.curation import demo
 from dino_jax.curation import search
 from dino_jax.errors import UsageError
 from tests.test_train import REPO, tiny
@@ -75,6 +76,26 @@ def test_duplicate_groups_are_connected_components():
   assert groups[0] == groups[1] == groups[2] and groups[4] == groups[5]
   assert len({groups[0], groups[3], groups[4]}) == 3
   np.testing.assert_array_equal(search.representatives(groups), [0, 0, 0, 3, 4, 4])
+
+
+def test_demo_score_counts_by_copy_kind_and_pixel_twins(tmp_path):
+  # Train images 38 and 196 correlate at 0.959 as aligned pixels (Fashion-MNIST twins); 0 and 1 at 0.14.
+  original = lambda i: dict(kind="original", label=0, train_index=i)
+  copy = lambda i, kind: dict(kind="copy", transform=kind, label=0, train_index=i)
+  pool = {"a.png": original(0), "b.png": original(1), "c.png": original(38), "d.png": original(196),
+          "e.png": copy(0, "exact"), "f.png": copy(1, "cropped"), "g.png": copy(38, "exact")}
+  truth = dict(pool=pool, seeds={}, seed_classes=[0])
+  (tmp_path / "truth.json").write_text(json.dumps(truth))
+  dropped = [dict(path="e.png", reason="duplicate", kept="a.png"),  # true: an exact copy
+             dict(path="c.png", reason="duplicate", kept="g.png"),  # true: the original dropped, its copy kept
+             dict(path="d.png", reason="duplicate", kept="g.png"),  # false, between pixel twins
+             dict(path="b.png", reason="duplicate", kept="a.png")]  # false, between distinct items
+  (tmp_path / "dropped.jsonl").write_text("\n".join(map(json.dumps, dropped)))
+  (tmp_path / "retrieved.jsonl").write_text("")
+  scores = demo.score(str(tmp_path / "truth.json"), str(tmp_path), str)
+  assert scores["dedup_precision"] == 0.5 and scores["dedup_recall"] == 2 / 3
+  assert scores["dedup_recall_by_transform"] == {"exact": 1.0, "cropped": 0.0}
+  assert scores["false_duplicates"] == 2 and scores["false_duplicates_of_pixel_twins"] == 1
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ out-of-distribution noise images and a few corrupt files. The seed set is held-o
 images of a few classes. `score` measures deduplication precision/recall, the removal of
 test copies and retrieval precision against random sampling.
 """
+import collections
 import io
 import json
 import pathlib
@@ -114,6 +115,20 @@ def make_pool(out: str, cfg) -> dict:
   return {k: kinds.count(k) for k in dict.fromkeys(kinds)} | {"seeds": len(seeds)}
 
 
+TWIN_CORRELATION = 0.95
+
+
+def pixel_correlations(images: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+  """The correlation of image pairs as aligned pixels (the dot product of the zero-mean,
+  unit-norm images). Fashion-MNIST holds distinct items that are near-identical at 28 px: a
+  false duplicate between two originals at >= TWIN_CORRELATION joins a pair as alike as most
+  injected copies are to their original."""
+  x = images.reshape(len(images), -1).astype(np.float64)
+  x -= x.mean(1, keepdims=True)
+  x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-9
+  return np.array([x[i] @ x[j] for i, j in pairs])
+
+
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -128,8 +143,16 @@ def score(truth_file: str, workdir: str, test_id) -> dict:
   group = lambda n: f"train/{pool[n]['train_index']}" if "train_index" in pool[n] else n
   dropped = _read_jsonl(pathlib.Path(workdir) / "dropped.jsonl")
   duplicates = [r for r in dropped if r["reason"] == "duplicate"]
-  true_drops = sum(group(name(r["path"])) == group(name(r["kept"])) for r in duplicates)
   num_copies = sum(t["kind"] == "copy" for t in pool.values())
+  pairs = [(name(r["path"]), name(r["kept"])) for r in duplicates]
+  true_pairs = [(a, b) for a, b in pairs if group(a) == group(b)]
+  pair_kind = collections.Counter(pool[a].get("transform") or pool[b].get("transform") for a, b in true_pairs)
+  copies_of_kind = collections.Counter(t["transform"] for t in pool.values() if t["kind"] == "copy")
+  false_pairs = [(pool[a], pool[b]) for a, b in pairs if group(a) != group(b)]
+  with np.load(data.DEMO_FILE, allow_pickle=False) as d:
+    train_images = d["train_images"]
+  twins = pixel_correlations(train_images, [(a["train_index"], b["train_index"]) for a, b in false_pairs
+                                            if "train_index" in a and "train_index" in b])
   eval_drops = {name(r["path"]): r["matched"] for r in dropped if r["reason"] == "eval_copy"}
   test_copies = {n: t for n, t in pool.items() if t["kind"] == "test_copy"}
   copies_caught = sum(eval_drops.get(n) == test_id(t["test_index"]) for n, t in test_copies.items())
@@ -138,11 +161,13 @@ def score(truth_file: str, workdir: str, test_id) -> dict:
   dropped_names = {name(r["path"]) for r in dropped}
   kept = [n for n, t in pool.items() if n not in dropped_names and t["kind"] != "corrupt"]
   retrieved = [name(r["path"]) for r in _read_jsonl(pathlib.Path(workdir) / "retrieved.jsonl")]
-  in_seed_classes = lambda names: float(np.mean([pool[n]["label"] in seed_classes for n in names]))
+  in_seed_classes = lambda names: float(np.mean([pool[n]["label"] in seed_classes for n in names] or [0]))
   random_sample = np.random.default_rng(0).choice(kept, min(len(retrieved), len(kept)), replace=False)
   return dict(
-      dedup_precision=true_drops / max(len(duplicates), 1), dedup_recall=true_drops / max(num_copies, 1),
+      dedup_precision=len(true_pairs) / max(len(duplicates), 1), dedup_recall=len(true_pairs) / max(num_copies, 1),
       duplicates_dropped=len(duplicates), injected_copies=num_copies,
+      dedup_recall_by_transform={k: pair_kind[k] / n for k, n in copies_of_kind.items()},
+      false_duplicates_of_pixel_twins=int((twins >= TWIN_CORRELATION).sum()), false_duplicates=len(false_pairs),
       noise_dropped_as_duplicates=sum(pool[name(r["path"])]["kind"] == "noise" for r in duplicates),
       test_copies_removed=copies_caught / max(len(test_copies), 1), test_copies=len(test_copies),
       other_images_dropped_as_test_copies=len(eval_drops) - copies_caught,
