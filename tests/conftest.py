@@ -1,10 +1,20 @@
-"""Tests run on 8 fake CPU devices (set before JAX is imported) from the repo root."""
+"""Tests run on 8 fake CPU devices (set before JAX is imported) from the repo root.
+
+The tests' programs, and those of the training runs they start as subprocesses (killed and
+resumed runs compile the same step again), share one persistent XLA compilation cache, made
+fresh for each test session."""
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dino_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
