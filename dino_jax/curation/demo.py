@@ -118,15 +118,16 @@ def make_pool(out: str, cfg) -> dict:
 TWIN_CORRELATION = 0.95
 
 
-def pixel_correlations(images: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
-  """The correlation of image pairs as aligned pixels (the dot product of the zero-mean,
-  unit-norm images). Fashion-MNIST holds distinct items that are near-identical at 28 px: a
-  false duplicate between two originals at >= TWIN_CORRELATION joins a pair as alike as most
-  injected copies are to their original."""
-  x = images.reshape(len(images), -1).astype(np.float64)
-  x -= x.mean(1, keepdims=True)
-  x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-9
-  return np.array([x[i] @ x[j] for i, j in pairs])
+def pixel_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """The correlation of images a[i] and b[i] as aligned pixels (the dot product of the
+  zero-mean, unit-norm images). Fashion-MNIST holds distinct items that are near-identical at
+  28 px: a false duplicate between two originals at >= TWIN_CORRELATION joins a pair as alike
+  as most injected copies are to their original."""
+  def unit(x):
+    x = x.reshape(len(x), int(np.prod(x.shape[1:]))).astype(np.float64)
+    x = x - x.mean(1, keepdims=True)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-9)
+  return (unit(a) * unit(b)).sum(1)
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -151,8 +152,9 @@ def score(truth_file: str, workdir: str, test_id) -> dict:
   false_pairs = [(pool[a], pool[b]) for a, b in pairs if group(a) != group(b)]
   with np.load(data.DEMO_FILE, allow_pickle=False) as d:
     train_images = d["train_images"]
-  twins = pixel_correlations(train_images, [(a["train_index"], b["train_index"]) for a, b in false_pairs
-                                            if "train_index" in a and "train_index" in b])
+  twin_pairs = np.array([(a["train_index"], b["train_index"]) for a, b in false_pairs
+                         if "train_index" in a and "train_index" in b], int).reshape(-1, 2)
+  twins = pixel_correlations(train_images[twin_pairs[:, 0]], train_images[twin_pairs[:, 1]])
   eval_drops = {name(r["path"]): r["matched"] for r in dropped if r["reason"] == "eval_copy"}
   test_copies = {n: t for n, t in pool.items() if t["kind"] == "test_copy"}
   copies_caught = sum(eval_drops.get(n) == test_id(t["test_index"]) for n, t in test_copies.items())
@@ -161,7 +163,8 @@ def score(truth_file: str, workdir: str, test_id) -> dict:
   dropped_names = {name(r["path"]) for r in dropped}
   kept = [n for n, t in pool.items() if n not in dropped_names and t["kind"] != "corrupt"]
   retrieved = [name(r["path"]) for r in _read_jsonl(pathlib.Path(workdir) / "retrieved.jsonl")]
-  in_seed_classes = lambda names: float(np.mean([pool[n]["label"] in seed_classes for n in names] or [0]))
+  in_seed_classes = lambda names: float(np.mean([pool[n]["label"] in seed_classes for n in names])) if len(names) \
+      else float("nan")
   random_sample = np.random.default_rng(0).choice(kept, min(len(retrieved), len(kept)), replace=False)
   return dict(
       dedup_precision=len(true_pairs) / max(len(duplicates), 1), dedup_recall=len(true_pairs) / max(num_copies, 1),
