@@ -24,11 +24,18 @@ min(W, cores) cores).
 
 compile the step from shapes alone (nothing allocated) and print its per-device memory
 (`memory_report`), or search the largest per-device batch that fits (`find_max_batch`).
+
+  python -m dino_jax.bench --config configs/dinov2_vitl14.py --profile_dir runs/profile
+
+also traces one more step with `jax.profiler` after the timed ones (TensorBoard's profile
+plugin or Perfetto open the trace) and prints the XLA ops that took the most device time.
 """
+import collections
 import concurrent.futures
 import json
 import os
 import pathlib
+import re
 import statistics
 import tempfile
 import time
@@ -118,8 +125,10 @@ def random_batches(cfg: ml_collections.ConfigDict, trainer: learner.Trainer):
   return lambda step: dict(trainer.make_views(key, step, crops)) | masks
 
 
-def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflops: float | None) -> dict:
-  """Compiles, warms up and times `steps` train steps on random crops; returns the figures."""
+def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflops: float | None,
+              profile_dir: str = "") -> dict:
+  """Compiles, warms up and times `steps` train steps on random crops; returns the figures.
+  With `profile_dir`, one more step is traced there and the result holds its `op_times`."""
   mesh = sharding.make_mesh(cfg)
   trainer = learner.build(cfg, mesh, steps_per_epoch=1000)
   batch_of = random_batches(cfg, trainer)
@@ -136,6 +145,13 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times[warmup:])
+  profile = {}
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      jax.block_until_ready(compiled(state, batch_of(0)))
+    trace = max(pathlib.Path(profile_dir).glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    profile = {"profile": str(trace), "op_times": op_times(jax.profiler.ProfileData.from_file(str(trace)),
+                                                                compiled_step.compiled.as_text())}
   flops = train_step_flops(cfg)
   kind = jax.devices()[0].device_kind
   peak = peak_tflops or PEAK_TFLOPS.get(kind)
@@ -152,7 +168,38 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
       "peak_memory_gib": (peak_memory_bytes() or 0) / 2 ** 30 or None,
       "compiled_memory": compiled_memory(compiled_step.compiled),
       "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
-  }
+  } | profile
+
+
+CONTROL_FLOW_OPS = ("while", "conditional", "call")  # their events span their bodies' ops
+
+
+def op_times(profile: jax.profiler.ProfileData, hlo_text: str = "") -> list[dict]:
+  """Device seconds per op of a trace, the 100 largest, each with its share of the total, its
+  number of launches and the JAX op it was made from (`op_name` in the compiled module
+  `hlo_text`, where the op is named there). What an op is depends on the backend's trace: on a
+  TPU the events of the device's "XLA Ops" line; on a GPU each kernel on the device's streams,
+  by kernel name (XLA's fusions, cuBLAS's matmuls, cuDNN's attention; XLA runs most of them
+  inside opaque command buffers); on the CPU the host's events of an HLO op, without the
+  control-flow ops whose events span their bodies' ops."""
+  lines = [line for p in profile.planes if p.name.startswith("/device:") for line in p.lines]
+  tpu_ops = [line for line in lines if line.name == "XLA Ops"]
+  if tpu_ops or lines:
+    events = [(e.name, e) for line in (tpu_ops or [l for l in lines if l.name.startswith("Stream")])
+              for e in line.events]
+  else:
+    events = [(stats["hlo_op"], e) for p in profile.planes for line in p.lines for e in line.events
+              if "hlo_op" in (stats := dict(e.stats)) and stats["hlo_op"].split(".")[0] not in CONTROL_FLOW_OPS]
+  op_names = {}
+  for name, op_name in re.findall(r"^\s*%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"", hlo_text, re.M):
+    op_names[name] = op_names[name.replace(".", "_")] = op_name  # GPU kernels: fusion.3 -> fusion_3
+  seconds, launches = collections.Counter(), collections.Counter()
+  for name, e in events:
+    seconds[name] += e.duration_ns / 1e9
+    launches[name] += 1
+  total = sum(seconds.values()) or 1.0
+  return [{"op": name, "seconds": s, "share": s / total, "launches": launches[name], "source": op_names.get(name, "")}
+          for name, s in seconds.most_common(100)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,6 +411,8 @@ _FIND_MAX_BATCH = flags.DEFINE_bool("find_max_batch", False, "Search the largest
                                     "--memory_limit_gib (compiles only).")
 _AGAINST_PYTORCH = flags.DEFINE_bool("against_pytorch", False, "Time the same step in PyTorch eager (timm's ViT, "
                                      "dino_jax.bench_pytorch) alternating with the JAX step; print the ratio.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Trace one more step after the timed ones into this folder "
+                                   "(jax.profiler) and print the XLA ops that took the most device time.")
 _MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gib", None, "Per-device memory for --find_max_batch (default: "
                                    "the device's own limit where the backend reports one).")
 
@@ -430,7 +479,7 @@ def main(argv):
       result = memory_report(flags.FLAGS.config)
       print_memory(result)
     else:
-      result = benchmark(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value)
+      result = benchmark(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value, _PROFILE_DIR.value)
   except UsageError as e:
     fail(str(e))
   if _FIND_MAX_BATCH.value or _MEMORY.value:
@@ -442,6 +491,11 @@ def main(argv):
         f"{result['dtype']}: {result['step_s_median']:.3f} s/step (median of {result['steps_timed']}), "
         f"{result['images_per_s']:.2f} images/s, {result['tflops_per_s']:.3f} TFLOP/s, MFU {mfu}, "
         f"peak memory {mem}, compile {result['compile_s']:.1f} s")
+  if "op_times" in result:
+    print(f"device time per XLA op in the traced step ({result['profile']}):")
+    for op in result["op_times"][:15]:
+      print(f"  {100 * op['share']:5.1f}%  {1e3 * op['seconds']:9.2f} ms  x{op['launches']:<5d} {op['op'][:60]}  "
+            f"{op['source'][:80]}")
   write_json(result)
 
 

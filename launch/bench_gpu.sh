@@ -5,7 +5,8 @@
 #   noscan    the same with the blocks unrolled (model.scan=False)
 #   max_batch the largest per-device batch that fits the GPU (bench --find_max_batch, compiles only)
 #   CONFIG=configs/dinov2_vitl14.py BATCH=32 OUT=runs/bench launch/bench_gpu.sh against bench max_batch
-# ATTENTION=cudnn for cuDNN's fused attention (odd token counts padded to even). Each mode
+# ATTENTION=cudnn for cuDNN's fused attention (odd token counts padded to even). PROFILE=DIR has
+# `bench` trace one more step into DIR and print the XLA ops that took the most time. Each mode
 # appends a JSON line to $OUT/bench_gpu.jsonl. Needs jax with CUDA, and torch + timm for `against`
 # (requirements-test.txt). DRY_RUN=1 only prints.
 set -uo pipefail
@@ -30,7 +31,7 @@ for mode in "$@"; do
   case $mode in
     # PyTorch needs memory beside JAX's: no preallocation.
     against) bench XLA_PYTHON_CLIENT_PREALLOCATE=false -- --against_pytorch --steps "$STEPS" --warmup 2 ;;
-    bench) bench $full_gpu -- --steps "$STEPS" --warmup 2 ;;
+    bench) bench $full_gpu -- --steps "$STEPS" --warmup 2 ${PROFILE:+--profile_dir "$PROFILE"} ;;
     noscan) bench $full_gpu -- --config.model.scan=False --steps "$STEPS" --warmup 2 ;;
     # The search compiles only: XLA's autotuning would add minutes per try. BATCH is not used.
     max_batch) bench $full_gpu XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" -- --find_max_batch ;;

@@ -1,6 +1,7 @@
 """dino_jax.bench: the analytical FLOP count against XLA's, and the command on the tiny config
 (no timing assertions)."""
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -47,7 +48,8 @@ def test_bench_command_on_the_tiny_config(tmp_path):
   out = tmp_path / "bench.jsonl"
   result = subprocess.run([sys.executable, "-m", "dino_jax.bench", "--config", "configs/dinov2_vits14.py:tiny",
                            "--config.mesh.fsdp=2", "--steps", "2", "--warmup", "1", "--peak_tflops", "1.0",
-                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--json", str(out), "--profile_dir", str(tmp_path / "profile")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   line = json.loads(out.read_text())
   assert line["mesh"] == {"data": 4, "fsdp": 2} and line["devices"] == 8 and line["ibot"]
@@ -57,6 +59,13 @@ def test_bench_command_on_the_tiny_config(tmp_path):
   assert line["loss_finite"]
   assert set(line["compiled_memory"]) == {"argument", "output", "alias", "temp", "peak"}
   assert "images/s" in result.stdout
+  # --profile_dir: the traced step's XLA ops, largest first, named after the model's JAX ops.
+  assert line["profile"].endswith(".xplane.pb") and (tmp_path / "profile") in pathlib.Path(line["profile"]).parents
+  ops = line["op_times"]
+  assert ops and [op["seconds"] for op in ops] == sorted((op["seconds"] for op in ops), reverse=True)
+  assert not any(op["op"].startswith("while") for op in ops) and sum(op["share"] for op in ops) <= 1 + 1e-6
+  assert any("backbone/block" in op["source"] for op in ops[:20])
+  assert "device time per XLA op" in result.stdout
 
 
 def state_bytes(tree) -> int:
