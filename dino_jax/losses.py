@@ -3,6 +3,8 @@
 All functions are pure and operate on global arrays: under `jax.jit` with a sharded batch
 the batch reductions (Sinkhorn-Knopp sums, batch means) are global across devices.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -19,6 +21,11 @@ def sinkhorn_knopp(teacher_logits, temp, num_iters=3, weights=None):
   (column) sums are 1/K and sample (row) sums are 1/n, then rescales rows to sum to 1.
   `weights` ([n] in {0, 1}) excludes padding rows from the normalization.
 
+  The official loop normalizes Q itself, columns then rows, `num_iters` times. Here the loop
+  updates only the scalings, v = 1 / (K · Eᵀu) and u = w / (n · E v) with E = exp(S / temp):
+  the same Q, from two passes over E per iteration that read it without writing an [n, K]
+  array.
+
   Args:
     teacher_logits: [n, K] scores.
     temp: teacher temperature.
@@ -28,17 +35,17 @@ def sinkhorn_knopp(teacher_logits, temp, num_iters=3, weights=None):
     [n, K] targets; each valid row sums to 1, invalid rows are 0.
   """
   logits = teacher_logits.astype(jnp.float32) / temp
-  q = jnp.exp(logits - jnp.max(logits))
+  e = jnp.exp(logits - jnp.max(logits))  # the shift cancels in the normalizations
   if weights is None:
-    weights = jnp.ones(q.shape[0], q.dtype)
-  q = q * weights[:, None]
-  n = jnp.sum(weights)
-  k = q.shape[1]
-  q = q / jnp.sum(q)
+    weights = jnp.ones(e.shape[0], e.dtype)
+  n, k = jnp.sum(weights), e.shape[1]
+  matvec = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)  # no TF32 / bf16 passes
+  u = weights / jnp.sum(matvec(weights, e))  # Q / sum(Q), padding rows left out
   for _ in range(num_iters):
-    q = q / jnp.sum(q, axis=0, keepdims=True) / k  # each prototype gets mass 1/K
-    q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) * weights[:, None] / n
-  return q * n
+    v = 1.0 / (k * matvec(u, e))  # each prototype gets mass 1/K
+    row_sums = matvec(e, v)
+    u = jnp.where(row_sums > 0, weights / (n * jnp.maximum(row_sums, 1e-30)), 0.0)  # each sample 1/n
+  return (n * u)[:, None] * e * v[None, :]
 
 
 def dino_loss(student_logits, teacher_probs, student_temp):
