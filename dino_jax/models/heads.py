@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from dino_jax.models import layers
+
 
 class DINOHead(nn.Module):
   """MLP -> bottleneck -> l2-normalize -> weight-normalized linear to K prototypes.
@@ -25,7 +27,7 @@ class DINOHead(nn.Module):
   def __call__(self, x):
     init = nn.initializers.truncated_normal(0.02)
     for i in range(self.num_layers - 1):
-      x = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name=f"mlp{i}")(x), approximate=False)
+      x = layers.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name=f"mlp{i}")(x))
     x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"mlp{self.num_layers - 1}")(x)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     v = self.param("last_layer", init, (self.bottleneck_dim, self.out_dim))

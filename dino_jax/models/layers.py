@@ -4,6 +4,13 @@ import jax
 import jax.numpy as jnp
 
 
+def gelu(x):
+  """The exact GELU (Hendrycks & Gimpel 2016), x·Φ(x) = x/2·(1 + erf(x/√2)), computed as
+  PyTorch's `nn.GELU()` does (DINO's and DINOv2's MLPs and heads); `jax.nn.gelu(x,
+  approximate=False)` goes through erfc instead, which XLA's CPU backend runs slower."""
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
+
+
 class Mlp(nn.Module):
   hidden: int
   dtype: jnp.dtype = jnp.float32
@@ -12,8 +19,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
+    return nn.Dense(d, dtype=self.dtype, name="fc2")(gelu(x))
 
 
 class SwiGLU(nn.Module):
