@@ -357,6 +357,23 @@ def test_intermediate_layers_before_the_final_norm(vit_with_params):
   assert not np.allclose(last, normed["patch"], atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_xla_attention_is_jax_dot_product_attention(dtype, tol):
+  """`layers.attention(..., "xla")`, written out in the [B, H, N, d] layout, computes what
+  `jax.nn.dot_product_attention` does, with a bias (Swin's) and without, gradients included."""
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 17, 3, 8)), dtype) for _ in range(3))
+  for bias in (None, jnp.asarray(rng.normal(size=(1, 3, 17, 17)), dtype)):
+    ours = lambda q, k, v: layers.attention(q, k, v, bias)
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias)
+    np.testing.assert_allclose(np.asarray(ours(q, k, v), np.float32), np.asarray(ref(q, k, v), np.float32),
+                               rtol=tol, atol=tol)
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32)))
+    for g, g_ref in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v),
+                        jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_attention_padded_to_even_is_the_same_function(with_bias):
   """cuDNN's path for odd token counts (a ViT's 17 here, a Swin window's 49): one masked

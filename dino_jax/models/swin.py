@@ -192,7 +192,7 @@ class Swin(nn.Module):
   norm_eps: float = 1e-6  # EsViT's LayerNorm epsilon (Swin and timm: 1e-5)
   dtype: jnp.dtype = jnp.float32  # compute dtype (bfloat16 for speed); parameters stay float32
   remat: str = "none"  # rematerialize each block in the backward pass: "none", "full" or "dots"
-  attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (GPU, bf16)
+  attention: str = "xla"  # layers.attention: "xla" or "cudnn" (GPU, bf16)
   batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's batch sharding
 
   @nn.compact

@@ -136,7 +136,7 @@ class ViT(nn.Module):
   dtype: jnp.dtype = jnp.float32  # compute dtype (bfloat16 for speed); parameters stay float32
   remat: str = "none"  # rematerialize each block in the backward pass: "none", "full" or "dots"
   scan: bool = False  # the train step runs the blocks as one jax.lax.scan (`scan_blocks`)
-  attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn" (GPU, bf16)
+  attention: str = "xla"  # layers.attention: "xla" or "cudnn" (GPU, bf16)
   batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's batch sharding
 
   @nn.compact
