@@ -442,6 +442,14 @@ def main(argv):
       raise UsageError("--steps must be >= 1 and --warmup >= 0")
     if _FIND_MAX_BATCH.value + _MEMORY.value + _LOADER.value + _AGAINST_PYTORCH.value > 1:
       raise UsageError("--memory, --find_max_batch, --loader and --against_pytorch are separate modes: give one")
+    if _PROFILE_DIR.value:
+      if _FIND_MAX_BATCH.value + _MEMORY.value + _LOADER.value + _AGAINST_PYTORCH.value:
+        raise UsageError("--profile_dir traces the timed train step: give it without --memory, --find_max_batch, "
+                         "--loader or --against_pytorch")
+      try:
+        pathlib.Path(_PROFILE_DIR.value).mkdir(parents=True, exist_ok=True)
+      except OSError as e:
+        raise UsageError(f"--profile_dir {_PROFILE_DIR.value}: {e.strerror}") from e
     if _AGAINST_PYTORCH.value:
       result = against_pytorch(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value)
       print(f"{result['device']} x{result['devices']} (PyTorch on {result['torch_device']}, "

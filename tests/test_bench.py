@@ -68,6 +68,18 @@ def test_bench_command_on_the_tiny_config(tmp_path):
   assert "device time per XLA op" in result.stdout
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--profile_dir", "/proc/no_such_dir/trace"], "error: --profile_dir /proc/no_such_dir/trace: "),
+    (["--profile_dir", "PROFILE", "--memory"], "error: --profile_dir traces the timed train step"),
+    (["--memory", "--loader"], "error: --memory, --find_max_batch, --loader and --against_pytorch are separate")])
+def test_bench_bad_flags_are_one_line(tmp_path, args, message):
+  args = [str(tmp_path / "profile") if a == "PROFILE" else a for a in args]
+  result = subprocess.run([sys.executable, "-m", "dino_jax.bench", "--config", "configs/dinov2_vits14.py:tiny", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
 def state_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
