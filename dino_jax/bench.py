@@ -183,10 +183,10 @@ def op_times(profile: jax.profiler.ProfileData, hlo_text: str = "") -> list[dict
   inside opaque command buffers); on the CPU the host's events of an HLO op, without the
   control-flow ops whose events span their bodies' ops."""
   lines = [line for p in profile.planes if p.name.startswith("/device:") for line in p.lines]
-  tpu_ops = [line for line in lines if line.name == "XLA Ops"]
-  if tpu_ops or lines:
-    events = [(e.name, e) for line in (tpu_ops or [l for l in lines if l.name.startswith("Stream")])
-              for e in line.events]
+  device_ops = ([line for line in lines if line.name == "XLA Ops"]  # TPU
+                or [line for line in lines if line.name.startswith("Stream")])  # GPU
+  if device_ops:
+    events = [(e.name, e) for line in device_ops for e in line.events]
   else:
     events = [(stats["hlo_op"], e) for p in profile.planes for line in p.lines for e in line.events
               if "hlo_op" in (stats := dict(e.stats)) and stats["hlo_op"].split(".")[0] not in CONTROL_FLOW_OPS]
