@@ -207,6 +207,37 @@ def op_times(profile: jax.profiler.ProfileData, hlo_text: str = "") -> list[dict
 # ---------------------------------------------------------------------------------------
 
 
+def ffn_matmul_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(m, k, n) of the ViT's first FFN layer on the batch's global crops, [m, k] x [k, n]: the
+  step's largest and most frequent matmul shape (with the second layer's transpose)."""
+  backbone = models.make_backbone(cfg.model)
+  h, w = backbone.grid(cfg.aug.global_size)
+  ffn_width = backbone.mlp_dim * (2 if backbone.ffn == "swiglu" else 1)  # SwiGLU's first layer: both halves
+  return 2 * cfg.batch_size * (h * w + 1 + backbone.num_registers), backbone.width, ffn_width
+
+
+def median_seconds(run, repeats: int = 5) -> float:
+  """Median wall time of `run()`, a call that waits for its result, over `repeats` calls after
+  an untimed one."""
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def jax_matmul(shape: tuple[int, int, int], dtype: str):
+  """A call that multiplies random [m, k] and [k, n] arrays in `dtype` on the first device and
+  waits for the product."""
+  m, k, n = shape
+  a, b = (jax.device_put(jax.random.normal(jax.random.key(i), s, dtype), jax.devices()[0])
+          for i, s in enumerate([(m, k), (k, n)]))
+  product = jax.jit(jax.numpy.matmul)
+  return lambda: jax.block_until_ready(product(a, b))
+
+
 def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflops: float | None) -> dict:
   """Times the config's JAX train step and the same step in PyTorch eager
   (`bench_pytorch.TorchStep`) on the same augmented views and iBOT masks, alternating one
@@ -239,6 +270,10 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
     torch_times.append(time.perf_counter() - start)
   jax_s, torch_s = statistics.median(jax_times[warmup:]), statistics.median(torch_times[warmup:])
   flops, kind = train_step_flops(cfg), jax.devices()[0].device_kind
+  shape = ffn_matmul_shape(cfg)
+  runs = {"jax": jax_matmul(shape, cfg.model.dtype), "torch": bench_pytorch.matmul(shape, cfg.model.dtype, device)}
+  matmul = {side: 2 * np.prod(shape) / median_seconds(run) / 1e12 for side, run in runs.items()}  # TFLOP/s
+  floor_s = flops / max(matmul.values()) / 1e12  # every FLOP of the step at the faster library's matmul rate
   peak = (peak_tflops or PEAK_TFLOPS.get(kind) or 0) * 1e12
   mfu = lambda seconds: flops / seconds / peak if peak else None  # model FLOPs (train_step_flops)
   return {"device": kind, "devices": 1, "torch_device": device,
@@ -250,6 +285,8 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
           "jax_step_s_median": jax_s, "torch_step_s_median": torch_s,
           "jax_images_per_s": cfg.batch_size / jax_s, "torch_images_per_s": cfg.batch_size / torch_s,
           "jax_mfu": mfu(jax_s), "torch_mfu": mfu(torch_s), "speedup": torch_s / jax_s,
+          "matmul_shape": list(shape), "jax_matmul_tflops": matmul["jax"], "torch_matmul_tflops": matmul["torch"],
+          "matmul_floor_s": floor_s, "speedup_ceiling": torch_s / floor_s,
           "jax_loss": float(metrics["loss"]), "torch_loss": torch_loss}
 
 
@@ -410,7 +447,8 @@ _MEMORY = flags.DEFINE_bool("memory", False, "Compile only and report the step's
 _FIND_MAX_BATCH = flags.DEFINE_bool("find_max_batch", False, "Search the largest per-device batch whose step fits "
                                     "--memory_limit_gib (compiles only).")
 _AGAINST_PYTORCH = flags.DEFINE_bool("against_pytorch", False, "Time the same step in PyTorch eager (timm's ViT, "
-                                     "dino_jax.bench_pytorch) alternating with the JAX step; print the ratio.")
+                                     "dino_jax.bench_pytorch) alternating with the JAX step; print the ratio and the "
+                                     "ceiling the two libraries' matmul rate puts on it.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Trace one more step after the timed ones into this folder "
                                    "(jax.profiler) and print the XLA ops that took the most device time.")
 _MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gib", None, "Per-device memory for --find_max_batch (default: "
@@ -460,6 +498,11 @@ def main(argv):
             f"JAX / PyTorch images/s = {result['speedup']:.2f}x"
             + (f"; MFU JAX {100 * result['jax_mfu']:.1f}%, PyTorch {100 * result['torch_mfu']:.1f}%"
                if result["jax_mfu"] is not None else ""))
+      m, k, n = result["matmul_shape"]
+      print(f"one [{m}, {k}] x [{k}, {n}] matmul: JAX {result['jax_matmul_tflops']:.3f} TFLOP/s, PyTorch "
+            f"{result['torch_matmul_tflops']:.3f}; the step's {result['tflop_per_step']:.3f} TFLOP at the faster "
+            f"rate take {result['matmul_floor_s']:.3f} s, so no step of this work beats PyTorch's by more than "
+            f"{result['speedup_ceiling']:.2f}x")
       write_json(result)
       return
     if _LOADER.value:

@@ -239,6 +239,16 @@ class TorchStep:
       torch.cuda.synchronize()
 
 
+def matmul(shape: tuple[int, int, int], dtype: str, device: str):
+  """A call that multiplies random [m, k] and [k, n] tensors in `dtype` on `device` and waits
+  for the product (`bench.median_seconds` times it)."""
+  m, k, n = shape
+  dtype, device = getattr(torch, dtype), torch.device(device)
+  a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+  sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+  return lambda: (torch.matmul(a, b), sync())
+
+
 def num_threads() -> int:
   return torch.get_num_threads()
 

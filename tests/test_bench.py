@@ -156,6 +156,12 @@ def test_against_pytorch_times_both_steps_on_the_tiny_config(module):
   assert result["jax_images_per_s"] == pytest.approx(16 / result["jax_step_s_median"])
   assert result["jax_mfu"] == pytest.approx(result["tflop_per_step"] / result["jax_step_s_median"])
   assert np.isfinite(result["jax_loss"]) and np.isfinite(result["torch_loss"])
+  tokens = (cfg.aug.global_size // cfg.model.patch_size) ** 2 + 1 + cfg.model.num_registers
+  assert result["matmul_shape"] == [2 * cfg.batch_size * tokens, cfg.model.width, cfg.model.mlp_dim]
+  assert min(result["jax_matmul_tflops"], result["torch_matmul_tflops"]) > 0
+  assert result["matmul_floor_s"] == pytest.approx(
+      result["tflop_per_step"] / max(result["jax_matmul_tflops"], result["torch_matmul_tflops"]))
+  assert result["speedup_ceiling"] == pytest.approx(result["torch_step_s_median"] / result["matmul_floor_s"])
   torch_step = bench_pytorch.TorchStep(cfg, "cpu")
   assert torch_step.num_student_params() == pytest.approx(result["student_params_m"] * 1e6)
   with pytest.raises(UsageError, match="not the same architecture"):
