@@ -50,6 +50,7 @@ import numpy as np
 from dino_jax import crops
 from dino_jax import data
 from dino_jax import distill
+from dino_jax import host_memory
 from dino_jax import learner
 from dino_jax import models
 from dino_jax import objectives
@@ -472,6 +473,7 @@ def print_memory(report: dict) -> None:
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()
   logging.set_verbosity(logging.WARNING)
   try:
     if flags.FLAGS.config is None:

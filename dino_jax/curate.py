@@ -38,6 +38,7 @@ import tqdm
 
 from dino_jax import data
 from dino_jax import extract
+from dino_jax import host_memory
 from dino_jax import knn
 from dino_jax import sharding
 from dino_jax import train
@@ -371,6 +372,7 @@ _STAGES = flags.DEFINE_list("stages", ["all"], f"Stages to run, in order: all (=
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()
   fl = flags.FLAGS
   if not fl["verbosity"].present:
     logging.set_verbosity(logging.WARNING)

@@ -22,6 +22,7 @@ import numpy as np
 from configs import common
 from dino_jax import evaluators
 from dino_jax import extract  # noqa: F401  (defines --workdir, --step, --student)
+from dino_jax import host_memory
 from dino_jax import knn
 from dino_jax import probe
 from dino_jax import sharding
@@ -107,6 +108,7 @@ def run_evaluators(workdir: str, names: list[str], overrides: dict, step=None, s
 
 
 def main(argv):
+  host_memory.keep_freed_memory()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   if len(argv) == 2 and argv[1] == "run":

@@ -23,6 +23,7 @@ import tqdm
 from dino_jax import augment
 from dino_jax import data
 from dino_jax import checkpoints
+from dino_jax import host_memory
 from dino_jax import models
 from dino_jax import sharding
 from dino_jax import train  # noqa: F401  (defines --workdir and --config)
@@ -112,6 +113,7 @@ _OUT = flags.DEFINE_string("out", None, "Output .npz with embedding, pooled, lab
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:

@@ -32,6 +32,7 @@ from dino_jax import crops
 from dino_jax import data
 from dino_jax import distill
 from dino_jax import evaluators
+from dino_jax import host_memory
 from dino_jax import learner
 from dino_jax import optim
 from dino_jax import phases
@@ -384,6 +385,7 @@ def _not_from_orbax_errors(record) -> bool:
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()
   if _WORKDIR.value is None or _CONFIG.value is None:
     fail("--config and --workdir are required")
   if not flags.FLAGS["verbosity"].present:
