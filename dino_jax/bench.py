@@ -217,10 +217,8 @@ def ffn_matmul_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return 2 * cfg.batch_size * (h * w + 1 + backbone.num_registers), backbone.width, ffn_width
 
 
-def median_seconds(run, repeats: int = 5) -> float:
-  """Median wall time of `run()`, a call that waits for its result, over `repeats` calls after
-  an untimed one."""
-  run()
+def median_seconds(run, repeats: int) -> float:
+  """Median wall time of `run()`, a call that waits for its result, over `repeats` calls."""
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -273,7 +271,9 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
   flops, kind = train_step_flops(cfg), jax.devices()[0].device_kind
   shape = ffn_matmul_shape(cfg)
   runs = {"jax": jax_matmul(shape, cfg.model.dtype), "torch": bench_pytorch.matmul(shape, cfg.model.dtype, device)}
-  matmul = {side: 2 * np.prod(shape) / median_seconds(run) / 1e12 for side, run in runs.items()}  # TFLOP/s
+  for run in runs.values():
+    run()  # compiles, warms up
+  matmul = {side: 2 * np.prod(shape) / median_seconds(run, 5) / 1e12 for side, run in runs.items()}  # TFLOP/s
   floor_s = flops / max(matmul.values()) / 1e12  # every FLOP of the step at the faster library's matmul rate
   peak = (peak_tflops or PEAK_TFLOPS.get(kind) or 0) * 1e12
   mfu = lambda seconds: flops / seconds / peak if peak else None  # model FLOPs (train_step_flops)

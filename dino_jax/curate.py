@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import resource
-import statistics
 import time
 
 from absl import app
@@ -36,6 +35,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from dino_jax import bench
 from dino_jax import data
 from dino_jax import extract
 from dino_jax import host_memory
@@ -332,15 +332,6 @@ def run_score_demo(cfg, workdir: pathlib.Path, mesh) -> None:
     print(f"  {k:<38} {v:.4f}" if isinstance(v, float) else f"  {k:<38} {v}")
 
 
-def median_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def run_bench(cfg, workdir: pathlib.Path, mesh) -> None:
   """Times the pool self-search (top-k, as dedup) and k-means Lloyd iterations on random
   l2-normalized features of each size in bench.sizes; appends JSON lines to bench.jsonl."""
@@ -350,9 +341,9 @@ def run_bench(cfg, workdir: pathlib.Path, mesh) -> None:
     x = np.random.default_rng(0).normal(size=(n, b.dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     search.top_k_search(x[:cfg.search.block_size], x, cfg.dedup.k + 1, mesh, cfg.search.block_size)  # compile
-    search_s = median_seconds(lambda: search.top_k_search(x, x, cfg.dedup.k + 1, mesh, cfg.search.block_size),
+    search_s = bench.median_seconds(lambda: search.top_k_search(x, x, cfg.dedup.k + 1, mesh, cfg.search.block_size),
                               b.repeats)
-    kmeans_s = median_seconds(lambda: search.kmeans(x, b.num_clusters, b.iterations, 0, mesh,
+    kmeans_s = bench.median_seconds(lambda: search.kmeans(x, b.num_clusters, b.iterations, 0, mesh,
                                                     cfg.search.block_size), b.repeats)
     row = dict(images=n, dim=b.dim, devices=mesh.size, block_size=cfg.search.block_size, k=cfg.dedup.k + 1,
                search_s=round(search_s, 3), kmeans_clusters=b.num_clusters, kmeans_iterations=b.iterations,
