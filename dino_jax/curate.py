@@ -341,10 +341,10 @@ def run_bench(cfg, workdir: pathlib.Path, mesh) -> None:
     x = np.random.default_rng(0).normal(size=(n, b.dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     search.top_k_search(x[:cfg.search.block_size], x, cfg.dedup.k + 1, mesh, cfg.search.block_size)  # compile
-    search_s = bench.median_seconds(lambda: search.top_k_search(x, x, cfg.dedup.k + 1, mesh, cfg.search.block_size),
-                              b.repeats)
-    kmeans_s = bench.median_seconds(lambda: search.kmeans(x, b.num_clusters, b.iterations, 0, mesh,
-                                                    cfg.search.block_size), b.repeats)
+    search_s = bench.median_seconds(
+        lambda: search.top_k_search(x, x, cfg.dedup.k + 1, mesh, cfg.search.block_size), b.repeats)
+    kmeans_s = bench.median_seconds(
+        lambda: search.kmeans(x, b.num_clusters, b.iterations, 0, mesh, cfg.search.block_size), b.repeats)
     row = dict(images=n, dim=b.dim, devices=mesh.size, block_size=cfg.search.block_size, k=cfg.dedup.k + 1,
                search_s=round(search_s, 3), kmeans_clusters=b.num_clusters, kmeans_iterations=b.iterations,
                kmeans_s=round(kmeans_s, 3), max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
