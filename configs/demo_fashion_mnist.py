@@ -7,11 +7,12 @@ A small ViT (patch 7) on 28 px images: 2 global 28 px crops and 4 local 14 px cr
 `:tiny` is the seconds-long variant the tests run.
 """
 from configs import common
+from dino_jax import defaults
 
 
 def get_config(arg=None):
   common.check_arg(arg)
-  config = common.base_config()
+  config = defaults.base_config()
   config.data.source = "fashion_mnist_demo"
   config.data.image_size = 28
   config.data.train_split = "train"

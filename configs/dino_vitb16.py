@@ -11,17 +11,18 @@ i.e. batch 1024, lr 7.5e-4 x 1024/256 (linear rule), each gradient tensor clippe
 linear evaluation is DINO's ViT-B protocol: the last block's CLS token with average-pooled
 patch tokens (`eval_linear.py --n_last_blocks 1 --avgpool_patchtokens true`).
 
-  python -m dino_jax.train --config configs/dino_vitb16.py --workdir gs://bucket/run \
-      --config.data.data_dir=gs://bucket/tfds
+  python -m dino_jax.train --config configs/dino_vitb16.py --workdir /shared/run \
+      --config.data.data_dir=/shared/tfds
 """
 from configs import common
+from dino_jax import defaults
 
 
 def get_config(arg=None):
   common.check_arg(arg)
-  config = common.base_config()
+  config = defaults.base_config()
   config.update(epochs=400.0, batch_size=1024)
-  config.model.update(common.vit("base", 16))
+  config.model.update(defaults.vit("base", 16))
   config.aug.update(num_local=10, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25))
   config.loss.update(teacher_temp=(0.04, 0.07), teacher_temp_warmup_epochs=50.0)
   config.optim.update(base_lr=7.5e-4, min_lr=2e-6, clip_grad=0.3, freeze_last_layer_epochs=3.0)

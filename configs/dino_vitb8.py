@@ -13,17 +13,18 @@ seen here; the other leaves it out). 1056 divides over 8, 16 or 32 devices; for 
 position-embedding grid, the teacher temperature warmed up from 0.03. Linear evaluation as
 DINO's ViT-B protocol (last block's CLS with average-pooled patch tokens).
 
-  python -m dino_jax.train --config configs/dino_vitb8.py --workdir gs://bucket/run \
-      --config.data.data_dir=gs://bucket/tfds
+  python -m dino_jax.train --config configs/dino_vitb8.py --workdir /shared/run \
+      --config.data.data_dir=/shared/tfds
 """
 from configs import common
+from dino_jax import defaults
 
 
 def get_config(arg=None):
   common.check_arg(arg)
-  config = common.base_config()
+  config = defaults.base_config()
   config.update(epochs=300.0, batch_size=1056)
-  config.model.update(common.vit("base", 8), pos_embed_grid=28)
+  config.model.update(defaults.vit("base", 8), pos_embed_grid=28)
   config.aug.update(num_local=10, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25))
   config.loss.update(teacher_temp=(0.03, 0.07), teacher_temp_warmup_epochs=50.0)
   config.optim.update(base_lr=5e-4, min_lr=2e-6, clip_grad=3.0, freeze_last_layer_epochs=3.0)

@@ -10,18 +10,19 @@ crops of 96 px, global scale (0.4, 1), local (0.05, 0.4), drop path 0.1 rising l
 65536 prototypes, fixed last-layer gain (norm_last_layer=True), each gradient tensor clipped
 at 3, last layer frozen the first epoch.
 
-  python -m dino_jax.train --config configs/dino_vits16.py --workdir gs://bucket/run \
-      --config.data.data_dir=gs://bucket/tfds
+  python -m dino_jax.train --config configs/dino_vits16.py --workdir /shared/run \
+      --config.data.data_dir=/shared/tfds
 
 The 300-epoch run with the README's boosts is `configs/dino_vits16_300ep.py`. `:tiny` is the
 same recipe shrunk to a seconds-long CPU run (used by the tests).
 """
 from configs import common
+from dino_jax import defaults
 
 
 def get_config(arg=None):
   common.check_arg(arg)
-  config = common.base_config()
+  config = defaults.base_config()
   config.batch_size = 512
   if arg == "tiny":
     common.make_tiny(config)

@@ -8,8 +8,8 @@ i.e. `configs/dino_vits16.py` with 300 epochs, batch 1024 (run_with_submitit's 2
 GPUs x 64), the teacher temperature warmed up 0.04 -> 0.07 over 30 epochs (DINO steps it once
 per epoch) and a trainable weight-norm gain in the head's last layer (norm_last_layer=False).
 
-  python -m dino_jax.train --config configs/dino_vits16_300ep.py --workdir gs://bucket/run \
-      --config.data.data_dir=gs://bucket/tfds
+  python -m dino_jax.train --config configs/dino_vits16_300ep.py --workdir /shared/run \
+      --config.data.data_dir=/shared/tfds
 """
 from configs import common
 from configs import dino_vits16

@@ -11,17 +11,18 @@ on 64 GPUs (the author in facebookresearch/dino issue #104: "--batch_size_per_gp
 V100-32Gb GPUs"), i.e. batch 1024, lr 5e-4 x 1024/256 (linear rule) and a 28 x 28
 position-embedding grid (224 / 8).
 
-  python -m dino_jax.train --config configs/dino_vits8.py --workdir gs://bucket/run \
-      --config.data.data_dir=gs://bucket/tfds
+  python -m dino_jax.train --config configs/dino_vits8.py --workdir /shared/run \
+      --config.data.data_dir=/shared/tfds
 """
 from configs import common
+from dino_jax import defaults
 
 
 def get_config(arg=None):
   common.check_arg(arg)
-  config = common.base_config()
+  config = defaults.base_config()
   config.update(epochs=800.0, batch_size=1024)
-  config.model.update(common.vit("small", 8), pos_embed_grid=28)
+  config.model.update(defaults.vit("small", 8), pos_embed_grid=28)
   config.head.norm_last_layer = False
   config.aug.num_local = 10
   config.loss.update(teacher_temp=(0.04, 0.07), teacher_temp_warmup_epochs=30.0)

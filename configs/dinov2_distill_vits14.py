@@ -11,16 +11,17 @@ prototypes. The teacher is a run directory holding ViT-g/14 with its heads: this
 `dinov2_vitg14.py` run, or `dino_jax.convert` of an official `teacher_checkpoint.pth`. After
 DINOv2's 518 px phase its position embedding is 37×37: add `--config.distill.model.pos_embed_grid=37`.
 
-  python -m dino_jax.train --config configs/dinov2_distill_vits14.py --workdir gs://bucket/vits14 \
-      --config.distill.teacher=gs://bucket/vitg14 --config.data.path=/data/lvd --config.mesh.fsdp=8
+  python -m dino_jax.train --config configs/dinov2_distill_vits14.py --workdir /shared/vits14 \
+      --config.distill.teacher=/shared/vitg14 --config.data.path=/data/lvd --config.mesh.fsdp=8
 """
 from configs import common
 from configs import dinov2_vitg14
+from dino_jax import defaults
 
 
 def get_config(arg=None):
   common.check_arg(arg)
-  config = common.dinov2_config("small")
+  config = defaults.dinov2_config("small")
   teacher = dinov2_vitg14.get_config(arg)
   config.data = teacher.data
   config.evals.knn.every_steps = teacher.evals.knn.every_steps

@@ -11,15 +11,16 @@ ImageNet-22k (here: an image folder, `--config.data.path`); LVD-142M is `dino_ja
 kind of set. The yaml's batch is 12 per GPU: set `--config.batch_size` to 12 x your GPU
 count (the default 3072 is 12 x 256).
 
-  python -m dino_jax.train --config configs/dinov2_vitg14.py --workdir gs://bucket/run \
+  python -m dino_jax.train --config configs/dinov2_vitg14.py --workdir /shared/run \
       --config.data.path=/data/imagenet22k --config.mesh.fsdp=8
 """
 from configs import common
+from dino_jax import defaults
 
 
 def get_config(arg=None):
   common.check_arg(arg)
-  config = common.dinov2_config("giant")
+  config = defaults.dinov2_config("giant")
   config.head.update(out_dim=131072, bottleneck_dim=384, ibot_bottleneck_dim=256)
   config.epochs = 500.0
   config.optim.update(base_lr=2e-4, warmup_epochs=80.0, weight_decay=(0.04, 0.2), layer_decay=1.0)

@@ -10,15 +10,16 @@ temperature 0.04 -> 0.07 over 30 epochs, base lr 0.004 x sqrt(batch / 1024), lay
 0.9, patch-embed lr x 0.2, epochs of 1250 steps, each module's gradient clipped at 3, global
 crops 224 px (0.32, 1), 8 local crops 96 px (0.05, 0.32). Batch 64 per GPU x 32 GPUs = 2048.
 
-  python -m dino_jax.train --config configs/dinov2_vitl16_short.py --workdir gs://bucket/run \
-      --config.data.data_dir=gs://bucket/tfds
+  python -m dino_jax.train --config configs/dinov2_vitl16_short.py --workdir /shared/run \
+      --config.data.data_dir=/shared/tfds
 """
 from configs import common
+from dino_jax import defaults
 
 
 def get_config(arg=None):
   common.check_arg(arg)
-  config = common.dinov2_config("large")
+  config = defaults.dinov2_config("large")
   config.model.update(patch_size=16, drop_path_rate=0.3, pos_embed_grid=14)
   config.head.share_ibot_head = True
   config.aug.local_size = 96

@@ -1,7 +1,7 @@
 r"""EsViT Swin-T/W=7, 300 epochs on ImageNet-1k from TFDS (Li et al. 2022, Table 1).
 
-  python -m dino_jax.train --config configs/esvit_swin_t.py --workdir gs://bucket/run \
-      --config.data.data_dir=gs://bucket/tfds
+  python -m dino_jax.train --config configs/esvit_swin_t.py --workdir /shared/run \
+      --config.data.data_dir=/shared/tfds
 
 Mirrors microsoft/esvit's README command: `main_esvit.py --arch swin_tiny --batch_size_per_gpu 32
 (16 GPUs) --epochs 300 --teacher_temp 0.07 --warmup_epochs 10 --warmup_teacher_temp_epochs 30
@@ -14,11 +14,12 @@ per-tensor clipping at 3 and last-layer freeze (`freeze_mode="skip"`), as `main_
 `:tiny` is the same recipe shrunk to a seconds-long CPU run (used by the tests).
 """
 from configs import common
+from dino_jax import defaults
 
 
 def get_config(arg=None):
   common.check_arg(arg)
-  config = common.esvit_config("tiny")
+  config = defaults.esvit_config("tiny")
   if arg == "tiny":
     common.make_tiny(config)
   return config

@@ -40,13 +40,14 @@ import statistics
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
+from dino_jax import cli
+from dino_jax import config_checks
 from dino_jax import crops
 from dino_jax import data
 from dino_jax import distill
@@ -55,7 +56,6 @@ from dino_jax import learner
 from dino_jax import models
 from dino_jax import objectives
 from dino_jax import sharding
-from dino_jax import train
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
 
@@ -131,6 +131,7 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
   """Compiles, warms up and times `steps` train steps on random crops; returns the figures.
   With `profile_dir`, one more step is traced there and the result holds its `op_times`."""
   mesh = sharding.make_mesh(cfg)
+  config_checks.check(cfg, mesh.size)
   trainer = learner.build(cfg, mesh, steps_per_epoch=1000)
   batch_of = random_batches(cfg, trainer)
 
@@ -247,6 +248,7 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
   device = bench_pytorch.check_comparable(cfg, jax.default_backend())
   cfg = cfg.copy_and_resolve_references()
   cfg.mesh.fsdp = 1
+  config_checks.check(cfg, 1)
   trainer = learner.build(cfg, sharding.make_mesh(cfg, jax.devices()[:1]), steps_per_epoch=1000)
   batch = random_batches(cfg, trainer)(0)
   start = time.perf_counter()
@@ -333,6 +335,7 @@ def memory_report(cfg: ml_collections.ConfigDict) -> dict:
   returns its per-device memory (`compiled_memory`), the compile time and which device sizes
   (`DEVICE_GIB`) it fits."""
   mesh = sharding.make_mesh(cfg)
+  config_checks.check(cfg, mesh.size)
   trainer = learner.build(cfg, mesh, steps_per_epoch=1000, abstract=True)
   start = time.perf_counter()
   step = trainer.compile_step(trainer.state, abstract_batch(cfg, trainer))
@@ -436,6 +439,7 @@ def loader_benchmark(cfg: ml_collections.ConfigDict, images: int, workers: int, 
 
 
 # --config (with --config.key=value overrides) is the flag dino_jax.train defines.
+flags.declare_key_flag("config")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for the MFU (default: table).")
@@ -476,7 +480,7 @@ def main(argv):
   host_memory.keep_freed_memory()
   logging.set_verbosity(logging.WARNING)
   try:
-    if flags.FLAGS.config is None:
+    if cli.CONFIG.value is None:
       raise UsageError("--config is required")
     if _STEPS.value < 1 or _WARMUP.value < 0:
       raise UsageError("--steps must be >= 1 and --warmup >= 0")
@@ -491,7 +495,7 @@ def main(argv):
       except OSError as e:
         raise UsageError(f"--profile_dir {_PROFILE_DIR.value}: {e.strerror}") from e
     if _AGAINST_PYTORCH.value:
-      result = against_pytorch(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value)
+      result = against_pytorch(cli.CONFIG.value, _STEPS.value, _WARMUP.value, _PEAK.value)
       print(f"{result['device']} x{result['devices']} (PyTorch on {result['torch_device']}, "
             f"{result['torch_threads']} threads), batch {result['batch_size']} ({result['crops']}), "
             f"{result['dtype']}, median of {result['steps_timed']} alternating steps: JAX "
@@ -510,7 +514,7 @@ def main(argv):
     if _LOADER.value:
       if _LOADER_IMAGES.value < 1 or _LOADER_WORKERS.value < 0:
         raise UsageError("--loader_images must be >= 1 and --loader_workers >= 0")
-      cfg = flags.FLAGS.config
+      cfg = cli.CONFIG.value
       result = loader_benchmark(cfg, _LOADER_IMAGES.value, _LOADER_WORKERS.value or cfg.data.get("workers", 8))
       print(f"{result['loader']}, crops {result['crops']}: {result['images_per_s']:.1f} images/s with "
             f"{result['workers']} threads on {result['cores_used']} cores = {result['images_per_s_per_core']:.1f} "
@@ -521,7 +525,7 @@ def main(argv):
       limit = _MEMORY_LIMIT.value or device_limit_gib()
       if not limit or limit <= 0:
         raise UsageError("--find_max_batch needs --memory_limit_gib (this backend reports no memory limit)")
-      result = find_max_batch(flags.FLAGS.config, limit)
+      result = find_max_batch(cli.CONFIG.value, limit)
       for per_device, peak in sorted(result["tried"].items()):
         print(f"  {per_device} per device: peak {peak:.2f} GiB {'fits' if peak <= limit else 'does not fit'}")
       print(f"largest batch that fits {limit:g} GiB per device: {result['batch_per_device']} per device "
@@ -529,10 +533,10 @@ def main(argv):
                                                   else ""))
       print_memory(result["report"])
     elif _MEMORY.value:
-      result = memory_report(flags.FLAGS.config)
+      result = memory_report(cli.CONFIG.value)
       print_memory(result)
     else:
-      result = benchmark(flags.FLAGS.config, _STEPS.value, _WARMUP.value, _PEAK.value, _PROFILE_DIR.value)
+      result = benchmark(cli.CONFIG.value, _STEPS.value, _WARMUP.value, _PEAK.value, _PROFILE_DIR.value)
   except UsageError as e:
     fail(str(e))
   if _FIND_MAX_BATCH.value or _MEMORY.value:
@@ -562,4 +566,4 @@ def write_json(result: dict) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train.parse_flags)
+  cli.run(main)

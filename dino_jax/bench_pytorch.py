@@ -10,7 +10,7 @@ AdamW and the teacher EMA (`torch._foreach_*`, as the official code). The heads 
 written here for the benchmark from the papers' equations; only the backbone is a library's.
 
 The student's parameter count is checked against the JAX state's, so both sides train the same
-architecture. Needs torch and timm (requirements-test.txt).
+architecture. Needs torch and timm (pip install -e '.[test]').
 """
 import ml_collections
 import numpy as np
@@ -26,7 +26,7 @@ try:
   import torch.nn.functional as F
 except ImportError as e:  # only `bench --against_pytorch` needs them
   raise UsageError(f"--against_pytorch needs torch and timm ({e.name} is missing): "
-                   "pip install -r requirements-test.txt") from None
+                   "pip install -e '.[test]'") from None
 
 
 def check_comparable(cfg: ml_collections.ConfigDict, jax_backend: str) -> str:

@@ -1,14 +1,14 @@
-"""Checks of a training run's settings, done before anything is compiled.
+"""Checks of a training run's settings, done before anything is compiled (from the primitives
+of `dino_jax.validate`).
 
   check(cfg, num_devices)        one UsageError for a config the step cannot run, or would run
                                  without meaning (a zero count, a scale outside (0, 1], ...)
   size_warnings(cfg, overridden) image and crop sizes that look unintended (the run goes on)
   check_workdir(path)            the run directory exists (created) and takes files
 
-`train.main` runs all three before the first step; `learner.build` runs `check` too, so a
-config built in Python is checked the same way.
+Each entry point checks a run's config once, before its first compile: `trainer.train` (and so
+`python -m dino_jax.train` and `dino_jax.pretrain`) and `python -m dino_jax.bench`.
 """
-import functools
 import os
 import pathlib
 import tempfile
@@ -22,47 +22,19 @@ from dino_jax import models
 from dino_jax import objectives
 from dino_jax import optim
 from dino_jax import phases
+from dino_jax import validate
 from dino_jax.errors import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
 MIN_MASKED_PATCHES = 3  # the smallest block `masking.block_mask` places
 
 
-def _get(cfg: ml_collections.ConfigDict, key: str):
-  return functools.reduce(getattr, key.split("."), cfg)
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive(cfg, key: str, integer: bool = True) -> None:
-  value = _get(cfg, key)
-  if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
-    raise UsageError(f"{key} must be a positive {'integer' if integer else 'number'}, not {value!r}")
-
-
-def _one_of(cfg, key: str, choices) -> None:
-  if _get(cfg, key) not in choices:
-    named = " or ".join(map(repr, choices)) if len(choices) == 2 else "one of " + ", ".join(choices)
-    raise UsageError(f"{key} must be {named}, not {_get(cfg, key)!r}")
-
-
-def _fraction_range(cfg, key: str, low_may_be_zero: bool = False) -> None:
-  """A (low, high) pair of fractions: 0 < low <= high <= 1 (0 <= low where allowed)."""
-  value = _get(cfg, key)
-  pair = isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value))
-  if not pair or not ((value[0] >= 0 if low_may_be_zero else value[0] > 0) and value[0] <= value[1] <= 1):
-    raise UsageError(f"{key} must be a pair (low, high) with {'0 <=' if low_may_be_zero else '0 <'} low <= "
-                     f"high <= 1, not {value!r}")
-
-
 def _check_counts(cfg, num_devices: int) -> None:
   for key in ("batch_size", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "head.out_dim",
               "head.hidden_dim", "head.bottleneck_dim", "aug.global_size", "aug.local_size", "data.image_size",
               "model.patch_size"):
-    _positive(cfg, key)
-  _positive(cfg, "epochs", integer=False)
+    validate.positive_int(cfg, key)
+  validate.positive_number(cfg, "epochs")
   length = cfg.get("epoch_length", 0)
   if isinstance(length, bool) or not isinstance(length, int) or length < 0:
     raise UsageError(f"epoch_length must be 0 (the training data's size / batch_size) or a positive number of "
@@ -73,15 +45,15 @@ def _check_counts(cfg, num_devices: int) -> None:
 
 
 def _check_choices(cfg) -> None:
-  _one_of(cfg, "on_nonfinite", ("stop", "skip"))
-  _one_of(cfg, "loss.centering", ("centering", "sinkhorn"))
-  _one_of(cfg, "loss.teacher_temp_steps", optim.TEACHER_TEMP_STEPS)
-  _one_of(cfg, "optim.lr_scaling", optim.LR_SCALING)
-  _one_of(cfg, "optim.clip_mode", optim.CLIP_MODES)
-  _one_of(cfg, "optim.freeze_mode", optim.FREEZE_MODES)
-  _one_of(cfg, "model.remat", ("none", *models.REMAT_POLICIES))
-  _one_of(cfg, "model.attention", ("xla", "cudnn"))
-  _one_of(cfg, "model.dtype", DTYPES)
+  validate.one_of(cfg, "on_nonfinite", ("stop", "skip"))
+  validate.one_of(cfg, "loss.centering", ("centering", "sinkhorn"))
+  validate.one_of(cfg, "loss.teacher_temp_steps", optim.TEACHER_TEMP_STEPS)
+  validate.one_of(cfg, "optim.lr_scaling", optim.LR_SCALING)
+  validate.one_of(cfg, "optim.clip_mode", optim.CLIP_MODES)
+  validate.one_of(cfg, "optim.freeze_mode", optim.FREEZE_MODES)
+  validate.one_of(cfg, "model.remat", ("none", *models.REMAT_POLICIES))
+  validate.one_of(cfg, "model.attention", ("xla", "cudnn"))
+  validate.one_of(cfg, "model.dtype", DTYPES)
   if cfg.model.get("scan", False):
     if cfg.model.get("name", "vit") != "vit":
       raise UsageError(f"model.scan runs a ViT's blocks as one loop; the {cfg.model.name} backbone has no such option")
@@ -107,8 +79,8 @@ def _check_heads(m: ml_collections.ConfigDict) -> None:
 
 
 def _check_crops(cfg, backbone) -> None:
-  _fraction_range(cfg, "aug.global_scale")
-  _fraction_range(cfg, "aug.local_scale")
+  validate.fraction_range(cfg, "aug.global_scale")
+  validate.fraction_range(cfg, "aug.local_scale")
   if cfg.aug.num_local < 0:
     raise UsageError(f"aug.num_local must be >= 0, not {cfg.aug.num_local}")
   if cfg.aug.num_local and cfg.aug.local_size > cfg.aug.global_size:
@@ -116,7 +88,7 @@ def _check_crops(cfg, backbone) -> None:
                      "global crops are the large views")
   for key in ("aug.global_size", "aug.local_size")[:2 if cfg.aug.num_local else 1]:
     try:
-      backbone.grid(_get(cfg, key))
+      backbone.grid(validate.lookup(cfg, key))
     except ValueError as e:
       raise UsageError(f"{key} {e}") from None
 
@@ -135,9 +107,9 @@ def _check_masking(cfg, backbone) -> None:
   if cfg.model.get("name", "vit") != "vit":
     raise UsageError(f"loss.ibot_weight > 0 needs a ViT (model.name=vit): {cfg.model.name} has no mask token")
   mask_prob = cfg.mask.mask_prob
-  if not _is_number(mask_prob) or not 0 < mask_prob <= 1:
+  if not validate.is_number(mask_prob) or not 0 < mask_prob <= 1:
     raise UsageError(f"mask.mask_prob must be in (0, 1] while iBOT is on (loss.ibot_weight > 0), not {mask_prob!r}")
-  _fraction_range(cfg, "mask.mask_ratio", low_may_be_zero=True)
+  validate.fraction_range(cfg, "mask.mask_ratio", low_may_be_zero=True)
   num_global = len(augment.view_specs(cfg.aug)[0])
   if int(cfg.batch_size * num_global * mask_prob) < 1:
     raise UsageError(f"mask.mask_prob {mask_prob} masks none of the {cfg.batch_size * num_global} global crops "

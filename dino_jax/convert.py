@@ -41,14 +41,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import common
-from dino_jax import extract
-from dino_jax.models import swin
-from dino_jax.models import vit
+from dino_jax import defaults
 from dino_jax import optim
+from dino_jax import runs
 from dino_jax.errors import ArgumentParser
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
+from dino_jax.models import swin
+from dino_jax.models import vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,12 +393,12 @@ def run_config(arch: Arch | SwinArch, grid: Optional[int], interpolation: Option
   """A config describing the converted model (EsViT's recipe for Swin, DINOv2's for LayerScale
   models, else DINO's); `grid` and `interpolation` are a ViT position embedding's."""
   if isinstance(arch, SwinArch):
-    cfg = common.esvit_config("tiny")
+    cfg = defaults.esvit_config("tiny")
     cfg.model.update(patch_size=arch.patch_size, width=arch.width, depths=tuple(arch.depths),
                      num_heads=tuple(arch.num_heads), window_size=arch.window_size, mlp_ratio=arch.mlp_ratio,
                      norm_eps=arch.norm_eps)
   else:
-    cfg = common.dinov2_config("small") if arch.layerscale is not None else common.base_config()
+    cfg = defaults.dinov2_config("small") if arch.layerscale is not None else defaults.base_config()
     cfg.model.update(patch_size=arch.patch_size, width=arch.width, depth=arch.depth, num_heads=arch.num_heads,
                      mlp_dim=arch.mlp_dim, ffn=arch.ffn, num_registers=arch.num_registers,
                      layerscale=arch.layerscale, pos_embed_grid=grid, interpolate_offset=interpolation[0],
@@ -456,7 +456,7 @@ def import_file(path: str, arch_name: str, out: str, layout: str = "official", k
 def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool = False) -> dict:
   """`--export`: a run's backbone -> state_dict file (.pth or .safetensors): official layout
   for ViTs, timm's for Swin."""
-  backbone = extract.load_backbone(workdir, step, student)
+  backbone = runs.load_backbone(workdir, step, student)
   m = backbone.cfg.model
   if m.get("name", "vit") == "swin":
     arch = SwinArch(m.width, tuple(m.depths), tuple(m.num_heads), m.window_size, m.patch_size, m.mlp_ratio,

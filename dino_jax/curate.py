@@ -27,31 +27,29 @@ import pathlib
 import resource
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import tqdm
 
 from dino_jax import bench
+from dino_jax import cli
 from dino_jax import data
-from dino_jax import extract
 from dino_jax import host_memory
-from dino_jax import knn
+from dino_jax import runs
 from dino_jax import sharding
-from dino_jax import train
 from dino_jax.curation import demo
 from dino_jax.curation import search
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
+from dino_jax.evaluators import knn
 
 PIPELINE = ("embed", "dedup", "retrieve", "manifest")
 
 
 def embedding(features: dict) -> jax.Array:
-  """The global image embedding among the backbone's outputs (`extract.Backbone`)."""
+  """The global image embedding among the backbone's outputs (`runs.Backbone`)."""
   return features["embedding"]
 
 
@@ -147,7 +145,7 @@ def embed_set(backbone, source, ids: list[str], out: pathlib.Path, cfg, mesh) ->
 def run_embed(cfg, workdir: pathlib.Path, mesh) -> None:
   if not cfg.backbone:
     raise UsageError("config.backbone must name a run directory (dino_jax.train or dino_jax.convert)")
-  backbone = extract.load_backbone(cfg.backbone, None if cfg.backbone_step < 0 else cfg.backbone_step)
+  backbone = runs.load_backbone(cfg.backbone, None if cfg.backbone_step < 0 else cfg.backbone_step)
   for name, spec in image_sets(cfg).items():
     out = workdir / "embeddings" / name
     if (out / "index.txt").exists():
@@ -356,7 +354,8 @@ def run_bench(cfg, workdir: pathlib.Path, mesh) -> None:
 STAGES = dict(embed=run_embed, dedup=run_dedup, retrieve=run_retrieve, manifest=run_manifest,
               make_demo_pool=run_make_demo_pool, score_demo=run_score_demo, bench=run_bench)
 
-# --config, --workdir and --distributed (with its settings) are the flags dino_jax.train defines.
+for name in ("config", "workdir", "distributed", "coordinator_address", "num_processes", "process_id"):
+  flags.declare_key_flag(name)  # dino_jax.cli's
 _STAGES = flags.DEFINE_list("stages", ["all"], f"Stages to run, in order: all (= {','.join(PIPELINE)}) or "
                             f"any of {', '.join(STAGES)}.")
 
@@ -364,13 +363,10 @@ _STAGES = flags.DEFINE_list("stages", ["all"], f"Stages to run, in order: all (=
 def main(argv):
   del argv
   host_memory.keep_freed_memory()
-  fl = flags.FLAGS
-  if not fl["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if fl.distributed:
-    jax.distributed.initialize(fl.coordinator_address, fl.num_processes, fl.process_id)
+  cli.quiet_logging()
+  cli.initialize_distributed()
   try:
-    if fl.workdir is None or fl.config is None:
+    if cli.WORKDIR.value is None or cli.CONFIG.value is None:
       raise UsageError("--config and --workdir are required")
     stages = [s for name in _STAGES.value for s in (PIPELINE if name == "all" else [name])]
     unknown = [s for s in stages if s not in STAGES]
@@ -379,7 +375,7 @@ def main(argv):
     mesh = sharding.make_mesh()
     for stage in stages:
       t0 = time.time()
-      STAGES[stage](fl.config, pathlib.Path(fl.workdir), mesh)
+      STAGES[stage](cli.CONFIG.value, pathlib.Path(cli.WORKDIR.value), mesh)
       if jax.process_index() == 0:
         print(f"{stage}: done in {time.time() - t0:.1f} s", flush=True)
   except (UsageError, OSError) as e:
@@ -387,4 +383,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train.parse_flags)
+  cli.run(main)

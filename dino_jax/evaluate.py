@@ -7,27 +7,29 @@ and the fast linear probe on features written by `dino_jax.extract`.
   python -m dino_jax.evaluate linear --train train.npz --test test.npz [--feature embedding] [--epochs 100]
 
 `run` takes each evaluator's config from the run's `evals.<name>` or, where the run predates
-it, from `configs/common.py`'s defaults; `--set key=value` overrides its keys (Python literals),
-e.g. `--set train_split=train --set test_split=test` for the Fashion-MNIST demo.
+it, from the evaluators' defaults (`evaluators.default_configs`); `--set key=value` overrides
+its keys (Python literals), e.g. `--set train_split=train --set test_split=test` for the
+Fashion-MNIST demo.
 """
 import ast
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
-from configs import common
+from dino_jax import cli
 from dino_jax import evaluators
-from dino_jax import extract  # noqa: F401  (defines --workdir, --step, --student)
 from dino_jax import host_memory
-from dino_jax import knn
-from dino_jax import probe
+from dino_jax import runs
 from dino_jax import sharding
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
+from dino_jax.evaluators import knn
+from dino_jax.evaluators import probe
+
+for _name in ("workdir", "step", "student"):
+  flags.declare_key_flag(_name)  # dino_jax.cli's
 
 _TRAIN = flags.DEFINE_string("train", None, "Train split features (.npz from dino_jax.extract).")
 _TEST = flags.DEFINE_string("test", None, "Test split features (.npz from dino_jax.extract).")
@@ -71,13 +73,13 @@ def evaluator_config(cfg: ml_collections.ConfigDict, name: str, overrides: dict)
   """Evaluator `name`'s config: the run's evals.<name> (its keys missing there, added since the
   run was made, from the defaults), else the defaults' (a run that predates it), with
   `overrides`; an unknown name or key is one UsageError."""
-  defaults = common.base_config().evals
+  defaults = evaluators.default_configs()
   if name in cfg.get("evals", {}):
     ecfg = cfg.evals[name].to_dict()
-    if name in defaults and defaults[name].type == ecfg.get("type"):  # keys added since the run was made
-      ecfg = {**defaults[name].to_dict(), **ecfg}
+    if name in defaults and defaults[name]["type"] == ecfg.get("type"):  # keys added since the run was made
+      ecfg = {**defaults[name], **ecfg}
   elif name in defaults:
-    ecfg = defaults[name].to_dict()
+    ecfg = dict(defaults[name])
   else:
     known = sorted(set(cfg.get("evals", {})) | set(defaults))
     raise UsageError(f"--evals: no evaluator {name!r} in the run's config or the defaults (known: {', '.join(known)})")
@@ -89,7 +91,7 @@ def evaluator_config(cfg: ml_collections.ConfigDict, name: str, overrides: dict)
 
 def run_evaluators(workdir: str, names: list[str], overrides: dict, step=None, student=False) -> dict:
   """{name: metrics} of evaluators `names` on the teacher (or student) backbone of `workdir`."""
-  backbone = extract.load_backbone(workdir, step, student)
+  backbone = runs.load_backbone(workdir, step, student)
   cfg = backbone.cfg
   mesh = sharding.make_mesh()
   ecfgs = {name: evaluator_config(cfg, name, overrides) for name in names}
@@ -109,14 +111,13 @@ def run_evaluators(workdir: str, names: list[str], overrides: dict, step=None, s
 
 def main(argv):
   host_memory.keep_freed_memory()
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.quiet_logging()
   if len(argv) == 2 and argv[1] == "run":
     try:
-      if not flags.FLAGS.workdir:
+      if not cli.WORKDIR.value:
         raise UsageError("run: --workdir is required")
-      run_evaluators(flags.FLAGS.workdir, _EVALS.value, parse_overrides(_SET.value), flags.FLAGS.step,
-                     flags.FLAGS.student)
+      run_evaluators(cli.WORKDIR.value, _EVALS.value, parse_overrides(_SET.value), cli.STEP.value,
+                     cli.STUDENT.value)
     except UsageError as e:
       fail(str(e))
     return
@@ -144,4 +145,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

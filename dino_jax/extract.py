@@ -1,68 +1,31 @@
-"""Features from a dino_jax run: restore only the backbone from Orbax, embed images.
+r"""Features of a dataset split from a dino_jax run, written to one .npz file.
 
   python -m dino_jax.extract --workdir RUN [--step N] [--student] \
       --source folder --path /data/images --split val --out feats.npz
 
-Python:  backbone = load_backbone("RUN");  feats = backbone(uint8_images)
-The checkpoint is restored with this host's devices (any count); the optimizer state and the
-rest of the train state are not read.
+Only the backbone is restored (`runs.load_backbone`, with this host's devices, any count); the
+images get the evaluation view (resized to image_size x 256 / 224, center crop). From Python:
+`backbone = dino_jax.load_backbone(RUN)`, then `backbone(uint8_images)` or `extract(...)`.
 """
-import json
 import os
 import pathlib
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from dino_jax import augment
+from dino_jax import cli
 from dino_jax import data
-from dino_jax import checkpoints
 from dino_jax import host_memory
-from dino_jax import models
+from dino_jax import runs
 from dino_jax import sharding
-from dino_jax import train  # noqa: F401  (defines --workdir and --config)
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
 
 
-class Backbone:
-  """A restored backbone (any of `models.BACKBONES`): call it on uint8 [B, H, W, 3] images to
-  get {"embedding": [B, D] (CLS token, or pooled where there is none), "pooled": [B, D] (mean
-  patch / region token), "patch": [B, h, w, D]}; with `size`, square images first get the
-  trainer's evaluation view (`augment.preprocess_eval`: resized to size x 256 / 224, center
-  size² crop), without it they are taken as they are."""
-
-  def __init__(self, cfg: ml_collections.ConfigDict, params, step: int):
-    self.cfg, self.params, self.step = cfg, params, step
-    self.module = models.make_backbone(cfg.model)
-    self._apply = jax.jit(self._features, static_argnums=2)
-
-  def _features(self, params, images, size):
-    x = augment.normalize(images) if size is None else augment.preprocess_eval(images, size)
-    out = self.module.apply({"params": params}, x)
-    return {"embedding": out["embedding"], "pooled": jnp.mean(out["patch"], axis=(1, 2)), "patch": out["patch"]}
-
-  def __call__(self, images, size: int | None = None):
-    return self._apply(self.params, images, size)
-
-
-def load_backbone(workdir: str, step: int | None = None, student: bool = False) -> Backbone:
-  """The teacher (default) or student backbone of `workdir`'s checkpoint `step` (latest)."""
-  config_file = pathlib.Path(workdir) / "config.json"
-  if not config_file.is_file():
-    raise UsageError(f"{workdir!r} is not a dino_jax run directory (no config.json)")
-  cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  weights, step = checkpoints.restore_weights(workdir, ("backbone",), step, student)
-  return Backbone(cfg, weights["backbone"], step)
-
-
-def extract(backbone: Backbone, source, batch_size: int, image_size: int, with_patches: bool) -> dict:
+def extract(backbone: runs.Backbone, source, batch_size: int, image_size: int, with_patches: bool) -> dict:
   """Features of every image of `source`, batches sharded over all devices."""
   batch_sharding = sharding.batch_sharding(sharding.make_mesh())
   if batch_size % batch_sharding.mesh.size:
@@ -78,13 +41,6 @@ def extract(backbone: Backbone, source, batch_size: int, image_size: int, with_p
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def run_classes(workdir: str, run_data: ml_collections.ConfigDict, source: str, path: str) -> list[str] | None:
-  """The run's class list (`data.load_classes`) when extracting from the image folder it was
-  trained on; else None, and the folder's own training split numbers the classes."""
-  same_data = source == run_data.source == "folder" and os.path.realpath(path) == os.path.realpath(run_data.path)
-  return data.load_classes(workdir) if same_data else None
-
-
 def make_out_folder(out: str) -> None:
   """Creates the folder of `out` (if missing) before any work, so a bad path fails first."""
   folder = pathlib.Path(out).parent
@@ -96,9 +52,8 @@ def make_out_folder(out: str) -> None:
     raise UsageError(f"cannot write --out {out!r}: {str(folder)!r} is not writable")
 
 
-# --workdir (the run directory) is the flag dino_jax.train defines.
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_STUDENT = flags.DEFINE_bool("student", False, "Use the student backbone instead of the teacher.")
+for _name in ("workdir", "step", "student"):
+  flags.declare_key_flag(_name)  # dino_jax.cli's
 _SOURCE = flags.DEFINE_enum("source", "fashion_mnist_demo", ["fashion_mnist_demo", "tfds", "folder"],
                             "Where the images come from (as data.source in configs).")
 _NAME = flags.DEFINE_string("name", "", "TFDS dataset name (source=tfds).")
@@ -114,13 +69,12 @@ _OUT = flags.DEFINE_string("out", None, "Output .npz with embedding, pooled, lab
 def main(argv):
   del argv
   host_memory.keep_freed_memory()
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.quiet_logging()
   try:
-    if not flags.FLAGS.workdir or not _OUT.value:
+    if not cli.WORKDIR.value or not _OUT.value:
       raise UsageError("--workdir and --out are required")
     make_out_folder(_OUT.value)
-    backbone = load_backbone(flags.FLAGS.workdir, _STEP.value, _STUDENT.value)
+    backbone = runs.load_backbone(cli.WORKDIR.value, cli.STEP.value, cli.STUDENT.value)
     size = _IMAGE_SIZE.value or backbone.cfg.aug.global_size
     try:
       backbone.module.grid(size)
@@ -131,7 +85,7 @@ def main(argv):
                                               path=_PATH.value, image_size=run_data.image_size,
                                               train_split=run_data.get("train_split", "train"),
                                               read_timeout_s=run_data.get("read_timeout_s", data.READ_TIMEOUT_S)))
-    classes = run_classes(flags.FLAGS.workdir, run_data, _SOURCE.value, _PATH.value)
+    classes = runs.run_classes(cli.WORKDIR.value, run_data, _SOURCE.value, _PATH.value)
     source = data.make_source(data_cfg, _SPLIT.value, classes)
     feats = extract(backbone, source, _BATCH.value, size, _PATCHES.value)
   except UsageError as e:
@@ -142,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

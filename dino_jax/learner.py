@@ -19,7 +19,6 @@ import numpy as np
 import optax
 
 from dino_jax import augment
-from dino_jax import config_checks
 from dino_jax import distill
 from dino_jax import losses
 from dino_jax import masking
@@ -46,20 +45,30 @@ def make_model(cfg: ml_collections.ConfigDict, batch_sharding=None) -> models.DI
                           head() if "region" in names else None)
 
 
-def init_state(cfg, model, tx) -> dict:
-  """The train state pytree: step, rng, student params, optimizer, teacher EMA, centers."""
-  rng = jax.random.PRNGKey(cfg.seed)
+def initial_params(cfg, model) -> dict:
+  """The student's parameters at initialization, from the config's seed."""
   size = cfg.aug.global_size
   dummy = jnp.zeros((1, size, size, 3))
   kwargs = {}
   if "ibot" in objectives.active(cfg):
     grid = model.backbone.grid(size)
     kwargs = dict(mask=jnp.zeros((1, grid[0] * grid[1]), bool), patch_index=jnp.zeros((1, 1), jnp.int32))
-  params = model.init(rng, dummy, **kwargs)["params"]
+  return model.init(jax.random.PRNGKey(cfg.seed), dummy, **kwargs)["params"]
+
+
+def random_init_backbone(cfg, model, shardings) -> dict:
+  """The backbone parameters a run started from, computed again (the `random_init` baseline of
+  the evaluations), placed as `shardings` say."""
+  return jax.jit(lambda: initial_params(cfg, model)["backbone"], out_shardings=shardings)()
+
+
+def init_state(cfg, model, tx) -> dict:
+  """The train state pytree: step, rng, student params, optimizer, teacher EMA, centers."""
+  params = initial_params(cfg, model)
   center = jnp.zeros((cfg.head.out_dim,), jnp.float32)
   return {
       "step": jnp.zeros([], jnp.int32),
-      "rng": jax.random.fold_in(rng, 1),
+      "rng": jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1),
       "params": params,
       "opt_state": tx.init(params),
       "teacher": optim.ema(0.0).init(params),
@@ -214,8 +223,8 @@ def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epo
   over all devices. A distillation config reads its frozen teacher (`distill.load_teacher`,
   checkpoint `teacher_step` of the teacher run) unless `frozen_teacher` is given. `abstract`:
   nothing is allocated or read; the state (and a frozen teacher) are shapes with shardings,
-  for compiling only (`bench --memory`)."""
-  config_checks.check(cfg, mesh.size)
+  for compiling only (`bench --memory`). The config is taken as checked (`config_checks.check`,
+  which `trainer.train` runs)."""
   batch_sharding = sharding.batch_sharding(mesh)
   model = make_model(cfg, batch_sharding)
   teacher_model = None

@@ -33,13 +33,13 @@ import numpy as np
 
 from dino_jax import augment
 from dino_jax import data
-from dino_jax import extract
 from dino_jax import models
-from dino_jax.downstream import common
-from dino_jax.downstream import correspondence
+from dino_jax import runs
 from dino_jax.errors import ArgumentParser
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
+from dino_jax.evaluators import common
+from dino_jax.evaluators import correspondence
 
 PANEL_PX = 256
 DPI = 64
@@ -51,7 +51,7 @@ PCA_THRESHOLD = 0.5  # on the min-max scaled first component
 # ---------------------------------------------------------------------------------------
 
 def read_images(paths: list[str], size: int) -> np.ndarray:
-  """uint8 [n, size, size, 3]: each file decoded (`downstream.common.read_rgb`: one UsageError
+  """uint8 [n, size, size, 3]: each file decoded (`evaluators.common.read_rgb`: one UsageError
   naming a file that cannot be read), shorter side resized, center crop."""
   return np.stack([data.to_square_rgb(common.read_rgb(path), size) for path in paths])
 
@@ -63,13 +63,13 @@ def _last_attention(module, params, images):
   return state["intermediates"][f"block{module.depth - 1}"]["attention"][0]
 
 
-def last_attention(backbone: extract.Backbone, images: np.ndarray) -> np.ndarray:
+def last_attention(backbone: runs.Backbone, images: np.ndarray) -> np.ndarray:
   """Attention probabilities [B, heads, N, N] of the last block; tokens are CLS (0), the
   registers (1..R), then the patches in row-major order."""
   return np.asarray(_last_attention(backbone.module, backbone.params, images))
 
 
-def cls_attention(backbone: extract.Backbone, images: np.ndarray) -> np.ndarray:
+def cls_attention(backbone: runs.Backbone, images: np.ndarray) -> np.ndarray:
   """Attention of the CLS token to the patch tokens in the last block, [B, heads, h, w].
 
   The CLS and register tokens are left out, so each head's map sums to the CLS token's
@@ -320,7 +320,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[pathlib.Path]:
   """Runs the parsed command; returns the files written."""
-  backbone = extract.load_backbone(args.workdir, args.step, args.student)
+  backbone = runs.load_backbone(args.workdir, args.step, args.student)
   size = args.image_size or backbone.cfg.aug.global_size
   try:
     backbone.module.grid(size)

@@ -5,13 +5,13 @@
 import json
 import pathlib
 
-from absl import app
 from absl import flags
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from dino_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dino_jax.errors import fail  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PANELS = {  # title: metrics drawn in it (those present in the run)
@@ -63,7 +63,7 @@ def plot(series: dict, out: str) -> None:
 
 def main(argv):
   del argv
-  workdir = flags.FLAGS.workdir
+  workdir = cli.WORKDIR.value
   if not workdir or not (pathlib.Path(workdir) / "metrics.jsonl").is_file():
     fail(f"{workdir!r} has no metrics.jsonl (pass --workdir of a dino_jax run)")
   out = flags.FLAGS.out or str(pathlib.Path(workdir) / "curves.png")
@@ -75,7 +75,7 @@ def main(argv):
   print(f"wrote {out}")
 
 
-if __name__ == "__main__":  # flags defined here: importing this module defines none
-  flags.DEFINE_string("workdir", None, "A dino_jax run directory.")
+if __name__ == "__main__":  # --out defined here: importing this module defines no flag
+  flags.declare_key_flag("workdir")  # dino_jax.cli's
   flags.DEFINE_string("out", None, "PNG path (default: <workdir>/curves.png).")
-  app.run(main)
+  cli.run(main)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU speed figures on one GPU (bfloat16), one mode per argument, in the order given:
+# The GPU speed figures of docs/performance.md on one GPU (bfloat16), one mode per argument, in the order given:
 #   against   the JAX step vs the same step in PyTorch eager (bench --against_pytorch)
 #   bench     the full bench step (augmentation included): images/s, MFU, memory
 #   noscan    the same with the blocks unrolled (model.scan=False)
@@ -8,7 +8,7 @@
 # ATTENTION=cudnn for cuDNN's fused attention (odd token counts padded to even). PROFILE=DIR has
 # `bench` trace one more step into DIR and print the XLA ops that took the most time. Each mode
 # appends a JSON line to $OUT/bench_gpu.jsonl. Needs jax with CUDA, and torch + timm for `against`
-# (requirements-test.txt). DRY_RUN=1 only prints.
+# (pip install -e '.[test]'). DRY_RUN=1 only prints.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 CONFIG=${CONFIG:-configs/dinov2_vitl14.py}

@@ -9,10 +9,11 @@ import pytest
 
 from configs import common
 from dino_jax import augment
+from dino_jax import defaults
 
 
 def _aug_cfg():
-  cfg = common.base_config()
+  cfg = defaults.base_config()
   common.make_tiny(cfg)
   return cfg.aug
 

@@ -9,9 +9,7 @@ from configs import demo_esvit_fashion_mnist
 from configs import dinov2_vits14
 from dino_jax import config_checks
 from dino_jax import convert
-from dino_jax import learner
-from dino_jax import sharding
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 from tests.test_train import run_cli, tiny
 
@@ -50,10 +48,11 @@ def no_compiling(monkeypatch):
     (dinov2_vits14, {"mask.mask_prob": 0.0, "on_nonfinite": "skip"}, "mask.mask_prob must be in"),
     (dinov2_vits14, {"mask.mask_prob": 0.01}, "mask.mask_prob 0.01 masks none of the 32 global crops"),
 ])
-def test_bad_config_is_refused_before_compiling(module, override, message, no_compiling):
+def test_bad_config_is_refused_before_compiling(module, override, message, no_compiling, tmp_path):
   cfg = tiny(module, **override) if module else tiny(**override)
   with pytest.raises(UsageError, match=message):
-    learner.build(cfg, sharding.make_mesh(cfg), steps_per_epoch=10)
+    trainer.train(cfg, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # nothing written either
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
@@ -145,6 +144,6 @@ def test_cli_refuses_with_one_line_before_any_work(tmp_path, args, message):
 
 
 def test_train_called_from_python_checks_the_config_first(tmp_path):
-  """`train.train` with a config built in Python is refused like the command line's."""
+  """`trainer.train` with a config built in Python is refused like the command line's."""
   with pytest.raises(UsageError, match="batch_size must be a positive integer"):
-    train.train(tiny(**{"batch_size": 0}), str(tmp_path / "run"))
+    trainer.train(tiny(**{"batch_size": 0}), str(tmp_path / "run"))

@@ -1,6 +1,6 @@
 """PyTorch <-> dino_jax conversion: forward parity with timm and the official layout, exact round trips.
 
-Needs the test extras (requirements-test.txt: torch, timm). Reference models are random
+Needs the test extras (pip install -e ".[test]": torch, timm). Reference models are random
 initializations (no downloads); every parameter is perturbed so LayerScale and tokens matter.
 """
 import argparse
@@ -20,13 +20,13 @@ from configs import dinov2_vits14
 
 from dino_jax import checkpoints
 from dino_jax import convert
-from dino_jax import extract
 from dino_jax import learner
 from dino_jax import models
 from dino_jax import sharding
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 from dino_jax.models import vit
+from dino_jax import runs
 from tests import torch_reference
 from tests.test_train import tiny
 
@@ -53,7 +53,7 @@ def relative_error(ours, ref) -> float:
 
 def assert_forward_matches(workdir, torch_forward, num_registers, sizes, masks=None):
   """The restored run's ViT equals `torch_forward` (NCHW -> tokens) on CLS, registers and patches."""
-  backbone = extract.load_backbone(str(workdir))
+  backbone = runs.load_backbone(str(workdir))
   for size in sizes:
     images = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
     with torch.no_grad():
@@ -168,8 +168,8 @@ def test_mask_token_replaces_masked_patches_as_in_pytorch(tmp_path):
   model = official_model("dinov2_vits14")
   workdir, _, _ = convert.import_file(save_safetensors(numpy_state(model), tmp_path / "w.safetensors"),
                                       "dinov2_vits14", str(tmp_path / "run"))
-  params = extract.load_backbone(str(workdir)).params  # with the mask token
-  module = extract.load_backbone(str(workdir)).module
+  params = runs.load_backbone(str(workdir)).params  # with the mask token
+  module = runs.load_backbone(str(workdir)).module
   images = np.random.default_rng(0).normal(size=(2, 56, 56, 3)).astype(np.float32)
   masks = np.random.default_rng(1).random((2, 16)) < 0.5
   with torch.no_grad():
@@ -226,7 +226,7 @@ def test_export_then_import_is_exact_and_runs_in_pytorch(tmp_path, monkeypatch):
   assert_forward_matches(source, reference.eval(), 4, (56, 84))
 
   again, _, _ = convert.import_file(str(pth), "giant_style", str(tmp_path / "again"))
-  restored = extract.load_backbone(str(again)).params
+  restored = runs.load_backbone(str(again)).params
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
 
@@ -343,19 +343,19 @@ def test_training_starts_from_converted_weights(tmp_path, monkeypatch):
   file = save_safetensors(numpy_state(model), tmp_path / "w.safetensors")
   monkeypatch.setitem(convert.ARCHS, "tiny_test", arch)
   source, _, _ = convert.import_file(file, "tiny_test", str(tmp_path / "converted"))
-  converted = extract.load_backbone(str(source)).params
-  trainer = learner.build(cfg, sharding.make_mesh(), 100)
-  state = checkpoints.init_from_run(trainer.state, str(source))
+  converted = runs.load_backbone(str(source)).params
+  built = learner.build(cfg, sharding.make_mesh(), 100)
+  state = checkpoints.init_from_run(built.state, str(source))
   for name in ("params", "teacher"):
     backbone = state[name]["backbone"] if name == "params" else state[name].value["backbone"]
     np.testing.assert_array_equal(backbone["block1"]["mlp"]["fc2"]["kernel"], converted["block1"]["mlp"]["fc2"]["kernel"])
     np.testing.assert_array_equal(backbone["cls_token"], converted["cls_token"])
     assert "mask_token" in backbone  # iBOT's mask token: fresh
-  np.testing.assert_array_equal(state["params"]["head"]["last_layer"], trainer.state["params"]["head"]["last_layer"])
+  np.testing.assert_array_equal(state["params"]["head"]["last_layer"], built.state["params"]["head"]["last_layer"])
 
   cfg.model.init_from = str(source)
-  out = train.train(cfg, str(tmp_path / "run"), max_steps=1)
+  out = trainer.train(cfg, str(tmp_path / "run"), max_steps=1)
   assert int(out["state"]["step"]) == 1
   cfg.model.update(width=64, num_heads=4, mlp_dim=128)
   with pytest.raises(UsageError, match="does not fit this config"):
-    train.train(cfg, str(tmp_path / "other"), max_steps=1)
+    trainer.train(cfg, str(tmp_path / "other"), max_steps=1)

@@ -14,7 +14,7 @@ from configs import curate_fashion_mnist
 from dino_jax import curate
 from dino_jax import data
 from dino_jax import sharding
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.curation import demo
 from dino_jax.curation import search
 from dino_jax.errors import UsageError
@@ -101,7 +101,7 @@ def test_demo_score_counts_by_copy_kind_and_pixel_twins(tmp_path):
 @pytest.fixture(scope="module")
 def backbone_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("backbone")
-  train.train(tiny(steps=1), str(workdir))
+  trainer.train(tiny(steps=1), str(workdir))
   return str(workdir)
 
 

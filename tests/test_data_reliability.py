@@ -15,8 +15,9 @@ from PIL import Image
 from dino_jax import data
 from dino_jax import evaluators
 from dino_jax import extract
+from dino_jax import runs
 from dino_jax import sharding
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 from tests.test_train import REPO, tiny
 
@@ -66,7 +67,7 @@ def test_knn_scores_separable_classes_when_the_test_split_lacks_one(tmp_path, ca
   cfg = tiny(**{"data.source": "folder", "data.path": str(tmp_path), "evals.knn.train_split": "train",
                 "evals.knn.test_split": "val", "evals.knn.batch_size": 8, "evals.knn.linear_probe": True})
   with caplog.at_level(logging.WARNING):
-    evaluator = evaluators.KnnEvaluator(cfg.evals.knn, cfg, sharding.make_mesh(cfg))
+    evaluator = evaluators.knn.KnnEvaluator(cfg.evals.knn, cfg, sharding.make_mesh(cfg))
   assert "1 images are not in a class folder (e.g. loose.png)" in caplog.text
   scores = evaluator.run(None)  # raw pixels
   # was 0.0: val's b, c numbered 0, 1 (and knn_top1_k<k> for each k)
@@ -80,7 +81,7 @@ def test_a_split_without_class_folders_cannot_be_scored(tmp_path):
   cfg = tiny(**{"data.source": "folder", "data.path": str(tmp_path), "evals.knn.train_split": "train",
                 "evals.knn.test_split": "val"})
   with pytest.raises(UsageError, match="split 'val' has no image in a class folder"):
-    evaluators.KnnEvaluator(cfg.evals.knn, cfg, sharding.make_mesh(cfg))
+    evaluators.knn.KnnEvaluator(cfg.evals.knn, cfg, sharding.make_mesh(cfg))
 
 
 def test_run_saves_its_classes_and_extract_numbers_by_them(tmp_path):
@@ -88,12 +89,12 @@ def test_run_saves_its_classes_and_extract_numbers_by_them(tmp_path):
   write_split(images / "train", "abc")
   write_split(images / "val", "bc")
   cfg = tiny(**{"data.source": "folder", "data.path": str(images), "batch_size": 8})
-  train.train(cfg, str(tmp_path / "run"), max_steps=0)
+  trainer.train(cfg, str(tmp_path / "run"), max_steps=0)
   assert json.loads((tmp_path / "run" / "classes.json").read_text()) == ["a", "b", "c"]
   write_split(images / "train", ["0"])  # a class added later must not renumber the run's classes
-  classes = extract.run_classes(str(tmp_path / "run"), cfg.data, "folder", str(images))
+  classes = runs.run_classes(str(tmp_path / "run"), cfg.data, "folder", str(images))
   np.testing.assert_array_equal(data.make_source(cfg.data, "val", classes).labels, [1] * 4 + [2] * 4)
-  assert extract.run_classes(str(tmp_path / "run"), cfg.data, "folder", str(tmp_path)) is None  # other data
+  assert runs.run_classes(str(tmp_path / "run"), cfg.data, "folder", str(tmp_path)) is None  # other data
 
 
 def test_extract_out_folder_is_made_before_any_work(tmp_path):

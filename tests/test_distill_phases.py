@@ -19,7 +19,7 @@ from dino_jax import learner
 from dino_jax import models
 from dino_jax import phases
 from dino_jax import sharding
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 from dino_jax.models.vit import resize_pos_embed
 from test_train import TRAIN_STEPS_PER_EPOCH, assert_resume_is_exact, assert_trees_close, one_step, run_cli, step_crops
@@ -34,7 +34,7 @@ def teachers(tmp_path_factory):
   runs = {"demo": tiny(demo_fashion_mnist, steps=4), "demo_seed1": tiny(demo_fashion_mnist, steps=4, seed=1),
           "dinov2": tiny(dinov2_vits14, steps=4)}
   for name, cfg in runs.items():
-    train.train(cfg, str(root / name))
+    trainer.train(cfg, str(root / name))
   return {name: str(root / name) for name in runs}
 
 
@@ -67,9 +67,9 @@ def test_distill_step_on_8_devices_equals_1_device(teachers):
 
 def test_distill_ibot_compares_every_patch_unmasked(teachers):
   cfg = dinov2_distill_cfg(teachers["dinov2"])
-  trainer = learner.build(cfg, sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
-  assert trainer.step_masks is None  # no masking: the batch carries no masks
-  assert "ibot_head" in trainer.frozen_teacher.params
+  built = learner.build(cfg, sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
+  assert built.step_masks is None  # no masking: the batch carries no masks
+  assert "ibot_head" in built.frozen_teacher.params
   config_checks.check(cfg, 8)  # mask settings do not matter without masking
   cfg.mask.mask_prob = 0.0
   config_checks.check(cfg, 8)
@@ -84,24 +84,24 @@ def test_frozen_teacher_is_placed_by_the_fsdp_rule(teachers):
   assert any("fsdp" in x.sharding.spec for x in jax.tree.leaves(frozen.params))
 
 
-def first_metrics(trainer, cfg):
-  """The metrics of `trainer`'s first step (its state is donated: use a trainer once)."""
+def first_metrics(built, cfg):
+  """The metrics of `built`'s first step (its state is donated: use a trainer once)."""
   src = data.make_source(cfg.data, "train")
-  crops = jax.device_put(step_crops(src, cfg, 0), trainer.batch_sharding)
-  batch = dict(trainer.make_views(learner.augmentation_key(cfg), 0, crops))
-  return jax.device_get(trainer.train_step(trainer.state, batch)[1])
+  crops = jax.device_put(step_crops(src, cfg, 0), built.batch_sharding)
+  batch = dict(built.make_views(learner.augmentation_key(cfg), 0, crops))
+  return jax.device_get(built.train_step(built.state, batch)[1])
 
 
 def test_frozen_teacher_gets_no_updates_and_gives_the_targets(teachers, tmp_path):
   cfg = distill_cfg(teachers["demo"], steps=3, **{"optim.weight_decay": (0.4, 0.4)})
   mesh = sharding.make_mesh(cfg)
-  trainer = learner.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH)
-  before = jax.device_get(trainer.frozen_teacher.params)
+  built = learner.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH)
+  before = jax.device_get(built.frozen_teacher.params)
   on_disk, _ = checkpoints.restore_weights(teachers["demo"], ("backbone", "head"))
   assert_trees_close(before, jax.device_get(on_disk), atol=0)
-  init_ema = jax.device_get(trainer.state["teacher"].value["backbone"]["pos_embed"])
-  state = jax.device_get(train.train(cfg, str(tmp_path / "run"), frozen_teacher=trainer.frozen_teacher)["state"])
-  assert_trees_close(jax.device_get(trainer.frozen_teacher.params), before, atol=0)
+  init_ema = jax.device_get(built.state["teacher"].value["backbone"]["pos_embed"])
+  state = jax.device_get(trainer.train(cfg, str(tmp_path / "run"), frozen_teacher=built.frozen_teacher)["state"])
+  assert_trees_close(jax.device_get(built.frozen_teacher.params), before, atol=0)
   # The state holds the student (width 16), its EMA and the optimizer, never the teacher (32).
   teacher_shapes = {(1, 4, 4, 32), (32, 96)}  # its position embedding and qkv kernels
   assert not teacher_shapes & {leaf.shape for leaf in jax.tree.leaves(state)}
@@ -109,12 +109,12 @@ def test_frozen_teacher_gets_no_updates_and_gives_the_targets(teachers, tmp_path
   assert saved and not teacher_shapes & set(saved.values())
   assert np.abs(state["teacher"].value["backbone"]["pos_embed"] - init_ema).max() > 0  # the EMA moved
   meta = checkpoints.saved_metadata(checkpoints.weights_manager(str(tmp_path / "run")), 3)
-  assert meta["distill_teacher"] == trainer.frozen_teacher.record
+  assert meta["distill_teacher"] == built.frozen_teacher.record
   assert meta["distill_teacher"]["path"] == teachers["demo"]
   # The targets are the frozen teacher's: halving its weights changes the loss.
   real = first_metrics(learner.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH), cfg)
-  halved = distill.FrozenTeacher(jax.tree.map(lambda x: x * 0.5, trainer.frozen_teacher.params),
-                                 trainer.frozen_teacher.record)
+  halved = distill.FrozenTeacher(jax.tree.map(lambda x: x * 0.5, built.frozen_teacher.params),
+                                 built.frozen_teacher.record)
   other = first_metrics(learner.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH, halved), cfg)
   assert abs(float(real["dino_loss"]) - float(other["dino_loss"])) > 1e-3
   assert abs(float(real["teacher_entropy"]) - float(other["teacher_entropy"])) > 1e-3
@@ -128,24 +128,24 @@ def test_resume_checks_the_teacher(teachers, tmp_path):
   teacher = tmp_path / "teacher"
   shutil.copytree(teachers["demo"], teacher)
   run = str(tmp_path / "run")
-  train.train(distill_cfg(str(teacher), steps=6), run, max_steps=2)
+  trainer.train(distill_cfg(str(teacher), steps=6), run, max_steps=2)
   # The teacher run goes on after the student started: the student resumes from the teacher
   # checkpoint it was trained against, not the teacher's newest.
-  train.train(tiny(demo_fashion_mnist, steps=6), str(teacher))
+  trainer.train(tiny(demo_fashion_mnist, steps=6), str(teacher))
   assert checkpoints.complete_steps(teacher / "checkpoints")[-1] == 6
-  state = train.train(distill_cfg(str(teacher), steps=6), run, max_steps=3)["state"]
+  state = trainer.train(distill_cfg(str(teacher), steps=6), run, max_steps=3)["state"]
   assert int(state["step"]) == 3
   meta = checkpoints.saved_metadata(checkpoints.weights_manager(run), 3)["distill_teacher"]
   assert meta["step"] == 4 and meta["path"] == str(teacher)
   with pytest.raises(UsageError, match="was trained against the teacher .*teacher.* resume with that teacher"):
-    train.train(distill_cfg(teachers["demo_seed1"], steps=6), run)
+    trainer.train(distill_cfg(teachers["demo_seed1"], steps=6), run)
   with pytest.raises(UsageError, match="was trained by distillation from .*; set --config.distill.teacher"):
-    train.train(tiny(demo_fashion_mnist, steps=6, **{"model.width": 16, "model.mlp_dim": 32,
+    trainer.train(tiny(demo_fashion_mnist, steps=6, **{"model.width": 16, "model.mlp_dim": 32,
                                                      "model.drop_path_rate": 0.0}), run)
   plain = tiny(demo_fashion_mnist, steps=6, **{"model.width": 16, "model.mlp_dim": 32})
-  train.train(plain, str(tmp_path / "plain"), max_steps=2)
+  trainer.train(plain, str(tmp_path / "plain"), max_steps=2)
   with pytest.raises(UsageError, match="was not trained by distillation"):
-    train.train(distill_cfg(teachers["demo"], steps=6, **{"model.drop_path_rate": 0.1}), str(tmp_path / "plain"))
+    trainer.train(distill_cfg(teachers["demo"], steps=6, **{"model.drop_path_rate": 0.1}), str(tmp_path / "plain"))
 
 
 def test_teacher_of_another_architecture_is_one_error_line(teachers, tmp_path):
@@ -273,4 +273,4 @@ def test_phase_without_step_restarts_the_schedules(teachers):
 ])
 def test_bad_phase_settings(teachers, tmp_path, override, message):
   with pytest.raises(UsageError, match=message):
-    train.train(hires_cfg(teachers["demo"], **override), str(tmp_path))
+    trainer.train(hires_cfg(teachers["demo"], **override), str(tmp_path))

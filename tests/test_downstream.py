@@ -11,24 +11,24 @@ from jax.sharding import NamedSharding
 import numpy as np
 import pytest
 
-from configs import common as configs_common
+from dino_jax import defaults
 from dino_jax import evaluate
 from dino_jax import evaluators
 from dino_jax import sharding
-from dino_jax import train
-from dino_jax.downstream import common
-from dino_jax.downstream import retrieval
-from dino_jax.downstream import synthetic
+from dino_jax import trainer
 from dino_jax.errors import UsageError
+from dino_jax.evaluators import common
+from dino_jax.evaluators import retrieval
+from dino_jax.evaluators import synthetic
 from tests.test_train import REPO, tiny
 
 DOWNSTREAM = ("retrieval", "copy_detection", "video_propagation", "correspondence", "segmentation", "depth")
 
 
 def test_every_downstream_type_is_registered_with_defaults_that_check():
-  defaults = configs_common.base_config().evals
+  evals = defaults.base_config().evals
   for name in DOWNSTREAM:
-    ecfg = defaults[name]
+    ecfg = evals[name]
     assert ecfg.type == name and ecfg.every_steps == -1  # off unless asked for
     assert not evaluators.EVALUATORS[name].needs_labels
     evaluators.check_one(name, ecfg, tiny(), 8, enabled=False)
@@ -51,7 +51,7 @@ def retrieval_run(tmp_path_factory):
   bench = tmp_path_factory.mktemp("bench")
   retrieval.write_synthetic(bench, layout="plain", scenes=3, distractors=2, size=32)
   workdir = tmp_path_factory.mktemp("run") / "run"
-  out = train.train(tiny(steps=3, **{"evals.retrieval.every_steps": 2, "evals.retrieval.path": str(bench)}),
+  out = trainer.train(tiny(steps=3, **{"evals.retrieval.every_steps": 2, "evals.retrieval.path": str(bench)}),
                     str(workdir))
   return workdir, bench, out
 

@@ -1,4 +1,4 @@
-"""SD-DINO zero-shot keypoint transfer and PCK (dino_jax.downstream.correspondence)."""
+"""SD-DINO zero-shot keypoint transfer and PCK (dino_jax.evaluators.correspondence)."""
 import functools
 import json
 import math
@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 from configs import common as configs
+from dino_jax import defaults
 from dino_jax import pictures
-from dino_jax.downstream import common
-from dino_jax.downstream import correspondence
 from dino_jax.errors import UsageError
+from dino_jax.evaluators import common
+from dino_jax.evaluators import correspondence
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  c = configs.base_config()
+  c = defaults.base_config()
   configs.make_tiny(c)
   params = common.DenseFeatures(c.model).module.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))
   return c, params["params"]

@@ -1,4 +1,4 @@
-"""DINOv2's dense linear probes (dino_jax.downstream.dense): the metrics, losses and schedules
+"""DINOv2's dense linear probes (dino_jax.evaluators.dense): the metrics, losses and schedules
 against hand-computed answers, the probes end to end on the synthetic benchmark with a tiny
 random-init backbone, and bad input as one UsageError."""
 import math
@@ -13,15 +13,18 @@ import pytest
 
 from configs import common as config_common
 from dino_jax import augment
+from dino_jax import defaults
 from dino_jax import evaluators
 from dino_jax import sharding
-from dino_jax.downstream import common
-from dino_jax.downstream import dense
 from dino_jax.errors import UsageError
+from dino_jax.evaluators import common
+from dino_jax.evaluators import dense
+from dino_jax.evaluators import depth
+from dino_jax.evaluators import segmentation
 
 
 def tiny():
-  c = config_common.base_config()
+  c = defaults.base_config()
   config_common.make_tiny(c)
   return c
 
@@ -67,59 +70,59 @@ def test_miou_and_pixel_accuracy_by_hand():
   # (the prediction 0 under it does not count).
   label1, pred1 = np.array([[0, 0, 1], [1, 255, 2]]), np.array([[0, 1, 1], [1, 0, 3]])
   label2, pred2 = np.array([[2, 2]]), np.array([[2, 0]])
-  totals = dense.intersect_and_union(pred1, label1, 5, 255) + dense.intersect_and_union(pred2, label2, 5, 255)
+  totals = segmentation.intersect_and_union(pred1, label1, 5, 255) + segmentation.intersect_and_union(pred2, label2, 5, 255)
   # class 0: I 1, U 2 + 2 - 1 = 3; class 1: I 2, U 3 + 2 - 2 = 3; class 2: I 1, U 1 + 3 - 1 = 3; class 3: I 0, U 1.
   np.testing.assert_array_equal(totals[0], [1, 2, 1, 0, 0])
   np.testing.assert_array_equal(totals[1], [3, 3, 3, 1, 0])
-  scores = dense.segmentation_scores(totals)
+  scores = segmentation.segmentation_scores(totals)
   assert scores["seg_miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 3 + 0) / 4)
   assert scores["seg_pixel_acc"] == pytest.approx(4 / 7)  # 4 right of 7 labelled pixels, over the whole set
 
 
 def test_reduce_zero_label_as_mmseg():
   raw = np.array([[0, 1, 2], [255, 151, 1]])
-  np.testing.assert_array_equal(dense.reduce_zero_label(raw, 255), [[255, 0, 1], [255, 150, 0]])
+  np.testing.assert_array_equal(segmentation.reduce_zero_label(raw, 255), [[255, 0, 1], [255, 150, 0]])
 
 
 def test_depth_metrics_per_image_then_mean_by_hand():
   gt1, pred1 = np.array([[1.0, 2.0], [0.0, 4.0]]), np.array([[1.5, 2.0], [3.0, 2.0]])  # 0: no depth
   gt2, pred2 = np.array([[12.0, 2.0]]), np.array([[5.0, 2.4]])  # 12 m: past max_depth 10
   gt3 = np.zeros((2, 2))  # nothing valid: left out of the mean
-  errors = [dense.depth_errors(p, g, 1e-3, 10.0) for p, g in ((pred1, gt1), (pred2, gt2), (gt3, gt3))]
+  errors = [depth.depth_errors(p, g, 1e-3, 10.0) for p, g in ((pred1, gt1), (pred2, gt2), (gt3, gt3))]
   assert np.isnan(errors[2]).all()
-  scores = dense.depth_scores(errors)
+  scores = depth.depth_scores(errors)
   assert scores["depth_rmse"] == pytest.approx((math.sqrt((0.25 + 0 + 4) / 3) + 0.4) / 2)
   assert scores["depth_abs_rel"] == pytest.approx((1 / 3 + 0.2) / 2)  # (0.5/1 + 0 + 2/4) / 3 and 0.4/2
   assert scores["depth_delta1"] == pytest.approx((1 / 3 + 1) / 2)  # ratios 1.5, 1, 2 and 1.2
 
 
 def test_eigen_crop_is_nyu_rows_45_471_columns_41_601_scaled_inwards_on_4_3_and_refused_otherwise():
-  assert dense.eigen_box((480, 640), "x.png") == (45, 471, 41, 601)
+  assert depth.eigen_box((480, 640), "x.png") == (45, 471, 41, 601)
   # 240x320 (NYU halved): 22.5 -> 23, 235.5 -> 235, 20.5 -> 21, 300.5 -> 300 (never a border pixel).
-  assert dense.eigen_box((240, 320), "x.png") == (23, 235, 21, 300)
+  assert depth.eigen_box((240, 320), "x.png") == (23, 235, 21, 300)
   with pytest.raises(UsageError, match="x.png' is 64x64, not 4:3"):
-    dense.eigen_box((64, 64), "x.png")
+    depth.eigen_box((64, 64), "x.png")
   gt = np.full((480, 640), 2.0)
   pred = gt.copy()
   pred[:45] = pred[471:] = pred[:, :41] = pred[:, 601:] = 9.0  # wrong only outside the crop
   pred[45, 41] = pred[470, 600] = 2.5  # the crop's corner pixels: inside (426 x 560 pixels)
   expected = math.sqrt(2 * 0.25 / (426 * 560))
-  assert dense.depth_errors(pred, gt, 1e-3, 10.0, dense.eigen_box(gt.shape, ""))[0] == pytest.approx(expected)
-  assert dense.depth_errors(pred, gt, 1e-3, 10.0)[0] > 1.0
+  assert depth.depth_errors(pred, gt, 1e-3, 10.0, depth.eigen_box(gt.shape, ""))[0] == pytest.approx(expected)
+  assert depth.depth_errors(pred, gt, 1e-3, 10.0)[0] > 1.0
 
 
 def test_no_valid_pixel_in_the_whole_test_set_is_one_usage_error():
   with pytest.raises(UsageError, match="check depth_scale"):
-    dense.depth_scores([np.full(3, np.nan)] * 2)
+    depth.depth_scores([np.full(3, np.nan)] * 2)
   with pytest.raises(UsageError, match="no labelled pixel"):
-    dense.segmentation_scores(dense.intersect_and_union(np.zeros((2, 2)), np.full((2, 2), 255), 3, 255))
+    segmentation.segmentation_scores(segmentation.intersect_and_union(np.zeros((2, 2)), np.full((2, 2), 255), 3, 255))
 
 
 def test_cross_entropy_counts_ignored_pixels_as_zero_in_the_mean_like_mmseg():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))  # [1, 3, K]
   labels = jnp.array([[0, 1, 255]])
   expected = (-math.log(0.5) - math.log(0.8) + 0) / 3
-  assert float(dense.cross_entropy(logits, labels, 255)) == pytest.approx(expected, rel=1e-6)
+  assert float(segmentation.cross_entropy(logits, labels, 255)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_probe_inputs_concatenate_cls_after_patch_tokens_and_resize_to_the_first_grid():
@@ -156,8 +159,8 @@ def test_sig_loss_bins_and_gradient_loss_by_hand():
   eps = 1e-3
   gt = jnp.array([[1 - eps, 1 - eps, 1 - eps, 0.0]])  # the last pixel has no depth
   pred = jnp.array([[math.e - eps, math.e ** 2 - eps, math.e ** 3 - eps, 7.0]])  # g = 1, 2, 3
-  assert float(dense.sig_loss(pred, gt, False)) == pytest.approx(math.sqrt(1.0 + 0.15 * 4), rel=1e-5)
-  assert float(dense.sig_loss(pred, gt, True)) == pytest.approx(math.sqrt(0.15 * 4), rel=1e-5)
+  assert float(depth.sig_loss(pred, gt, False)) == pytest.approx(math.sqrt(1.0 + 0.15 * 4), rel=1e-5)
+  assert float(depth.sig_loss(pred, gt, True)) == pytest.approx(math.sqrt(0.15 * 4), rel=1e-5)
   # Per group of 2 images (the official per-GPU batch), averaged: group 0 (images 0-1) has g = 1, 3, 0, 0
   # (mean 1, unbiased Var 6 / 3), group 1 (images 2-3) g = 1, 1, 1, 1 (mean 1, Var 0); one group of 4 is sig_loss.
   g = jnp.array([[1.0, 3.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
@@ -165,23 +168,23 @@ def test_sig_loss_bins_and_gradient_loss_by_hand():
   pred4 = jnp.exp(g) * (ones + eps) - eps
   group0 = math.sqrt(((1 - 1) ** 2 + (3 - 1) ** 2 + 1 + 1) / 3 + 0.15 * 1.0)
   group1 = math.sqrt(0.15 * 1.0)
-  assert float(dense.grouped_sig_loss(pred4, ones, False, 2)) == pytest.approx((group0 + group1) / 2, rel=1e-5)
-  assert float(dense.grouped_sig_loss(pred4, ones, False, 4)) == pytest.approx(
-      float(dense.sig_loss(pred4, ones, False)), rel=1e-6)
+  assert float(depth.grouped_sig_loss(pred4, ones, False, 2)) == pytest.approx((group0 + group1) / 2, rel=1e-5)
+  assert float(depth.grouped_sig_loss(pred4, ones, False, 4)) == pytest.approx(
+      float(depth.sig_loss(pred4, ones, False)), rel=1e-6)
   # A group without any depth adds 0 and a finite gradient (not NaN through sqrt(0)).
   empty = ones.at[2:].set(0.0)
-  grad = jax.grad(lambda p: dense.grouped_sig_loss(p, empty, False, 2))(pred4)
+  grad = jax.grad(lambda p: depth.grouped_sig_loss(p, empty, False, 2))(pred4)
   assert np.isfinite(np.asarray(grad)).all() and not np.asarray(grad)[2:].any()
   # 3 bins on [1, 3]: (relu(l) + 0.1) / sum weights the centres 1, 2, 3.
   logits = jnp.array([[[[1.0, -1.0, 0.0]]]])
-  assert float(dense.depth_from_logits(logits, "classify", 1.0, 3.0)[0, 0, 0]) == pytest.approx(1.6 / 1.3)
-  assert float(dense.depth_from_logits(logits, "regression", 1.0, 3.0)[0, 0, 0]) == pytest.approx(2.0)
+  assert float(depth.depth_from_logits(logits, "classify", 1.0, 3.0)[0, 0, 0]) == pytest.approx(1.6 / 1.3)
+  assert float(depth.depth_from_logits(logits, "regression", 1.0, 3.0)[0, 0, 0]) == pytest.approx(2.0)
   # A log-depth error that is constant has no gradient; one step of ln 2 two columns apart does.
   ones = jnp.ones((1, 3, 3))
-  assert float(dense.gradient_loss(2 * ones - eps, ones - eps)) == pytest.approx(0.0, abs=1e-6)
+  assert float(depth.gradient_loss(2 * ones - eps, ones - eps)) == pytest.approx(0.0, abs=1e-6)
   step = jnp.array([[[1.0, 1.0, 2.0]] * 3]) - eps
   # stride 1: 3 horizontal pairs |0 - ln 2| over 9 pixels; strides 2, 4, 6 leave one column.
-  assert float(dense.gradient_loss(step, ones - eps)) == pytest.approx(3 * math.log(2) / 9, rel=1e-5)
+  assert float(depth.gradient_loss(step, ones - eps)) == pytest.approx(3 * math.log(2) / 9, rel=1e-5)
 
 
 def test_mmcv_schedules_and_sliding_windows_by_hand():
@@ -189,9 +192,9 @@ def test_mmcv_schedules_and_sliding_windows_by_hand():
   assert [float(poly(s)) for s in (0, 2, 4, 10)] == pytest.approx([0.0, 0.8 * 0.5, 0.6, 0.0])
   cosine = dense.lr_schedule(2.0, 10, 0, 1e-3, "cosine", min_ratio=0.5)
   assert [float(cosine(s)) for s in (0, 5, 10)] == pytest.approx([2.0, 1.5, 1.0])
-  assert dense.slide_windows(32, 43, 32, 21) == ((0, 0), (0, 11))
-  assert dense.slide_windows(512, 683, 512, 341) == ((0, 0), (0, 171))
-  assert dense.slide_windows(700, 600, 512, 341) == ((0, 0), (0, 88), (188, 0), (188, 88))  # rows last, clamped
+  assert segmentation.slide_windows(32, 43, 32, 21) == ((0, 0), (0, 11))
+  assert segmentation.slide_windows(512, 683, 512, 341) == ((0, 0), (0, 171))
+  assert segmentation.slide_windows(700, 600, 512, 341) == ((0, 0), (0, 88), (188, 0), (188, 88))  # rows last, clamped
   assert dense.crop_size(512, 14) == (518, 518) and dense.crop_size((416, 544), 16) == (416, 544)
   assert dense.block_picks(4, 12, spaced=True) == (10, (0, 3, 6, 9))  # blocks 3, 6, 9, 12
   assert dense.block_picks(4, 12, spaced=False) == (4, (0, 1, 2, 3))  # blocks 9..12
@@ -235,8 +238,8 @@ def test_write_synthetic_layout_and_known_values(synthetic, tmp_path):
 def test_segmentation_probe_learns_synthetic_scenes(synthetic, backbone):
   c, mesh, params = backbone
   ecfg = seg_config(synthetic, n_last_blocks=2)
-  dense.SegmentationEvaluator.check("seg", ecfg, c, True)
-  evaluator = dense.SegmentationEvaluator(ecfg, c, mesh)
+  segmentation.SegmentationEvaluator.check("seg", ecfg, c, True)
+  evaluator = segmentation.SegmentationEvaluator(ecfg, c, mesh)
   state, losses = evaluator.train(params)
   assert losses[-10:].mean() < 0.5 * losses[:10].mean()
   scores = evaluator.score(state, params)
@@ -267,7 +270,7 @@ def test_segmentation_probe_on_perfect_features_scores_perfectly(tmp_path, backb
       Image.fromarray(labels).save(tmp_path / "annotations" / split / f"{i}.png")
   ecfg = seg_config(tmp_path, num_classes=5, reduce_zero_label=False, ratio_range=(1.0, 1.0), steps=150,
                     learning_rate=0.1)
-  evaluator = dense.SegmentationEvaluator(ecfg, c, mesh)
+  evaluator = segmentation.SegmentationEvaluator(ecfg, c, mesh)
   evaluator.inputs = lambda params, images: augment.normalize(images)
   state, _ = evaluator.train(params)
   assert evaluator.score(state, params) == {"seg_miou": 1.0, "seg_pixel_acc": 1.0}
@@ -285,9 +288,9 @@ def test_merge_windows_places_windows_at_row_column_corners():
   class 2 (score 3); their overlap (column 1) averages to class 2."""
   logits = np.zeros((2, 2, 2, 3), np.float32)
   logits[0, ..., 0], logits[1, ..., 2] = 1.0, 3.0
-  ids = dense.merge_windows(jnp.asarray(logits), ((0, 0), (0, 1)), (2, 3), (2, 3))
+  ids = segmentation.merge_windows(jnp.asarray(logits), ((0, 0), (0, 1)), (2, 3), (2, 3))
   np.testing.assert_array_equal(ids, [[0, 2, 2], [0, 2, 2]])
-  np.testing.assert_array_equal(dense.merge_windows(jnp.asarray(logits), ((0, 0), (0, 1)), (2, 3), (4, 6))[:, 0],
+  np.testing.assert_array_equal(segmentation.merge_windows(jnp.asarray(logits), ((0, 0), (0, 1)), (2, 3), (4, 6))[:, 0],
                                 [0] * 4)  # resized to the label map
 
 
@@ -299,7 +302,7 @@ def test_depth_prediction_flips_back_the_flipped_view(synthetic, backbone):
   image[..., 0] = np.arange(32) * 8  # a left-to-right ramp
   expected = np.clip((image[0, ..., 0] / 255 - 0.485) / 0.229 + 3.0, 0, None) + 1e-3
   for flip_test in (False, True):
-    evaluator = dense.DepthEvaluator(depth_config(synthetic, head="regression", upsample=1, flip_test=flip_test),
+    evaluator = depth.DepthEvaluator(depth_config(synthetic, head="regression", upsample=1, flip_test=flip_test),
                                      c, mesh)
     evaluator.inputs = lambda params, images: augment.normalize(images)
     state = {"head": {"kernel": jnp.array([[1.0], [0.0], [0.0]]), "bias": jnp.array([3.0])}}
@@ -309,8 +312,8 @@ def test_depth_prediction_flips_back_the_flipped_view(synthetic, backbone):
 def test_depth_probe_learns_synthetic_terrain(synthetic, backbone):
   c, mesh, params = backbone
   ecfg = depth_config(synthetic)
-  dense.DepthEvaluator.check("depth", ecfg, c, True)
-  evaluator = dense.DepthEvaluator(ecfg, c, mesh)
+  depth.DepthEvaluator.check("depth", ecfg, c, True)
+  evaluator = depth.DepthEvaluator(ecfg, c, mesh)
   state, losses = evaluator.train(params)
   assert losses[-10:].mean() < losses[ecfg.sigloss_warmup_steps:ecfg.sigloss_warmup_steps + 10].mean()
   scores = evaluator.score(state, params)
@@ -328,14 +331,14 @@ def test_depth_regression_head_on_spaced_blocks_with_gradient_loss(synthetic, ba
   c, mesh, params = backbone
   ecfg = depth_config(synthetic, head="regression", n_blocks=2, steps=20, learning_rate=3e-3,
                       gradient_loss_weight=0.5, flip_test=False)
-  evaluator = dense.DepthEvaluator(ecfg, c, mesh)
+  evaluator = depth.DepthEvaluator(ecfg, c, mesh)
   assert evaluator.picks == (0, 1)
   state, losses = evaluator.train(params)
   assert losses.shape == (20,) and np.isfinite(losses).all()
   scores = evaluator.score(state, params)
   assert scores["depth_rmse"] > 0 and scores["depth_abs_rel"] > 0 and 0 <= scores["depth_delta1"] <= 1
   # The square synthetic maps are no NYU frames: the Eigen crop is refused before training.
-  one_line_error(lambda: dense.DepthEvaluator(depth_config(synthetic, eigen_crop=True), c, mesh),
+  one_line_error(lambda: depth.DepthEvaluator(depth_config(synthetic, eigen_crop=True), c, mesh),
                  "eigen_crop is NYU's crop .* is 32x32, not 4:3")
 
 
@@ -363,7 +366,7 @@ DEPTH_FOLDERS = ("images/train", "depth/train", "images/test", "depth/test")
 def test_bad_segmentation_data_is_one_usage_error(synthetic, backbone, tmp_path):
   c, mesh, _ = backbone
   copy_split(synthetic, tmp_path, SEG_FOLDERS)
-  make = lambda: dense.SegmentationEvaluator(seg_config(tmp_path), c, mesh)
+  make = lambda: segmentation.SegmentationEvaluator(seg_config(tmp_path), c, mesh)
   mask = tmp_path / "annotations/training/scene_0001.png"
   saved = mask.read_bytes()
   mask.unlink()
@@ -382,18 +385,18 @@ def test_bad_segmentation_data_is_one_usage_error(synthetic, backbone, tmp_path)
 def test_bad_depth_data_is_one_usage_error(synthetic, backbone, tmp_path):
   c, mesh, _ = backbone
   copy_split(synthetic, tmp_path, DEPTH_FOLDERS)
-  evaluator = dense.DepthEvaluator(depth_config(tmp_path), c, mesh)
-  depth = tmp_path / "depth/train/scene_0002.png"
-  depth.write_bytes(b"not a png")
+  evaluator = depth.DepthEvaluator(depth_config(tmp_path), c, mesh)
+  depth_map = tmp_path / "depth/train/scene_0002.png"
+  depth_map.write_bytes(b"not a png")
   one_line_error(lambda: evaluator.training_view(2, 0, 0), "cannot read depth map .*scene_0002.png")
-  depth.unlink()
+  depth_map.unlink()
   np.save(tmp_path / "depth/train/scene_0002.npy", np.full((32, 32), 2.5, np.float32))  # metres as stored
   assert np.all(evaluator.read_target(tmp_path / "depth/train/scene_0002.npy") == 2.5)
   np.save(tmp_path / "depth/train/scene_0002.npy", np.full((32, 31), 2.5, np.float32))
-  one_line_error(lambda: dense.DepthEvaluator(depth_config(tmp_path), c, mesh).training_view(2, 0, 0),
+  one_line_error(lambda: depth.DepthEvaluator(depth_config(tmp_path), c, mesh).training_view(2, 0, 0),
                  "is 31x32 but its image")
   (tmp_path / "depth/test/scene_0003.png").unlink()
-  one_line_error(lambda: dense.DepthEvaluator(depth_config(tmp_path), c, mesh),
+  one_line_error(lambda: depth.DepthEvaluator(depth_config(tmp_path), c, mesh),
                  "images/test/scene_0003.png has no depth/test/scene_0003.png")
 
 
@@ -409,7 +412,7 @@ def test_bad_depth_data_is_one_usage_error(synthetic, backbone, tmp_path):
     ("seg", dict(seed="1"), "seed must be a non-negative int"),
     ("seg", dict(min_lr_ratio=-1.0), "min_lr_ratio must be a number >= 0"),
     ("seg", dict(reduce_zero_label="yes"), "reduce_zero_label must be true or false"),
-    ("depth", dict(max_depth=float("inf")), "must be below max_depth inf"),
+    ("depth", dict(max_depth=float("inf")), "evals.depth.max_depth must be a positive number, not inf"),
     ("depth", dict(path=None), "evals.depth.path must be a string, not None"),
     ("depth", dict(head="bins"), "head must be 'classify'"),
     ("depth", dict(min_depth=11.0), "min_depth 11.0 must be below max_depth 10.0"),
@@ -418,24 +421,24 @@ def test_bad_depth_data_is_one_usage_error(synthetic, backbone, tmp_path):
 ])
 def test_bad_configs_are_one_usage_error(synthetic, kind, overrides, match):
   c = tiny()
-  make, evaluator = (seg_config, dense.SegmentationEvaluator) if kind == "seg" else (depth_config, dense.DepthEvaluator)
+  make, evaluator = (seg_config, segmentation.SegmentationEvaluator) if kind == "seg" else (depth_config, depth.DepthEvaluator)
   ecfg = make(synthetic, **overrides)  # `path` among the overrides replaces synthetic's
   one_line_error(lambda: evaluator.check(kind, ecfg, c, True), match)
 
 
 def test_missing_layout_folder_is_named(tmp_path):
   (tmp_path / "images/training").mkdir(parents=True)
-  one_line_error(lambda: dense.SegmentationEvaluator.check("seg", seg_config(tmp_path), tiny(), True),
+  one_line_error(lambda: segmentation.SegmentationEvaluator.check("seg", seg_config(tmp_path), tiny(), True),
                  "^evals.seg.path: .* has no annotations/training/ folder")
 
 
 def test_check_names_the_eval_in_layout_errors_and_batches_split_over_devices(synthetic, tmp_path):
   copy_split(synthetic, tmp_path, SEG_FOLDERS)
   (tmp_path / "annotations/training/scene_0003.png").unlink()
-  one_line_error(lambda: dense.SegmentationEvaluator.check("ade_lin4", seg_config(tmp_path), tiny(), True),
+  one_line_error(lambda: segmentation.SegmentationEvaluator.check("ade_lin4", seg_config(tmp_path), tiny(), True),
                  "^evals.ade_lin4.path: image images/training/scene_0003.jpg has no annotations/training/")
-  dense.SegmentationEvaluator.check("ade_lin4", seg_config(tmp_path), tiny(), False)  # disabled: no data needed
-  assert dense.SegmentationEvaluator.shards_batches and dense.DepthEvaluator.shards_batches
+  segmentation.SegmentationEvaluator.check("ade_lin4", seg_config(tmp_path), tiny(), False)  # disabled: no data needed
+  assert segmentation.SegmentationEvaluator.shards_batches and depth.DepthEvaluator.shards_batches
   one_line_error(lambda: evaluators.check_one("nyu", depth_config(synthetic, batch_size=6), tiny(), 4),
                  "evals.nyu.batch_size 6 is not divisible by the 4 devices")
 
@@ -443,11 +446,11 @@ def test_check_names_the_eval_in_layout_errors_and_batches_split_over_devices(sy
 def test_one_name_under_two_suffixes_is_one_usage_error(synthetic, tmp_path):
   copy_split(synthetic, tmp_path, DEPTH_FOLDERS)
   np.save(tmp_path / "depth/test/scene_0001.npy", np.ones((32, 32), np.float32))  # beside scene_0001.png
-  one_line_error(lambda: dense.DepthEvaluator.check("nyu", depth_config(tmp_path), tiny(), True),
+  one_line_error(lambda: depth.DepthEvaluator.check("nyu", depth_config(tmp_path), tiny(), True),
                  "evals.nyu.path: 'scene_0001.npy' and 'scene_0001.png' .* the same <name> twice")
   (tmp_path / "depth/test/scene_0001.npy").unlink()
   (tmp_path / "images/test/scene_0001.jpg").write_bytes((tmp_path / "images/test/scene_0001.png").read_bytes())
-  one_line_error(lambda: dense.DepthEvaluator.check("nyu", depth_config(tmp_path), tiny(), True),
+  one_line_error(lambda: depth.DepthEvaluator.check("nyu", depth_config(tmp_path), tiny(), True),
                  "'scene_0001.jpg' and 'scene_0001.png' .* the same <name> twice")
 
 
@@ -459,7 +462,7 @@ def test_depth_takes_the_last_block_before_the_final_norm_and_segmentation_after
   module = common.DenseFeatures(c.model).module
   raw = module.apply({"params": params}, augment.normalize(images), layers=1, final_norm=False)["intermediate"][0]
   normed = module.apply({"params": params}, augment.normalize(images))
-  depth = dense.DepthEvaluator(depth_config(synthetic), c, mesh)
-  np.testing.assert_allclose(depth.inputs(params, images)[..., :raw["patch"].shape[-1]], raw["patch"], atol=1e-5)
-  seg = dense.SegmentationEvaluator(seg_config(synthetic), c, mesh)
+  depth_probe = depth.DepthEvaluator(depth_config(synthetic), c, mesh)
+  np.testing.assert_allclose(depth_probe.inputs(params, images)[..., :raw["patch"].shape[-1]], raw["patch"], atol=1e-5)
+  seg = segmentation.SegmentationEvaluator(seg_config(synthetic), c, mesh)
   np.testing.assert_allclose(seg.inputs(params, images), normed["patch"], atol=1e-5)

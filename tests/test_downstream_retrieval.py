@@ -1,4 +1,4 @@
-"""Retrieval and copy detection (dino_jax.downstream.retrieval): AP, the revisited levels,
+"""Retrieval and copy detection (dino_jax.evaluators.retrieval): AP, the revisited levels,
 GeM, whitening, the official scaling and cropping, multi-scale averaging, query crops and
 copy detection's top-k against hand computations; both evaluators end to end on synthetic
 data."""
@@ -13,13 +13,15 @@ from PIL import Image
 import pytest
 
 from configs import common as config_common
-from dino_jax.downstream import common
-from dino_jax.downstream import retrieval
+from dino_jax import defaults
 from dino_jax.errors import UsageError
+from dino_jax.evaluators import common
+from dino_jax.evaluators import copy_detection
+from dino_jax.evaluators import retrieval
 
 
 def tiny_cfg():
-  c = config_common.base_config()
+  c = defaults.base_config()
   config_common.make_tiny(c)
   return c
 
@@ -210,7 +212,7 @@ def test_copy_detection_topk_by_hand(tmp_path, tiny):
               "strong/000101", "strong/000102"):
     (tmp_path / rel).parent.mkdir(exist_ok=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{rel}.png")
-  ev = retrieval.CopyDetectionEvaluator(copy_ecfg(tmp_path, blocks="strong", whitening="", topk=2), cfg, None)
+  ev = copy_detection.CopyDetectionEvaluator(copy_ecfg(tmp_path, blocks="strong", whitening="", topk=2), cfg, None)
   # Database: originals 0, 1 and a distractor, one-hot; similarity = the query's normalized entries.
   # Queries of original 0: its copy at rank 1 (AP (0 + 1/2) / 2 = 1/4) and at rank 2 (beyond the top 2:
   # AP 0); of original 1: rank 0 (AP 1) and rank 2 (AP 0). mAP@2 = 5/16.
@@ -265,8 +267,8 @@ def test_copy_detection_end_to_end(tmp_path, tiny):
   cfg, params = tiny
   retrieval.write_synthetic(tmp_path, seed=0, layout="copydays", scenes=5, distractors=5, whitening=70)
   ecfg = copy_ecfg(tmp_path)
-  retrieval.CopyDetectionEvaluator.check("copy_detection", ecfg, cfg, enabled=True)
-  ev = retrieval.CopyDetectionEvaluator(ecfg, cfg, None)
+  copy_detection.CopyDetectionEvaluator.check("copy_detection", ecfg, cfg, enabled=True)
+  ev = copy_detection.CopyDetectionEvaluator(ecfg, cfg, None)
   metrics = ev.run(params)
   assert set(metrics) == {"copy_detection_map", "copy_detection_map_strong", "copy_detection_map_jpegqual_10",
                           "copy_detection_map_crops_50"}
@@ -279,7 +281,7 @@ def test_copy_detection_end_to_end(tmp_path, tiny):
   queries = {b: database[[int(q.stem[:4]) for q in paths]] for b, paths in ev.layout["blocks"].items()}
   assert ev.score(queries, database, None) == {k: pytest.approx(1.0) for k in metrics}
   # Only the strong block, top-1: a query's one true copy ranked first or not at all.
-  ev = retrieval.CopyDetectionEvaluator(copy_ecfg(tmp_path, blocks="strong", topk=1, distractors="", whitening=""),
+  ev = copy_detection.CopyDetectionEvaluator(copy_ecfg(tmp_path, blocks="strong", topk=1, distractors="", whitening=""),
                                         cfg, None)
   assert set(ev.run(params)) == {"copy_detection_map"}
 
@@ -287,7 +289,7 @@ def test_copy_detection_end_to_end(tmp_path, tiny):
 def test_bad_input(tmp_path, tiny):
   cfg, _ = tiny
   check_r = lambda **kw: retrieval.RetrievalEvaluator.check("r", retrieval_ecfg(tmp_path / "rev", **kw), cfg, True)
-  check_c = lambda **kw: retrieval.CopyDetectionEvaluator.check("c", copy_ecfg(tmp_path / "cd", **kw), cfg, True)
+  check_c = lambda **kw: copy_detection.CopyDetectionEvaluator.check("c", copy_ecfg(tmp_path / "cd", **kw), cfg, True)
   with pytest.raises(UsageError, match="evals.r.path: .* is not a folder"):
     check_r()
   (tmp_path / "rev").mkdir()
@@ -327,6 +329,6 @@ def test_bad_input(tmp_path, tiny):
   for bad in (dict(path=None), dict(blocks=""), dict(topk=0), dict(threshold=1.5), dict(imsize=3),
               dict(whitening_dim=-1), dict(distractors=None)):
     with pytest.raises(UsageError, match=f"evals.c.{next(iter(bad))}"):
-      retrieval.CopyDetectionEvaluator.check("c", copy_ecfg(**dict(dict(path=tmp_path), **bad)), cfg, False)
+      copy_detection.CopyDetectionEvaluator.check("c", copy_ecfg(**dict(dict(path=tmp_path), **bad)), cfg, False)
   with pytest.raises(UsageError, match="layout must be one of"):
     retrieval.write_synthetic(tmp_path / "x", layout="oxford")

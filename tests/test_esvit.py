@@ -9,12 +9,12 @@ import pytest
 
 from configs import demo_esvit_fashion_mnist
 from configs import esvit_swin_t
-from dino_jax import extract
 from dino_jax import learner
 from dino_jax import losses
 from dino_jax import pictures
+from dino_jax import runs
 from dino_jax import sharding
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 from tests.test_train import REPO
 from tests.test_train import TRAIN_STEPS_PER_EPOCH
@@ -95,8 +95,8 @@ def esvit_tiny(**overrides):
 
 def test_esvit_fsdp_step_equals_replicated_step():
   cfg = esvit_tiny(**{"mesh.fsdp": 4, "mesh.fsdp_min_size": 256})
-  trainer = learner.build(cfg, sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
-  split = [x for x in jax.tree.leaves(trainer.state["params"]["backbone"]) if "fsdp" in tuple(x.sharding.spec)]
+  built = learner.build(cfg, sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
+  split = [x for x in jax.tree.leaves(built.state["params"]["backbone"]) if "fsdp" in tuple(x.sharding.spec)]
   assert split, "no Swin parameter was split over the fsdp axis"
   sharded, m_fsdp = one_step(cfg, jax.devices(), steps=2)
   replicated, m_rep = one_step(esvit_tiny(), jax.devices()[:1], steps=2)
@@ -109,9 +109,9 @@ def test_esvit_fsdp_step_equals_replicated_step():
 def test_esvit_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
   cfg = esvit_tiny(steps=4)
   cfg.checkpoint.every_steps = 2
-  full = train.train(cfg, str(tmp_path / "full"))["state"]
-  train.train(cfg, str(tmp_path / "resumed"), max_steps=2)
-  resumed = train.train(cfg, str(tmp_path / "resumed"))["state"]
+  full = trainer.train(cfg, str(tmp_path / "full"))["state"]
+  trainer.train(cfg, str(tmp_path / "resumed"), max_steps=2)
+  resumed = trainer.train(cfg, str(tmp_path / "resumed"))["state"]
   assert int(resumed["step"]) == 4
   assert_trees_close(jax.device_get(resumed), jax.device_get(full), atol=1e-6)
 
@@ -132,7 +132,7 @@ def swin_run(tmp_path_factory):
 
 
 def test_swin_run_features_and_pictures(swin_run, tmp_path):
-  backbone = extract.load_backbone(str(swin_run))
+  backbone = runs.load_backbone(str(swin_run))
   cfg = demo_esvit_fashion_mnist.get_config("tiny")
   images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), np.uint8)
   feats = jax.device_get(backbone(images))

@@ -18,13 +18,13 @@ from dino_jax import crops
 from dino_jax import data
 from dino_jax import evaluate
 from dino_jax import evaluators
-from dino_jax import knn
 from dino_jax import learner
 from dino_jax import models
-from dino_jax import probe
 from dino_jax import sharding
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
+from dino_jax.evaluators import knn
+from dino_jax.evaluators import probe
 from tests.test_train import REPO, tiny
 
 
@@ -80,14 +80,14 @@ def small_data(monkeypatch):
   """Evaluators read a few hundred demo images instead of the 10k / 2k splits (any split but
   "train" is the test images)."""
   sources = small_sources()
-  monkeypatch.setattr(evaluators.data, "make_source",
+  monkeypatch.setattr(evaluators.common.data, "make_source",
                       lambda cfg, split, classes=None: sources["train" if split == "train" else "test"])
   return sources
 
 
 def test_knn_evaluator_reports_every_k_and_keeps_knn_top1_at_k20(small_data):
   cfg = tiny(**{"evals.knn.k": (10, 20, 100, 200)})
-  evaluator = evaluators.KnnEvaluator(cfg.evals.knn, cfg, sharding.make_mesh(cfg))
+  evaluator = evaluators.knn.KnnEvaluator(cfg.evals.knn, cfg, sharding.make_mesh(cfg))
   scores = evaluator.run(None)  # raw pixels: features the reference can recompute
   pixels = lambda s: s.images.reshape(len(s), -1).astype(np.float32) / 255
   train_s, test_s = small_data["train"], small_data["test"]
@@ -99,10 +99,10 @@ def test_knn_evaluator_reports_every_k_and_keeps_knn_top1_at_k20(small_data):
   # A single int (configs and runs from before the list): knn_top1 alone, for that k.
   old_cfg = ml_collections.ConfigDict(cfg.evals.knn.to_dict() | {"k": 10})
   evaluators.check_one("knn", old_cfg, cfg, 8)
-  old = evaluators.KnnEvaluator(old_cfg, cfg, sharding.make_mesh(cfg)).run(None)
+  old = evaluators.knn.KnnEvaluator(old_cfg, cfg, sharding.make_mesh(cfg)).run(None)
   assert old == {"knn_top1": scores["knn_top1_k10"]}
-  assert evaluators.KnnEvaluator.describe(old_cfg) == "top-1 on test (k-NN: k=10, T=0.07)"
-  assert evaluators.KnnEvaluator.describe(cfg.evals.knn) == "top-1 on test (k-NN: k=20 (also 10, 100, 200), T=0.07)"
+  assert evaluators.knn.KnnEvaluator.describe(old_cfg) == "top-1 on test (k-NN: k=10, T=0.07)"
+  assert evaluators.knn.KnnEvaluator.describe(cfg.evals.knn) == "top-1 on test (k-NN: k=20 (also 10, 100, 200), T=0.07)"
 
 
 def vit_cfg(**overrides):
@@ -141,7 +141,7 @@ def test_dino_protocol_input_is_last_4_cls_then_average_patch_token(small_data):
                    "evals.linear_dino.batch_size": 16})
   mesh = sharding.make_mesh(cfg)
   params = learner.build(cfg, mesh, 10).state["params"]["backbone"]
-  evaluator = evaluators.LinearEvaluator(cfg.evals.linear_dino, cfg, mesh)
+  evaluator = evaluators.linear.LinearEvaluator(cfg.evals.linear_dino, cfg, mesh)
   assert [v.name for v in evaluator.variants] == ["last4_avgpool"]
   images = small_data["train"].images[:16, 2:18, 2:18]
   got, x = built_inputs(evaluator, params, images)
@@ -157,7 +157,7 @@ def test_dinov2_grid_inputs_and_swin_embedding(small_data):
   cfg = vit_cfg(**{"evals.linear_dinov2.batch_size": 16})
   mesh = sharding.make_mesh(cfg)
   params = learner.build(cfg, mesh, 10).state["params"]["backbone"]
-  evaluator = evaluators.LinearEvaluator(cfg.evals.linear_dinov2, cfg, mesh)
+  evaluator = evaluators.linear.LinearEvaluator(cfg.evals.linear_dinov2, cfg, mesh)
   grid = [(1, False), (1, True), (4, False), (4, True)]
   assert [v.name for v in evaluator.variants] == ["last1", "last1_avgpool", "last4", "last4_avgpool"]
   images = small_data["train"].images[:16, 2:18, 2:18]
@@ -170,7 +170,7 @@ def test_dinov2_grid_inputs_and_swin_embedding(small_data):
   # Swin has no CLS token: its embedding (the pooled last stage) is the one input, whatever the grid.
   swin = tiny(esvit_swin_t, **{"evals.linear_dinov2.batch_size": 16})
   evaluators.check(swin, 8)
-  swin_eval = evaluators.LinearEvaluator(swin.evals.linear_dinov2, swin, mesh)
+  swin_eval = evaluators.linear.LinearEvaluator(swin.evals.linear_dinov2, swin, mesh)
   swin_params = learner.build(swin, mesh, 10).state["params"]["backbone"]
   got, x = built_inputs(swin_eval, swin_params, images)
   emb = models.make_backbone(swin.model).apply({"params": swin_params}, jnp.asarray(x))["embedding"]
@@ -213,7 +213,7 @@ def test_dinov2_grid_learns_fashion_mnist_well_above_chance(small_data, capsys):
   cfg.progress_bar = True
   mesh = sharding.make_mesh(cfg)
   params = learner.build(cfg, mesh, 10).state["params"]["backbone"]  # random init: still far above chance
-  evaluator = evaluators.LinearEvaluator(cfg.evals.linear_dinov2, cfg, mesh)
+  evaluator = evaluators.linear.LinearEvaluator(cfg.evals.linear_dinov2, cfg, mesh)
   assert evaluator.steps_per_epoch == 5  # 320 images, batches of 64
   scores = evaluator.run(params)
   cells = [f"linear_dinov2_top1_{v}_lr{lr}" for v in ("last1", "last1_avgpool", "last2", "last2_avgpool")
@@ -235,7 +235,7 @@ def test_linear_protocol_trains_on_host_crops_of_the_full_image(small_data):
                    "evals.linear_dino.epoch_length": 2, "evals.linear_dino.batch_size": 16,
                    "evals.linear_dino.learning_rates": (0.1,), "evals.linear_dino.seed": 3})
   mesh = sharding.make_mesh(cfg)
-  evaluator = evaluators.LinearEvaluator(cfg.evals.linear_dino, cfg, mesh)
+  evaluator = evaluators.linear.LinearEvaluator(cfg.evals.linear_dino, cfg, mesh)
   seen = []
   step_fn = evaluator.train_step
   evaluator.train_step = lambda *args: seen.append(jax.device_get(args[2:5])) or step_fn(*args)
@@ -250,17 +250,17 @@ def test_linear_protocol_trains_on_host_crops_of_the_full_image(small_data):
     np.testing.assert_array_equal(images, np.stack(want))
     np.testing.assert_array_equal(labels, src.labels[index])
   assert not np.array_equal(seen[0][0], seen[1][0])
-  assert evaluators.LinearEvaluator(cfg.evals.linear_dinov2, cfg, mesh).crop.resample == Image.BICUBIC
+  assert evaluators.linear.LinearEvaluator(cfg.evals.linear_dinov2, cfg, mesh).crop.resample == Image.BICUBIC
 
 
 def test_bad_protocol_configs_are_one_usage_error():
-  cases = [({"evals.linear_dino.protocol": "mae"}, "evals.linear_dino.protocol must be one of dino, dinov2, not 'mae'"),
+  cases = [({"evals.linear_dino.protocol": "mae"}, "evals.linear_dino.protocol must be 'dino' or 'dinov2', not 'mae'"),
            ({"evals.linear_dino.every_steps": 0, "evals.linear_dino.n_last_blocks": 4},
             r"evals.linear_dino.n_last_blocks 4 asks for more blocks than the backbone's 2 \(model.depth\)"),
            ({"evals.linear_dinov2.every_steps": 0},
             r"evals.linear_dinov2.grid_blocks \(1, 4\) asks for more blocks than the backbone's 2"),
            ({"evals.linear_dino.learning_rates": ()}, "learning_rates must be a non-empty list"),
-           ({"evals.linear_dino.epochs": 0}, "evals.linear_dino.epochs must be a positive int, not 0"),
+           ({"evals.linear_dino.epochs": 0}, "evals.linear_dino.epochs must be a positive integer, not 0"),
            ({"evals.knn.k": (20, 0)}, r"evals.knn.k must be a positive int or a list of them")]
   for overrides, message in cases:
     with pytest.raises(UsageError, match=message):
@@ -286,8 +286,8 @@ def trained_run(tmp_path_factory):
                "evals.linear_dino.learning_rates": (0.01, 0.1)}
   workdir = tmp_path_factory.mktemp("eval_run") / "run"
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(evaluators.data, "make_source", patched)
-    out = train.train(tiny(steps=3, **overrides), str(workdir))
+    mp.setattr(evaluators.common.data, "make_source", patched)
+    out = trainer.train(tiny(steps=3, **overrides), str(workdir))
   return workdir, out, patched
 
 
@@ -303,7 +303,7 @@ def test_linear_protocol_runs_periodically_in_training(trained_run):
 
 def test_evaluate_run_on_a_saved_run(trained_run, monkeypatch, capsys):
   workdir, _, patched = trained_run
-  monkeypatch.setattr(evaluators.data, "make_source", patched)
+  monkeypatch.setattr(evaluators.common.data, "make_source", patched)
   # In-process, as `python -m dino_jax.evaluate run --evals linear_dino --set ...` does.
   results = evaluate.run_evaluators(str(workdir), ["linear_dino"], {"learning_rates": (0.1,), "epochs": 2})
   assert set(results["linear_dino"]) == {"linear_dino_top1", "linear_dino_top1_lr0.1"}
@@ -320,4 +320,4 @@ def test_evaluate_run_on_a_saved_run(trained_run, monkeypatch, capsys):
                        text=True, timeout=300)
   assert bad.returncode == 2, bad.stderr[-2000:]
   assert bad.stderr.strip().splitlines() == [
-      "error: evals.linear_dinov2.protocol must be one of dino, dinov2, not 'mae'"]
+      "error: evals.linear_dinov2.protocol must be 'dino' or 'dinov2', not 'mae'"]

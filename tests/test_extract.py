@@ -9,9 +9,9 @@ import pytest
 
 from dino_jax import augment
 from dino_jax import data
-from dino_jax import extract
 from dino_jax import models
-from dino_jax import train
+from dino_jax import runs
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 from tests.test_train import REPO, tiny
 
@@ -19,7 +19,7 @@ from tests.test_train import REPO, tiny
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  state = train.train(tiny(steps=3), str(workdir))["state"]
+  state = trainer.train(tiny(steps=3), str(workdir))["state"]
   return workdir, jax.device_get(state)
 
 
@@ -31,14 +31,14 @@ def in_memory_cls(cfg, params, images, size=None):
 def test_restored_backbone_gives_the_in_memory_features(run):
   workdir, state = run
   images = data.fashion_mnist_demo("test", 16).get(np.arange(8))[0]
-  teacher = extract.load_backbone(str(workdir))
+  teacher = runs.load_backbone(str(workdir))
   assert teacher.step == 3
   feats = jax.device_get(teacher(images))
   np.testing.assert_allclose(feats["embedding"], in_memory_cls(teacher.cfg, state["teacher"].value["backbone"], images),
                              atol=1e-5)
   assert feats["patch"].shape == (8, 4, 4, teacher.cfg.model.width)
   np.testing.assert_allclose(feats["pooled"], feats["patch"].mean(axis=(1, 2)), atol=1e-5)
-  student = jax.device_get(extract.load_backbone(str(workdir), student=True)(images))
+  student = jax.device_get(runs.load_backbone(str(workdir), student=True)(images))
   np.testing.assert_allclose(student["embedding"], in_memory_cls(teacher.cfg, state["params"]["backbone"], images),
                              atol=1e-5)
   assert not np.allclose(student["embedding"], feats["embedding"])
@@ -57,11 +57,11 @@ def test_extract_cli_on_a_different_device_count(run, tmp_path):
   assert feats["embedding"].shape == (2000, 32) and feats["pooled"].shape == (2000, 32)
   np.testing.assert_array_equal(feats["labels"], src.labels)
   images = src.get(np.arange(5))[0]
-  cfg = extract.load_backbone(str(workdir)).cfg
+  cfg = runs.load_backbone(str(workdir)).cfg
   np.testing.assert_allclose(feats["embedding"][:5], in_memory_cls(cfg, state["teacher"].value["backbone"], images,
                                                              cfg.aug.global_size), atol=1e-4)
 
 
 def test_not_a_run_directory(tmp_path):
   with pytest.raises(UsageError, match="not a dino_jax run directory"):
-    extract.load_backbone(str(tmp_path))
+    runs.load_backbone(str(tmp_path))

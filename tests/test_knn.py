@@ -4,7 +4,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax import knn
+from dino_jax.evaluators import knn
 
 
 def _unit(angle_deg):

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from dino_jax import data
-from dino_jax import extract
 from dino_jax import pictures
-from dino_jax import train
+from dino_jax import runs
+from dino_jax import trainer
 from dino_jax.models import vit
 from tests.test_train import REPO, tiny
 
@@ -24,8 +24,8 @@ PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  #
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  train.train(tiny(steps=3, **{"model.num_registers": REGISTERS}), str(workdir))
-  return str(workdir), extract.load_backbone(str(workdir))
+  trainer.train(tiny(steps=3, **{"model.num_registers": REGISTERS}), str(workdir))
+  return str(workdir), runs.load_backbone(str(workdir))
 
 
 def demo(n, size=16):

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from dino_jax import probe
+from dino_jax.evaluators import probe
 from tests.test_train import REPO
 
 

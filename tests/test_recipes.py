@@ -19,7 +19,7 @@ from configs import dinov2_vits14
 from dino_jax import convert
 from dino_jax import learner
 from dino_jax import optim
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 from dino_jax.models import vit
 from tests.test_train import run_cli
@@ -318,14 +318,14 @@ def test_trainable_gain_is_frozen_with_the_last_layer_then_learns():
 def test_epoch_length_sets_the_schedule_and_bad_values_are_one_error(tmp_path):
   cfg = tiny(dinov2_vits14, steps=3)
   cfg.update(epoch_length=3, epochs=1.0)  # 1 epoch = 3 steps, whatever the data's size
-  out = train.train(cfg, str(tmp_path / "run"))
+  out = trainer.train(cfg, str(tmp_path / "run"))
   assert int(out["state"]["step"]) == 3
   cfg.epoch_length = -1
   with pytest.raises(UsageError, match="epoch_length must be 0"):
-    train.train(cfg, str(tmp_path / "bad"))
+    trainer.train(cfg, str(tmp_path / "bad"))
   cfg.epoch_length, cfg.optim.clip_mode = 0, "per_layer"
   with pytest.raises(UsageError, match="optim.clip_mode must be one of per_tensor, per_module, global"):
-    train.train(cfg, str(tmp_path / "bad2"))
+    trainer.train(cfg, str(tmp_path / "bad2"))
 
 
 # ---------------------------------------------------------------------------------------

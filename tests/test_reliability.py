@@ -14,7 +14,7 @@ from configs import demo_fashion_mnist
 from dino_jax import data
 from dino_jax import learner
 from dino_jax import sharding
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 from tests.test_train import TRAIN_STEPS_PER_EPOCH, final_state, run_cli, step_crops, tiny
 
@@ -44,12 +44,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes(tmp_path):
 
 def test_unfinished_checkpoint_is_ignored_with_a_warning(tmp_path, caplog):
   cfg = tiny(steps=4)
-  train.train(cfg, str(tmp_path), max_steps=2)
+  trainer.train(cfg, str(tmp_path), max_steps=2)
   junk = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
   junk.mkdir()
   (junk / "half").write_bytes(b"\0" * 10)
   with caplog.at_level(logging.WARNING):
-    state = train.train(cfg, str(tmp_path))["state"]
+    state = trainer.train(cfg, str(tmp_path))["state"]
   assert int(state["step"]) == 4
   assert "ignoring unfinished checkpoint" in caplog.text and "3.orbax-checkpoint-tmp-1234" in caplog.text
 
@@ -109,7 +109,7 @@ def test_broken_images_are_skipped_counted_and_never_crash_the_run(tmp_path):
   np.testing.assert_array_equal(src.get(bad)[0], src.get(bad + 1)[0])  # the next file stands in
   cfg = tiny(steps=4, **{"data.source": "folder", "data.path": str(tmp_path / "images"), "batch_size": 8,
                          "epochs": 4.0, "evals.knn.every_steps": -1})  # 13 files: one step an epoch
-  out = train.train(cfg, str(tmp_path / "run"))
+  out = trainer.train(cfg, str(tmp_path / "run"))
   assert int(out["state"]["step"]) == 4
   rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert rows[-1]["skipped_images"] == broken
@@ -143,13 +143,13 @@ def nan_views_at_step_3(monkeypatch):
 def test_nan_batch_stops_the_run_naming_the_step(tmp_path, nan_views_at_step_3):
   cfg = tiny(steps=6)
   cfg.checkpoint.every_steps = 1
-  with pytest.raises(train.DivergenceError, match=r"at step 4 .*last good checkpoint: step 3"):
-    train.train(cfg, str(tmp_path))
+  with pytest.raises(trainer.DivergenceError, match=r"at step 4 .*last good checkpoint: step 3"):
+    trainer.train(cfg, str(tmp_path))
 
 
 def test_nan_batch_is_skipped_when_configured(tmp_path, nan_views_at_step_3):
   cfg = tiny(steps=6, on_nonfinite="skip")
-  state = jax.device_get(train.train(cfg, str(tmp_path))["state"])
+  state = jax.device_get(trainer.train(cfg, str(tmp_path))["state"])
   assert int(state["step"]) == 6 and int(state["nonfinite_steps"]) == 1
   assert int(state["first_nonfinite_step"]) == 4
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
@@ -159,12 +159,12 @@ def test_nan_batch_is_skipped_when_configured(tmp_path, nan_views_at_step_3):
 
 def test_nonfinite_step_leaves_the_state_unchanged():
   cfg = tiny()
-  trainer = learner.build(cfg, sharding.make_mesh(), TRAIN_STEPS_PER_EPOCH)
-  before = jax.device_get(trainer.state)
-  batch = dict(trainer.make_views(learner.augmentation_key(cfg), 0,
+  built = learner.build(cfg, sharding.make_mesh(), TRAIN_STEPS_PER_EPOCH)
+  before = jax.device_get(built.state)
+  batch = dict(built.make_views(learner.augmentation_key(cfg), 0,
                                   step_crops(data.fashion_mnist_demo("train", 20), cfg, 0)))
   batch["global"] = batch["global"].at[0].set(jnp.inf)
-  after, metrics = jax.device_get(trainer.train_step(trainer.state, batch))
+  after, metrics = jax.device_get(built.train_step(built.state, batch))
   assert not np.isfinite(metrics["loss"]) and int(after["nonfinite_steps"]) == 1
   for x, y in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"])):
     np.testing.assert_array_equal(x, y)
@@ -172,14 +172,14 @@ def test_nonfinite_step_leaves_the_state_unchanged():
 
 def test_collapse_warnings():
   healthy = {"teacher_entropy": 3.0, "teacher_kl_to_mean": 1.5, "teacher_feature_std": 0.05}
-  assert train.collapse_warnings(healthy, 1024) == []
+  assert trainer.collapse_warnings(healthy, 1024) == []
   uniform = dict(healthy, teacher_entropy=0.995 * np.log(1024), teacher_kl_to_mean=1e-3)
-  assert len(train.collapse_warnings(uniform, 1024)) == 2
+  assert len(trainer.collapse_warnings(uniform, 1024)) == 2
   one_point = dict(healthy, teacher_entropy=0.01, teacher_kl_to_mean=1e-4, teacher_feature_std=1e-5)
-  warnings = train.collapse_warnings(one_point, 1024)
+  warnings = trainer.collapse_warnings(one_point, 1024)
   assert len(warnings) == 2 and "same target" in warnings[0] and "barely vary" in warnings[1]
 
 
 def test_bad_on_nonfinite_value(tmp_path):
   with pytest.raises(UsageError, match="on_nonfinite must be 'stop' or 'skip'"):
-    train.train(tiny(on_nonfinite="ignore"), str(tmp_path))
+    trainer.train(tiny(on_nonfinite="ignore"), str(tmp_path))

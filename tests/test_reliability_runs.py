@@ -22,9 +22,10 @@ from orbax.checkpoint._src.serialization import serialization as orbax_serializa
 import pytest
 
 from dino_jax import checkpoints
+from dino_jax import cli as dino_cli
 from dino_jax import data
 from dino_jax import plot_metrics
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 from tests.test_train import REPO, tiny
 
@@ -40,9 +41,9 @@ DISK_FULL = ('RESOURCE_EXHAUSTED: Error writing local file "{path}/ocdbt.process
 def deadline():
   """Every test here ends within 10 minutes, or the test run fails with the threads' stacks."""
   faulthandler.dump_traceback_later(600, exit=True)
-  train.stop_requested.clear()
+  trainer.stop_requested.clear()
   yield
-  train.stop_requested.clear()
+  trainer.stop_requested.clear()
   faulthandler.cancel_dump_traceback_later()
 
 
@@ -51,7 +52,7 @@ def base_run(tmp_path_factory) -> pathlib.Path:
   """A tiny run stopped after 2 of 4 steps: checkpoints 1 and 2, metrics rows 1 and 2."""
   workdir = tmp_path_factory.mktemp("base") / "run"
   faulthandler.dump_traceback_later(600, exit=True)
-  train.train(tiny(steps=STEPS), str(workdir), max_steps=2)
+  trainer.train(tiny(steps=STEPS), str(workdir), max_steps=2)
   faulthandler.cancel_dump_traceback_later()
   return workdir
 
@@ -94,7 +95,7 @@ def test_disk_full_during_save_is_one_line_naming_the_last_checkpoint(base_run, 
 
   monkeypatch.setattr(orbax_serialization, "async_serialize_from_host", disk_full)
   with pytest.raises(checkpoints.SaveError) as error:
-    train.train(tiny(steps=STEPS), str(workdir))
+    trainer.train(tiny(steps=STEPS), str(workdir))
   message = str(error.value)
   assert message == (f"could not write a checkpoint to {workdir / 'checkpoints'}: no space left on device; "
                      "last complete checkpoint: step 2"), message
@@ -117,10 +118,11 @@ def when(condition, then, timeout=500):
 
 def test_ctrl_c_saves_at_the_step_boundary(tmp_path):
   metrics = tmp_path / "metrics.jsonl"
-  previous = signal.signal(signal.SIGINT, train.request_stop)
+  previous = signal.getsignal(signal.SIGINT)
+  dino_cli.stop_on_signals(trainer.stop_requested)
   try:
     when(lambda: metrics.exists() and metrics.read_text(), lambda: os.kill(os.getpid(), signal.SIGINT))
-    out = train.train(tiny(steps=40), str(tmp_path))
+    out = trainer.train(tiny(steps=40), str(tmp_path))
   finally:
     signal.signal(signal.SIGINT, previous)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -175,9 +177,9 @@ def test_stop_while_the_loop_waits_for_data(tmp_path, monkeypatch):
   cfg = tiny(steps=STEPS)
   stalled = StalledSource(data.fashion_mnist_demo("train", cfg.data.image_size), cfg.batch_size)
   monkeypatch.setattr(data, "make_source", lambda *a, **k: stalled)
-  when(stalled.stalled.is_set, train.stop_requested.set)
+  when(stalled.stalled.is_set, trainer.stop_requested.set)
   try:
-    out = train.train(cfg, str(tmp_path))
+    out = trainer.train(cfg, str(tmp_path))
   finally:
     stalled.release.set()
   assert out["results"]["preempted_at"] == 1
@@ -205,7 +207,7 @@ def dead_pid() -> int:
 def test_second_trainer_in_a_workdir_is_refused(tmp_path):
   write_lock(tmp_path, socket.gethostname(), os.getpid())
   with pytest.raises(UsageError, match=f"is in use by another trainer \\(pid {os.getpid()} on "):
-    train.train(tiny(steps=STEPS), str(tmp_path))
+    trainer.train(tiny(steps=STEPS), str(tmp_path))
   write_lock(tmp_path, "other-host", 1, age_s=10)
   with pytest.raises(UsageError, match="in use by another trainer \\(pid 1 on other-host"):
     with checkpoints.WorkdirLock(str(tmp_path)):
@@ -233,17 +235,17 @@ def test_refused_resume_leaves_the_stored_config(base_run, tmp_path):
   workdir = copy_of(base_run, tmp_path)
   stored = (workdir / "config.json").read_text()
   with pytest.raises(UsageError, match="does not match this config"):
-    train.train(tiny(steps=STEPS, **{"model.width": 48}), str(workdir))
+    trainer.train(tiny(steps=STEPS, **{"model.width": 48}), str(workdir))
   assert (workdir / "config.json").read_text() == stored
   assert not (workdir / checkpoints.WorkdirLock.FILE).exists()  # released
 
 
 def test_changed_config_on_resume_keeps_history(tmp_path, capsys):
   first, second = tiny(steps=STEPS), tiny(steps=STEPS, **{"optim.base_lr": 1e-3})
-  train.record_config(str(tmp_path), first, 0)
-  train.record_config(str(tmp_path), first, 2)  # the same config: no history
+  trainer.record_config(str(tmp_path), first, 0)
+  trainer.record_config(str(tmp_path), first, 2)  # the same config: no history
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
-  train.record_config(str(tmp_path), second, 2)
+  trainer.record_config(str(tmp_path), second, 2)
   assert json.loads((tmp_path / "config.0.json").read_text())["optim"]["base_lr"] == first.optim.base_lr
   assert json.loads((tmp_path / "config.2.json").read_text())["optim"]["base_lr"] == 1e-3
   assert json.loads((tmp_path / "config.json").read_text())["optim"]["base_lr"] == 1e-3
@@ -273,7 +275,7 @@ def test_damaged_checkpoint_is_named_and_the_newest_readable_one_used(base_run, 
     checkpoints.restore_weights(str(workdir), ("backbone",), step=2)
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    out = train.train(tiny(steps=STEPS), str(workdir), max_steps=1)  # the trainer: resumes at 1
+    out = trainer.train(tiny(steps=STEPS), str(workdir), max_steps=1)  # the trainer: resumes at 1
   assert int(out["state"]["step"]) == 1
   assert "set aside as 2.damaged; resuming from step 1" in caplog.text
   assert (workdir / "checkpoints" / "2.damaged").is_dir() and not (workdir / "checkpoints" / "2").exists()
@@ -290,7 +292,7 @@ def test_checkpoint_manifest_lists_every_array_file(base_run):
 def test_resume_drops_metrics_rows_past_the_checkpoint(tmp_path):
   rows = [{"step": s, "loss": 1.0} for s in (1, 2, 3, 4)] + [{"step": 2, "knn_top1": 0.5}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
-  writer = train.MetricWriter(str(tmp_path), start_step=2)  # a run killed at step 4, resumed from checkpoint 2
+  writer = trainer.MetricWriter(str(tmp_path), start_step=2)  # a run killed at step 4, resumed from checkpoint 2
   writer.write(3, {"loss": 2.0})
   writer.close()
   steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -306,8 +308,8 @@ def test_start_removes_unfinished_checkpoints_and_keeps_at_most_keep(base_run, t
   workdir = copy_of(base_run, tmp_path)
   (workdir / "checkpoints" / "3.orbax-checkpoint-tmp").mkdir()
   with pytest.raises(UsageError, match="checkpoint.keep must be a positive integer"):
-    train.train(tiny(steps=STEPS, **{"checkpoint.keep": 0}), str(workdir))
-  train.train(tiny(steps=STEPS, **{"checkpoint.keep": 1}), str(workdir), max_steps=2)
+    trainer.train(tiny(steps=STEPS, **{"checkpoint.keep": 0}), str(workdir))
+  trainer.train(tiny(steps=STEPS, **{"checkpoint.keep": 1}), str(workdir), max_steps=2)
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
 
 
@@ -331,14 +333,14 @@ def test_progress_bar_moves_at_the_synchronized_log_steps(base_run, tmp_path, mo
     def __getattr__(self, name):
       return lambda *a, **k: None
 
-  monkeypatch.setattr(train.tqdm, "tqdm", Bar)
-  train.train(tiny(steps=STEPS, log_every_steps=2), str(workdir))
+  monkeypatch.setattr(trainer.tqdm, "tqdm", Bar)
+  trainer.train(tiny(steps=STEPS, log_every_steps=2), str(workdir))
   assert positions == [4]  # resumed at 2, logged at 4 (not 3, 4)
 
 
 def test_evaluation_period_in_epochs():
   cfg = tiny(**{"evals.knn.every_steps": 0, "evals.knn.every_epochs": 4.0})
-  assert train.eval_every_steps("knn", cfg.evals.knn, steps_per_epoch=78) == 312
-  assert train.eval_every_steps("knn", tiny(**{"evals.knn.every_steps": 5}).evals.knn, 78) == 5
+  assert trainer.eval_every_steps("knn", cfg.evals.knn, steps_per_epoch=78) == 312
+  assert trainer.eval_every_steps("knn", tiny(**{"evals.knn.every_steps": 5}).evals.knn, 78) == 5
   with pytest.raises(UsageError, match="evals.knn: set every_steps \\(5\\) or every_epochs \\(4.0\\), not both"):
-    train.eval_every_steps("knn", tiny(**{"evals.knn.every_steps": 5, "evals.knn.every_epochs": 4.0}).evals.knn, 78)
+    trainer.eval_every_steps("knn", tiny(**{"evals.knn.every_steps": 5, "evals.knn.every_epochs": 4.0}).evals.knn, 78)

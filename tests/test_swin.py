@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from dino_jax import convert
-from dino_jax import extract
 from dino_jax import models
+from dino_jax import runs
 from dino_jax.models import swin
 from tests import torch_reference
 from tests.test_convert import numpy_state, perturbed, relative_error, save_safetensors
@@ -265,7 +265,7 @@ def test_timm_swin_converts_with_forward_parity_and_exports_back(tmp_path, monke
   workdir, parts, cfg = convert.import_file(file, "swin_test", str(tmp_path / "run"), layout="timm")
   assert parts == ["backbone"]
   assert (cfg.model.name, tuple(cfg.model.depths), cfg.model.norm_eps) == ("swin", (2, 2), 1e-5)
-  backbone = extract.load_backbone(str(workdir))
+  backbone = runs.load_backbone(str(workdir))
   assert_swin_matches(backbone, model.forward_features, (56,))
   at_112 = perturbed(timm_swin(112))  # built at 112: shifted windows in both stages
   at_112.load_state_dict(model.state_dict())
@@ -278,7 +278,7 @@ def test_timm_swin_converts_with_forward_parity_and_exports_back(tmp_path, monke
   for key, value in model.state_dict().items():
     np.testing.assert_array_equal(state[key].numpy(), value.numpy(), err_msg=key)
   again, _, _ = convert.import_file(str(tmp_path / "exported.pth"), "swin_test", str(tmp_path / "again"), layout="timm")
-  for a, b in zip(jax.tree.leaves(backbone.params), jax.tree.leaves(extract.load_backbone(str(again)).params)):
+  for a, b in zip(jax.tree.leaves(backbone.params), jax.tree.leaves(runs.load_backbone(str(again)).params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -300,4 +300,4 @@ def test_esvit_checkpoint_converts_with_heads_and_parity_at_padded_sizes(tmp_pat
   workdir, parts, cfg = convert.import_file(str(tmp_path / "checkpoint.pth"), "esvit_test", str(tmp_path / "run"))
   assert parts == ["backbone", "head", "region_head"] and cfg.model.norm_eps == 1e-6
   assert (cfg.head.out_dim, cfg.head.bottleneck_dim) == (32, 16)
-  assert_swin_matches(extract.load_backbone(str(workdir)), backbone, (36, 72))
+  assert_swin_matches(runs.load_backbone(str(workdir)), backbone, (36, 72))

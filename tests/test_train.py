@@ -20,7 +20,7 @@ from dino_jax import crops
 from dino_jax import data
 from dino_jax import learner
 from dino_jax import sharding
-from dino_jax import train
+from dino_jax import trainer
 from dino_jax.errors import UsageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -65,15 +65,15 @@ def assert_trees_close(a, b, atol):
 def one_step(cfg, devices, steps=1):
   """State and metrics after `steps` steps on a mesh of `devices`, from fixed real images."""
   mesh = sharding.make_mesh(cfg, devices)
-  trainer = learner.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH)
+  built = learner.build(cfg, mesh, TRAIN_STEPS_PER_EPOCH)
   src = data.make_source(cfg.data, "train")
-  state = trainer.state
+  state = built.state
   for step in range(steps):
-    batch = dict(trainer.make_views(learner.augmentation_key(cfg), step,
-                                    jax.device_put(step_crops(src, cfg, step), trainer.batch_sharding)))
-    if trainer.step_masks:
-      batch["masks"] = jax.device_put(trainer.step_masks(step), trainer.batch_sharding)
-    state, metrics = trainer.train_step(state, batch)
+    batch = dict(built.make_views(learner.augmentation_key(cfg), step,
+                                    jax.device_put(step_crops(src, cfg, step), built.batch_sharding)))
+    if built.step_masks:
+      batch["masks"] = jax.device_put(built.step_masks(step), built.batch_sharding)
+    state, metrics = built.train_step(state, batch)
   return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -104,10 +104,10 @@ def final_state(workdir, cfg):
 def assert_resume_is_exact(cfg, tmp_path, stop_at: int, end: int) -> dict:
   """A run stopped after `stop_at` steps and rerun ends as the uninterrupted run (which it
   returns) at step `end`."""
-  full = train.train(cfg, str(tmp_path / "full"))["state"]
-  first = train.train(cfg, str(tmp_path / "resumed"), max_steps=stop_at)["state"]
+  full = trainer.train(cfg, str(tmp_path / "full"))["state"]
+  first = trainer.train(cfg, str(tmp_path / "resumed"), max_steps=stop_at)["state"]
   assert int(first["step"]) == stop_at
-  resumed = train.train(cfg, str(tmp_path / "resumed"))["state"]
+  resumed = trainer.train(cfg, str(tmp_path / "resumed"))["state"]
   assert int(resumed["step"]) == int(full["step"]) == end
   assert_trees_close(jax.device_get(resumed), jax.device_get(full), atol=1e-6)
   return full
@@ -145,7 +145,7 @@ def test_kill_9_at_three_random_steps_then_resume_equals_uninterrupted(tmp_path)
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err[-3000:]
   cfg = tiny(demo_fashion_mnist, steps=steps)
-  reference = train.train(cfg, str(tmp_path / "reference"))["state"]
+  reference = trainer.train(cfg, str(tmp_path / "reference"))["state"]
   step, state = final_state(tmp_path / "killed", cfg)
   assert step == steps, kill_points
   assert_trees_close(state, jax.device_get(reference), atol=1e-6)
@@ -190,7 +190,7 @@ def test_image_folder_source_and_training(tmp_path):
   cfg = tiny(steps=2, **{"data.source": "folder", "data.path": str(tmp_path / "images"), "batch_size": 8,
                                 "epochs": 2.0, "evals.knn.every_steps": 0, "evals.knn.batch_size": 8,
                                 "evals.knn.train_split": "train", "evals.knn.test_split": "train"})
-  out = train.train(cfg, str(tmp_path / "run"))  # 12 images: one step an epoch
+  out = trainer.train(cfg, str(tmp_path / "run"))  # 12 images: one step an epoch
   assert int(out["state"]["step"]) == 2
   assert 0 <= out["results"]["knn_top1_teacher"] <= 1  # k-NN on folder labels (12 = 8 + padded 4)
 
@@ -205,7 +205,7 @@ def test_tfds_source_with_mock_data(tmp_path):
     cfg = tiny(steps=2, **{"data.source": "tfds", "data.name": "mnist", "batch_size": 8,
                            "epochs": 2 / 3, "evals.knn.every_steps": 0, "evals.knn.batch_size": 16,
                            "evals.knn.train_split": "train", "evals.knn.test_split": "test"})  # 24 images: 3 steps an epoch
-    out = train.train(cfg, str(tmp_path / "run"))
+    out = trainer.train(cfg, str(tmp_path / "run"))
     assert int(out["state"]["step"]) == 2 and 0 <= out["results"]["knn_top1_teacher"] <= 1
 
 
@@ -245,7 +245,7 @@ def test_tfds_dataset_not_available_offline(tmp_path):
 
 def test_batch_not_divisible_by_devices(tmp_path):
   with pytest.raises(UsageError, match="batch_size 12 is not divisible by the 8 devices"):
-    train.train(tiny(batch_size=12), str(tmp_path))
+    trainer.train(tiny(batch_size=12), str(tmp_path))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -256,13 +256,13 @@ def test_batch_not_divisible_by_devices(tmp_path):
 ])
 def test_bad_speed_options(tmp_path, override, message):
   with pytest.raises(UsageError, match=message):
-    train.train(tiny(**override), str(tmp_path))
+    trainer.train(tiny(**override), str(tmp_path))
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
-  train.train(tiny(steps=2), str(tmp_path))
+  trainer.train(tiny(steps=2), str(tmp_path))
   with pytest.raises(UsageError, match="does not match this config"):
-    train.train(tiny(steps=4, **{"model.width": 48}), str(tmp_path))
+    trainer.train(tiny(steps=4, **{"model.width": 48}), str(tmp_path))
 
 
 @pytest.mark.parametrize("flag,message", [

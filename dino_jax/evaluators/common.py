@@ -1,7 +1,11 @@
-"""What the downstream evaluators share: the frozen backbone on images of any size, image
-files read as uint8 RGB, and the progress bar."""
+"""What the evaluators share: the frozen backbone's global embedding over a split
+(`make_feature_fn`, `extract_features`), its feature maps on images of any size
+(`DenseFeatures`), the train / test splits of the training data, image files read as uint8
+RGB, and the progress bar."""
+import functools
 import os
 import pathlib
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,58 @@ from dino_jax import data
 from dino_jax import models
 from dino_jax import sharding
 from dino_jax.errors import UsageError
+
+
+def make_feature_fn(backbone, image_size: int, mesh) -> Callable:
+  """Jitted (params, uint8 images, labels) -> (features, labels), replicated to every process.
+
+  Features are the backbone's global embedding on the evaluation view, or, with params None,
+  the raw pixels (the baseline a learned representation should beat).
+  """
+  replicated = sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, out_shardings=(replicated, replicated))
+  def features(params, images, labels):
+    if params is None:
+      return images.reshape(images.shape[0], -1).astype(np.float32) / 255.0, labels
+    x = augment.preprocess_eval(images, image_size)
+    return backbone.apply({"params": params}, x)["embedding"], labels
+
+  return features
+
+
+def extract_features(feature_fn, params, source, batch_size: int, batch_sharding) -> tuple[np.ndarray, np.ndarray]:
+  """Features and labels of every image of `source`; each process decodes its slice of
+  every batch (the last batch is padded with image 0 and the padding dropped)."""
+  local = batch_size // jax.process_count()
+  start = jax.process_index() * local
+  to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
+  feats, labels = [], []
+  for i in range(0, len(source), batch_size):
+    index = np.arange(i, i + batch_size)
+    valid = index < len(source)
+    images, lab = data.read_batch(source, np.where(valid, index, 0)[start:start + local])
+    f, lab = feature_fn(params, to_global(images), to_global(lab))
+    feats.append(np.asarray(f)[valid])
+    labels.append(np.asarray(lab)[valid])
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+def labelled(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The rows with a class (label >= 0; images outside any class folder have -1)."""
+  keep = labels >= 0
+  return features[keep], labels[keep]
+
+
+def train_and_test_sources(cfg: ml_collections.ConfigDict, ecfg: ml_collections.ConfigDict):
+  """The evaluator's train and test splits of the training data; the test split numbers its
+  classes by the train split's (a folder split numbers classes by the training split's list)."""
+  train = data.make_source(cfg.data, ecfg.train_split)
+  test = data.make_source(cfg.data, ecfg.test_split, classes=getattr(train, "classes", None))
+  for split, source in ((ecfg.train_split, train), (ecfg.test_split, test)):
+    if hasattr(source, "labels") and not (np.asarray(source.labels) >= 0).any():
+      raise UsageError(f"evals: split {split!r} has no image in a class folder, so nothing to score")
+  return train, test
 
 
 class DenseFeatures:
@@ -92,41 +148,6 @@ def resize_bilinear(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
   (r0, r1, wr), (c0, c1, wc) = axis(x.shape[0], shape[0]), axis(x.shape[1], shape[1])
   x = x[r0] * (1 - wr)[:, None, None] + x[r1] * wr[:, None, None]
   return x[:, c0] * (1 - wc)[None, :, None] + x[:, c1] * wc[None, :, None]
-
-
-# Config checks shared by the evaluators: one UsageError line naming evals.<name>.<key>.
-
-def check_positive_int(name: str, ecfg, key: str, zero: bool = False) -> None:
-  """UsageError unless ecfg[key] is a positive int (or 0 with `zero`)."""
-  value = ecfg.get(key)
-  if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
-    raise UsageError(f"evals.{name}.{key} must be a {'non-negative' if zero else 'positive'} int, not {value!r}")
-
-
-def check_positive_number(name: str, ecfg, key: str) -> None:
-  """UsageError unless ecfg[key] is a positive number."""
-  value = ecfg.get(key)
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise UsageError(f"evals.{name}.{key} must be a positive number, not {value!r}")
-
-
-def check_non_negative_number(name: str, ecfg, key: str) -> None:
-  """UsageError unless ecfg[key] is a finite number >= 0."""
-  value = ecfg.get(key)
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-    raise UsageError(f"evals.{name}.{key} must be a number >= 0, not {value!r}")
-
-
-def check_bool(name: str, ecfg, key: str) -> None:
-  """UsageError unless ecfg[key] is a bool."""
-  if not isinstance(ecfg.get(key), bool):
-    raise UsageError(f"evals.{name}.{key} must be true or false, not {ecfg.get(key)!r}")
-
-
-def check_string(name: str, ecfg, key: str) -> None:
-  """UsageError unless ecfg[key] is a string (a path, a split name)."""
-  if not isinstance(ecfg.get(key), str):
-    raise UsageError(f"evals.{name}.{key} must be a string, not {ecfg.get(key)!r}")
 
 
 def image_files(folder: str | os.PathLike, what: str) -> list[pathlib.Path]:

@@ -72,8 +72,9 @@ from PIL import Image
 
 from dino_jax import augment
 from dino_jax import data
-from dino_jax.downstream import common
+from dino_jax import validate
 from dino_jax.errors import UsageError
+from dino_jax.evaluators import common
 
 SDDINO_PATCHES = 60  # SD-DINO's patch grid: 840 px inputs to DINOv2's patch 14
 MATCHES = ("nn", "mutual", "soft_argmax")
@@ -441,6 +442,16 @@ class CorrespondenceEvaluator:
   for their fusion. The backbone's features are its last block's patch tokens before the
   final LayerNorm, as SD-DINO's extractor takes DINOv2's (facet "token")."""
   needs_labels = False
+  shards_batches = False
+  # SD-DINO (Zhang et al. 2023), SPair-71k test: nearest-neighbour keypoint transfer on the zero-padded square
+  # canvas's 60 x 60 patch grid (image_size 0: 60 patches; grid N > 0: resampled over the image, not SD-DINO's),
+  # fusion [a l2n(external), (1-a) l2n(backbone)] with a = 0.5 when `features_dir` holds external (Stable
+  # Diffusion) maps; PCK@0.1 of the target's bounding box (PF-Pascal: 0.05 / 0.1 / 0.15).
+  default_configs = {
+      "correspondence": dict(type="correspondence", every_steps=-1, every_epochs=0.0, path="", split="test",
+                             features_dir="", alpha=0.5, pca_dim=0, grid=0, image_size=0, match="nn",
+                             temperature=0.02, soft_window=7, pck_alphas=(0.05, 0.1, 0.15), pairs_per_category=0),
+  }
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     self.ecfg = ecfg
@@ -521,16 +532,16 @@ class CorrespondenceEvaluator:
   @staticmethod
   def check(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, enabled: bool) -> None:
     for key in ("path", "split", "features_dir"):
-      common.check_string(name, ecfg, key)
+      validate.string(ecfg, key, prefix=f"evals.{name}.")
     for key in ("pca_dim", "grid", "image_size", "pairs_per_category", "soft_window"):
-      common.check_positive_int(name, ecfg, key, zero=True)
+      validate.positive_int(ecfg, key, zero=True, prefix=f"evals.{name}.")
     alpha = ecfg.get("alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
       raise UsageError(f"evals.{name}.alpha (the external maps' weight in the fusion) must be in [0, 1] "
                        f"(SD-DINO: 0.5), not {alpha!r}")
     if ecfg.get("match") not in MATCHES:
       raise UsageError(f"evals.{name}.match must be one of {', '.join(MATCHES)}, not {ecfg.get('match')!r}")
-    common.check_positive_number(name, ecfg, "temperature")
+    validate.positive_number(ecfg, "temperature", prefix=f"evals.{name}.")
     alphas = ecfg.get("pck_alphas")
     if (not isinstance(alphas, (list, tuple)) or not alphas
         or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1

@@ -37,8 +37,9 @@ import numpy as np
 from PIL import Image
 
 from dino_jax import data
-from dino_jax.downstream import common
+from dino_jax import validate
 from dino_jax.errors import UsageError
+from dino_jax.evaluators import common
 
 VOID = 255  # DAVIS's void label; the semi-supervised evaluation counts it as background
 LONG_SIDE_MULTIPLE = 64  # read_frame rounds the longer side down to a multiple of 64
@@ -294,6 +295,14 @@ class VideoPropagationEvaluator:
   """DINO's DAVIS-2017 video object segmentation by label propagation on frozen patch
   features (Sec. 4.2.3). Metrics: `davis_j_mean`, `davis_f_mean`, `davis_jf_mean`."""
   needs_labels = False
+  shards_batches = False
+  # DINO Sec. 4.2.3 (eval_video_segmentation.py), DAVIS-2017 val: first frame + last 7, top-5 neighbours within
+  # 12 patches, T = 0.1, frames at 480 px (shorter side); J&F on all frames but the first and last (tolerance 0.008).
+  default_configs = {
+      "video_propagation": dict(type="video_propagation", every_steps=-1, every_epochs=0.0, path="",
+                                resolution="480p", split="val", scale_size=480, n_last_frames=7, topk=5,
+                                size_mask_neighborhood=12, temperature=0.1, bound_th=0.008),
+  }
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     self.ecfg = ecfg
@@ -333,15 +342,15 @@ class VideoPropagationEvaluator:
   def check(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, enabled: bool) -> None:
     del cfg
     for key in ("n_last_frames", "topk", "scale_size"):  # DINO: 7, 5, 480
-      common.check_positive_int(name, ecfg, key)
+      validate.positive_int(ecfg, key, prefix=f"evals.{name}.")
     if ecfg.scale_size < LONG_SIDE_MULTIPLE:
       raise UsageError(f"evals.{name}.scale_size must be at least {LONG_SIDE_MULTIPLE} (DINO: 480), "
                        f"not {ecfg.scale_size}")
-    common.check_positive_int(name, ecfg, "size_mask_neighborhood", zero=True)  # 0: no restriction; DINO: 12
+    validate.positive_int(ecfg, "size_mask_neighborhood", zero=True, prefix=f"evals.{name}.")  # 0: no restriction; DINO: 12
     for key in ("temperature", "bound_th"):  # DINO / DAVIS: 0.1, 0.008
-      common.check_positive_number(name, ecfg, key)
+      validate.positive_number(ecfg, key, prefix=f"evals.{name}.")
     for key in ("path", "resolution", "split"):
-      common.check_string(name, ecfg, key)
+      validate.string(ecfg, key, prefix=f"evals.{name}.")
     if enabled:
       if not ecfg.get("path"):
         raise UsageError(f"evals.{name}.path must be a DAVIS-2017 folder (JPEGImages/, Annotations/, ImageSets/)")

@@ -1,39 +1,17 @@
-"""Evaluators plugged from the config, run on the teacher during training and at its end.
+"""The linear evaluator: the papers' linear evaluation of a frozen backbone (DINO's
+`eval_linear.py`, DINOv2's `eval/linear.py`; the math in `dino_jax.evaluators.probe`).
 
-`config.evals` maps a name to an evaluator config whose `type` picks the class here (as
-big_vision's `config.evals`); `every_steps` says when it runs: N > 0 every N steps and at the
-end, 0 only at the end of the run, -1 never (or `every_epochs`, see `train.eval_every_steps`).
-An evaluator turns backbone parameters into a dict of metrics; `baselines=True` also scores
-the same network at random initialization and raw pixels at the end, next to the trained
-teacher. `python -m dino_jax.evaluate run --workdir RUN --evals NAME` runs one on a saved run.
-
-  knn     DINO's weighted k-NN top-1 (train split as memory, test split as queries) for each k
-          of `k` (DINO: 10, 20, 100, 200; T = 0.07): `knn_top1` is k = 20's (the paper's),
-          `knn_top1_k<k>` each k's; with `linear_probe`, the fast linear probe on the same
-          frozen embeddings (`linear_top1`, the online monitor).
-  linear  The papers' linear evaluation (`dino_jax.probe`): classifiers on the frozen
-          backbone's last blocks, trained on augmented training images (random resized crop,
-          scale 0.08-1, of the full image and flip, on the host as torchvision's) with a backbone
-          forward on every batch, scored on the evaluation view of the test split; `protocol`
-          "dino" (one input, a learning-rate sweep: `linear_dino_top1`,
-          `linear_dino_top1_lr<lr>`) or "dinov2" (the grid of inputs x learning rates:
-          `linear_dinov2_top1`, `linear_dinov2_top1_<input>` and
-          `linear_dinov2_top1_<input>_lr<lr>`). As in the papers, the best is picked on the
-          test split.
-
-Features are sharded over the mesh, each process decoding its slice of every batch; k-NN and
-the fast probe then run on the host (`dino_jax.knn`, `dino_jax.probe`), the protocols' steps
-on the devices (jitted, batches split over the mesh, classifiers replicated).
-
-The papers' downstream evaluations live in `dino_jax.downstream` (retrieval, copy_detection,
-video_propagation, correspondence, segmentation, depth: see its docstring); they read a
-benchmark folder (`path`), not the training data, so they also run when it has no labels
-(`needs_labels` False).
+Classifiers are trained on augmented training images (random resized crop, scale 0.08-1, of
+the full image and flip, on the host as torchvision's) with a backbone forward on every batch,
+and scored on the evaluation view of the test split: `protocol` "dino" (one input, a
+learning-rate sweep: `linear_dino_top1`, `linear_dino_top1_lr<lr>`) or "dinov2" (the grid of
+inputs x learning rates: `linear_dinov2_top1`, `linear_dinov2_top1_<input>` and
+`linear_dinov2_top1_<input>_lr<lr>`). The steps run on the devices (jitted, batches split over
+the mesh, classifiers replicated).
 """
 import concurrent.futures
 import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,125 +23,13 @@ import tqdm
 from dino_jax import augment
 from dino_jax import crops
 from dino_jax import data
-from dino_jax import knn
 from dino_jax import models
-from dino_jax import probe
 from dino_jax import sharding
-from dino_jax.downstream import common
-from dino_jax.downstream import correspondence
-from dino_jax.downstream import dense
-from dino_jax.downstream import retrieval
-from dino_jax.downstream import video
+from dino_jax import validate
 from dino_jax.errors import UsageError
+from dino_jax.evaluators import common
+from dino_jax.evaluators import probe
 
-EVALUATED = {"teacher": "trained teacher", "random_init": "random init", "raw_pixels": "raw pixels"}
-
-
-def make_feature_fn(backbone, image_size: int, mesh) -> Callable:
-  """Jitted (params, uint8 images, labels) -> (features, labels), replicated to every process.
-
-  Features are the backbone's global embedding on the evaluation view, or, with params None,
-  the raw pixels (the baseline a learned representation should beat).
-  """
-  replicated = sharding.replicated(mesh)
-
-  @functools.partial(jax.jit, out_shardings=(replicated, replicated))
-  def features(params, images, labels):
-    if params is None:
-      return images.reshape(images.shape[0], -1).astype(np.float32) / 255.0, labels
-    x = augment.preprocess_eval(images, image_size)
-    return backbone.apply({"params": params}, x)["embedding"], labels
-
-  return features
-
-
-def extract_features(feature_fn, params, source, batch_size: int, batch_sharding) -> tuple[np.ndarray, np.ndarray]:
-  """Features and labels of every image of `source`; each process decodes its slice of
-  every batch (the last batch is padded with image 0 and the padding dropped)."""
-  local = batch_size // jax.process_count()
-  start = jax.process_index() * local
-  to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
-  feats, labels = [], []
-  for i in range(0, len(source), batch_size):
-    index = np.arange(i, i + batch_size)
-    valid = index < len(source)
-    images, lab = data.read_batch(source, np.where(valid, index, 0)[start:start + local])
-    f, lab = feature_fn(params, to_global(images), to_global(lab))
-    feats.append(np.asarray(f)[valid])
-    labels.append(np.asarray(lab)[valid])
-  return np.concatenate(feats), np.concatenate(labels)
-
-
-def labelled(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The rows with a class (label >= 0; images outside any class folder have -1)."""
-  keep = labels >= 0
-  return features[keep], labels[keep]
-
-
-def train_and_test_sources(cfg: ml_collections.ConfigDict, ecfg: ml_collections.ConfigDict):
-  """The evaluator's train and test splits; the test split numbers its classes by the train
-  split's (a folder split numbers classes by the training split's list)."""
-  train = data.make_source(cfg.data, ecfg.train_split)
-  test = data.make_source(cfg.data, ecfg.test_split, classes=getattr(train, "classes", None))
-  for split, source in ((ecfg.train_split, train), (ecfg.test_split, test)):
-    if hasattr(source, "labels") and not (np.asarray(source.labels) >= 0).any():
-      raise UsageError(f"evals: split {split!r} has no image in a class folder, so nothing to score")
-  return train, test
-
-
-def main_k(ks: tuple[int, ...]) -> int:
-  """The k that `knn_top1` reports: 20 (DINO's tables) when among them, else the first."""
-  return 20 if 20 in ks else ks[0]
-
-
-class KnnEvaluator:
-  """DINO's weighted k-NN (each k of `k`, T) and optionally the linear probe on frozen
-  embeddings. Metrics: `knn_top1` (k = 20, or the only / first k), with several k also
-  `knn_top1_k<k>` for each; `linear_top1` with `linear_probe`."""
-  needs_labels = True  # scores classification of the training data's classes
-  shards_batches = True  # evals.<name>.batch_size is split over the devices
-
-  def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
-    self.ecfg = ecfg
-    self.memory, self.queries = train_and_test_sources(cfg, ecfg)
-    self.features = make_feature_fn(models.make_backbone(cfg.model), cfg.aug.global_size, mesh)
-    self.batch_sharding = sharding.batch_sharding(mesh)
-
-  def run(self, params) -> dict[str, float]:
-    e = self.ecfg
-    train_f, train_y = labelled(*extract_features(self.features, params, self.memory, e.batch_size,
-                                                  self.batch_sharding))
-    test_f, test_y = labelled(*extract_features(self.features, params, self.queries, e.batch_size,
-                                                self.batch_sharding))
-    ks = knn.as_ks(e.k)
-    acc = knn.knn_accuracies(train_f, train_y, test_f, test_y, self.memory.num_classes, ks, e.temperature)
-    out = {"knn_top1": acc[main_k(ks)]}
-    if len(ks) > 1:
-      out.update({f"knn_top1_k{k}": a for k, a in acc.items()})
-    if e.linear_probe:
-      out["linear_top1"] = probe.linear_probe(train_f, train_y, test_f, test_y, self.memory.num_classes,
-                                              epochs=e.linear_epochs)["test_top1"]
-    return out
-
-  @staticmethod
-  def describe(ecfg: ml_collections.ConfigDict) -> str:
-    ks = knn.as_ks(ecfg.k)
-    others = [k for k in ks if k != main_k(ks)]
-    return (f"top-1 on {ecfg.test_split} (k-NN: k={main_k(ks)}"
-            + (f" (also {', '.join(map(str, others))})" if others else "") + f", T={ecfg.temperature})")
-
-  @staticmethod
-  def check(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, enabled: bool) -> None:
-    del cfg, enabled
-    k = ecfg.k
-    values = list(k) if isinstance(k, (list, tuple)) else [k]
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-      raise UsageError(f"evals.{name}.k must be a positive int or a list of them (DINO: 10, 20, 100, 200), not {k!r}")
-
-
-# ---------------------------------------------------------------------------------------
-# The linear evaluation protocols of DINO and DINOv2 (dino_jax.probe holds the math).
-# ---------------------------------------------------------------------------------------
 
 def backbone_blocks(model_cfg: ml_collections.ConfigDict) -> int:
   """How many blocks the backbone has (every backbone: num_layers = blocks + 1)."""
@@ -256,10 +122,25 @@ class LinearEvaluator:
   """
   needs_labels = True
   shards_batches = True
+  default_configs = {
+      # DINO eval_linear.py: ViT-S n_last_blocks=4; ViT-B n_last_blocks=1, avgpool_patchtokens=True.
+      "linear_dino": dict(type="linear", protocol="dino", every_steps=-1, every_epochs=0.0, epochs=100,
+                          epoch_length=0, batch_size=1024,
+                          learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1), n_last_blocks=4,
+                          avgpool_patchtokens=False, crop_scale=(0.08, 1.0), seed=0, baselines=False,
+                          train_split="train", test_split="validation"),
+      # DINOv2 eval/linear.py: {last 1, 4 blocks} x {with, without avgpool} x 13 lrs, 10 epochs of 1250 steps.
+      "linear_dinov2": dict(type="linear", protocol="dinov2", every_steps=-1, every_epochs=0.0, epochs=10,
+                            epoch_length=1250, batch_size=1024,
+                            learning_rates=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
+                                            0.1),
+                            grid_blocks=(1, 4), crop_scale=(0.08, 1.0), seed=0, baselines=False,
+                            train_split="train", test_split="validation"),
+  }
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     self.ecfg = ecfg
-    self.train_src, self.test_src = train_and_test_sources(cfg, ecfg)
+    self.train_src, self.test_src = common.train_and_test_sources(cfg, ecfg)
     self.num_classes = self.train_src.num_classes
     labels = getattr(self.train_src, "labels", None)
     self.train_index = (np.flatnonzero(np.asarray(labels) >= 0) if labels is not None
@@ -357,24 +238,20 @@ class LinearEvaluator:
 
   @staticmethod
   def check(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, enabled: bool) -> None:
-    protocol = ecfg.get("protocol")
-    if protocol not in probe.PROTOCOLS:
-      raise UsageError(f"evals.{name}.protocol must be one of {', '.join(probe.PROTOCOLS)}, not {protocol!r}")
+    prefix = f"evals.{name}."
+    validate.one_of(ecfg, "protocol", probe.PROTOCOLS, prefix=prefix)
+    protocol = ecfg.protocol
     lrs = ecfg.get("learning_rates", ())
-    if (not isinstance(lrs, (list, tuple)) or not lrs
-        or any(isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0 for lr in lrs)):
-      raise UsageError(f"evals.{name}.learning_rates must be a non-empty list of positive numbers, not {lrs!r}")
+    if not isinstance(lrs, (list, tuple)) or not lrs or not all(validate.is_number(lr) and lr > 0 for lr in lrs):
+      raise UsageError(f"{prefix}learning_rates must be a non-empty list of positive numbers, not {lrs!r}")
     for key in ("epochs", "batch_size"):
-      value = ecfg.get(key)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"evals.{name}.{key} must be a positive int, not {value!r}")
+      validate.positive_int(ecfg, key, prefix=prefix)
     length = ecfg.get("epoch_length", 0)
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-      raise UsageError(f"evals.{name}.epoch_length must be 0 (one pass over the train split) or a positive "
+      raise UsageError(f"{prefix}epoch_length must be 0 (one pass over the train split) or a positive "
                        f"number of steps, not {length!r}")
-    scale = ecfg.get("crop_scale", (0.08, 1.0))
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-      raise UsageError(f"evals.{name}.crop_scale must be a pair (low, high) with 0 < low <= high <= 1, not {scale!r}")
+    if "crop_scale" in ecfg:
+      validate.fraction_range(ecfg, "crop_scale", prefix=prefix)
     key, blocks = (("n_last_blocks", [ecfg.get("n_last_blocks", 4)]) if protocol == "dino" else
                    ("grid_blocks", list(ecfg.get("grid_blocks", probe.DINOV2_GRID_BLOCKS))))
     shown = blocks[0] if protocol == "dino" else tuple(blocks)
@@ -384,36 +261,3 @@ class LinearEvaluator:
     if enabled and cfg.model.get("name", "vit") == "vit" and max(blocks) > (depth := backbone_blocks(cfg.model)):
       raise UsageError(f"evals.{name}.{key} {shown!r} asks for more blocks than the backbone's {depth} "
                        f"(model.depth)")
-
-
-EVALUATORS = {"knn": KnnEvaluator, "linear": LinearEvaluator,
-              "retrieval": retrieval.RetrievalEvaluator, "copy_detection": retrieval.CopyDetectionEvaluator,
-              "video_propagation": video.VideoPropagationEvaluator,
-              "correspondence": correspondence.CorrespondenceEvaluator,
-              "segmentation": dense.SegmentationEvaluator, "depth": dense.DepthEvaluator}
-
-
-def check_one(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, num_devices: int,
-              enabled: bool = True) -> None:
-  """One UsageError for evaluator `name`'s config if it cannot run; checks that depend on the
-  model only where it will run (`enabled`)."""
-  if ecfg.get("type") not in EVALUATORS:
-    raise UsageError(f"evals.{name}.type must be one of {', '.join(EVALUATORS)}, not {ecfg.get('type')!r}")
-  if getattr(EVALUATORS[ecfg.type], "shards_batches", False):
-    common.check_positive_int(name, ecfg, "batch_size")
-    if ecfg.batch_size % num_devices:
-      raise UsageError(f"evals.{name}.batch_size {ecfg.batch_size} is not divisible by the {num_devices} devices")
-  EVALUATORS[ecfg.type].check(name, ecfg, cfg, enabled)
-
-
-def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-  """One UsageError for an evaluator config that cannot run."""
-  for name, ecfg in cfg.evals.items():
-    check_one(name, ecfg, cfg, num_devices, enabled=ecfg.every_steps >= 0)
-
-
-def make(cfg: ml_collections.ConfigDict, mesh, labelled: bool) -> dict:
-  """The config's evaluators that will run (every_steps >= 0), by name; those that score the
-  training data's classes (`needs_labels`) only when it has labels (`labelled`)."""
-  return {name: EVALUATORS[e.type](e, cfg, mesh) for name, e in cfg.evals.items()
-          if e.every_steps >= 0 and (labelled or not EVALUATORS[e.type].needs_labels)}
