@@ -15,7 +15,7 @@ def check_arg(arg, accepted=("tiny",)) -> None:
 def make_tiny(c: ml_collections.ConfigDict) -> None:
   """Shrinks any config to a seconds-long CPU run for tests (the same code paths)."""
   if c.model.name == "swin":  # two stages, window 4: grids 8, 4 on global crops and 4, 2 on local ones
-    c.model.update(patch_size=2, width=16, depths=(1, 1), num_heads=(1, 2), window_size=4)
+    c.model.update(patch_size=2, width=16, depths=(1, 1), num_heads=(1, 2), window_size=4, image_size=16)
   else:
     c.model.update(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, pos_embed_grid=4,
                    num_registers=min(c.model.num_registers, 2))
@@ -23,6 +23,9 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   c.aug.update(global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5))
   c.data.image_size = 20
   c.batch_size = 16
+  c.model.dtype = "float32"
+  if c.per_gpu_batch_size:
+    c.per_gpu_batch_size = 8  # two groups of the per-GPU computations
   c.epochs = 0.02
   c.epoch_length = 0
   c.evals.knn.batch_size = 64

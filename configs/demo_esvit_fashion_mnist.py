@@ -17,7 +17,8 @@ def get_config(arg=None):
   common.check_arg(arg)
   config = demo_fashion_mnist.get_config()
   config.model = dict(name="swin", patch_size=2, width=32, depths=(2, 2, 2), num_heads=(2, 4, 8),
-                      window_size=7, mlp_ratio=4.0, drop_path_rate=0.1, norm_eps=1e-6,
+                      window_size=7, image_size=28, mlp_ratio=4.0, drop_path_rate=0.1, drop_path_mode="sample",
+                      norm_eps=1e-6,
                       init_from="", dtype="float32", remat="none", attention="xla")
   config.loss.update(dino_weight=0.5, region_weight=0.5)
   if arg == "tiny":

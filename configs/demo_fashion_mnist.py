@@ -21,7 +21,8 @@ def get_config(arg=None):
                           linear_probe=True)  # and a linear probe next to the k-NN
 
   # ViT with 4x4 patches of 7 px on 28 px crops: ~0.6 s a step of 128 images on 2 CPU cores.
-  config.model.update(patch_size=7, width=192, depth=4, num_heads=3, mlp_dim=768, pos_embed_grid=4)
+  config.model.update(patch_size=7, width=192, depth=4, num_heads=3, mlp_dim=768, pos_embed_grid=4,
+                      dtype="float32")  # the CPU demo's figures, on any device
   config.head.update(out_dim=1024, hidden_dim=1024, bottleneck_dim=128)
   config.aug.update(global_size=28, local_size=14, num_local=4, global_scale=(0.4, 1.0),
                     local_scale=(0.1, 0.4), blur_sigma=(0.1, 0.5))

@@ -8,8 +8,9 @@ Mirrors dinov2/configs/train/vitg14.yaml over `ssl_default_config.yaml`: ViT-g/1
 warmup, base lr 2e-4 x sqrt(batch / 1024), weight decay 0.04 -> 0.2, no layer-wise decay,
 patch-embed lr x 0.2, module-wise clipping at 3, 98 px local crops. The yaml reads
 ImageNet-22k (here: an image folder, `--config.data.path`); LVD-142M is `dino_jax.curate`'s
-kind of set. The yaml's batch is 12 per GPU: set `--config.batch_size` to 12 x your GPU
-count (the default 3072 is 12 x 256).
+kind of set. The yaml's batch is 12 per GPU; its GPU count is not published: 256 is assumed
+here (batch 3072, the lr's sqrt rule applied to it). Set `--config.batch_size` to 12 x your
+GPU count to follow the yaml on another count.
 
   python -m dino_jax.train --config configs/dinov2_vitg14.py --workdir /shared/run \
       --config.data.path=/data/imagenet22k --config.mesh.fsdp=8
@@ -26,7 +27,8 @@ def get_config(arg=None):
   config.optim.update(base_lr=2e-4, warmup_epochs=80.0, weight_decay=(0.04, 0.2), layer_decay=1.0)
   config.data.update(source="folder", path="", train_split="")
   config.evals.knn.every_steps = -1  # ImageNet-22k has no held-out split: run evaluators on a labelled set
-  config.batch_size = 3072
+  config.per_gpu_batch_size = 12
+  config.batch_size = 12 * 256
   if arg == "tiny":
     common.make_tiny(config)
   return config

@@ -25,7 +25,7 @@ def get_config(arg=None):
   config.aug.local_size = 96
   config.loss.centering = "centering"
   config.optim.teacher_momentum = (0.992, 1.0)
-  config.batch_size = 2048
+  config.batch_size = 64 * 32  # per_gpu_batch_size 64 (the default's) x 32 GPUs
   if arg == "tiny":
     common.make_tiny(config)
   return config

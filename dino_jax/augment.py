@@ -1,13 +1,21 @@
 """DINO multi-crop augmentation's photometric ops as pure JAX functions (on device, jitted, sharded).
 
-Caron et al. 2021, Sec. 3.1 and App. A: two global crops and N local crops (random resized
-crop and horizontal flip: on the host, `dino_jax.crops`), each then with color jitter (p=0.8;
-brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), grayscale (p=0.2), gaussian blur
-(p=1.0 / 0.1 on the two global crops, 0.5 on locals; sigma in [0.1, 2]) and solarization
-(p=0.2, second global crop): `multicrop`.
+Caron et al. 2021, Sec. 3.1 and App. A, as the official pipelines compose torchvision and PIL
+on uint8 images: two global crops and N local crops (random resized crop and horizontal flip:
+on the host, `dino_jax.crops`), each then with color jitter (p=0.8; brightness 0.4, contrast
+0.4, saturation 0.2, hue 0.1, in a random order for each image as torchvision's ColorJitter),
+grayscale (p=0.2), gaussian blur (sigma ~ U(0.1, 2)) and solarization (p=0.2, second global
+crop): `multicrop`. Every op rounds its result to the uint8 grid, as on PIL images.
 
-Differences from torchvision, on purpose: jitter ops run in a fixed order (not a random
-permutation). Every random choice comes from one key, so a step's views are reproducible.
+The blur differs between the official codes (`aug.blur`, `aug.blur_probs`):
+  "pil"          DINO and EsViT: PIL's ImageFilter.GaussianBlur(radius=sigma), three passes of a
+                 box blur of fractional radius each way (`pil_gaussian_blur`), applied with
+                 p = 1.0 / 0.1 / 0.5 (global 1, global 2, local crops);
+  "torchvision"  DINOv2: torchvision's GaussianBlur(kernel_size=9), a 9-tap gaussian with
+                 reflected borders (`torchvision_gaussian_blur`). DINOv2's wrapper applies it with
+                 p = 1 - p of its arguments (1.0 / 0.1 / 0.5), so its runs blur the crops with
+                 p = 0.0 / 0.9 / 0.5: its recipes' default, as the released models were trained.
+Every random choice comes from one key, so a step's views are reproducible.
 """
 import dataclasses
 
@@ -18,12 +26,18 @@ import numpy as np
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # numpy: importing must not start a backend
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+BLURS = ("pil", "torchvision")
 
 
 @dataclasses.dataclass(frozen=True)
 class ViewSpec:
   blur_prob: float
   solarize_prob: float
+
+
+def quantize(image):
+  """`image` in [0, 1] rounded to the uint8 grid (what an op on a PIL image returns)."""
+  return jnp.round(jnp.clip(image, 0.0, 1.0) * 255.0) / 255.0
 
 
 def grayscale(image):
@@ -57,32 +71,108 @@ def _hsv_to_rgb(h, s, v):
   return jnp.stack([r, g, b], -1)
 
 
-def color_jitter(key, image, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
-  """Brightness, contrast, saturation (blends, as torchvision) then a hue rotation."""
-  kb, kc, ks, kh = jax.random.split(key, 4)
-  u = lambda k, m: jax.random.uniform(k, minval=1 - m, maxval=1 + m)
-  image = _blend(image, 0.0, u(kb, brightness))
-  image = _blend(image, jnp.mean(grayscale(image)[..., 0]), u(kc, contrast))
-  image = _blend(image, grayscale(image), u(ks, saturation))
+def _hue_shift(image, shift):
   h, s, v = _rgb_to_hsv(image)
-  h = (h + jax.random.uniform(kh, minval=-hue, maxval=hue)) % 1.0
-  return _hsv_to_rgb(h, s, v)
+  return _hsv_to_rgb((h + shift) % 1.0, s, v)
 
 
-def gaussian_blur(key, image, sigma_range=(0.1, 2.0)):
-  """Separable gaussian blur, sigma ~ U(sigma_range) pixels, kernel radius 3*max sigma."""
-  sigma = jax.random.uniform(key, minval=sigma_range[0], maxval=sigma_range[1])
-  radius = int(3 * sigma_range[1] + 0.5)
-  x = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def jitter_draws(key, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+  """torchvision's ColorJitter.get_params: the order of its four ops, a permutation drawn for
+  each image (`torch.randperm(4)`, `JITTER_OPS` indices), and their factors b, c, s ~ U(1 - x,
+  1 + x) and hue shift ~ U(-hue, hue)."""
+  kb, kc, ks, kh, order = jax.random.split(key, 5)
+  u = lambda k, m: jax.random.uniform(k, minval=1 - m, maxval=1 + m)
+  factors = (u(kb, brightness), u(kc, contrast), u(ks, saturation), jax.random.uniform(kh, minval=-hue, maxval=hue))
+  return jax.random.permutation(order, len(JITTER_OPS)), factors
+
+
+def jitter_op(image, op: str, factor):
+  """One of torchvision's jitter ops: blends with black, the mean gray, the grayscale image,
+  or a hue rotation."""
+  if op == "brightness":
+    return _blend(image, 0.0, factor)
+  if op == "contrast":
+    return _blend(image, jnp.mean(grayscale(image)[..., 0]), factor)
+  if op == "saturation":
+    return _blend(image, grayscale(image), factor)
+  return _hue_shift(image, factor)
+
+
+def color_jitter(key, image, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+  """torchvision's ColorJitter on a uint8-grid image: the four ops in the order drawn for this
+  image (`jitter_draws`), each rounded to uint8."""
+  order, factors = jitter_draws(key, brightness, contrast, saturation, hue)
+  branches = [lambda x, i=i, op=op: jitter_op(x, op, factors[i]) for i, op in enumerate(JITTER_OPS)]
+  for op in order:
+    image = quantize(jax.lax.switch(op, branches, image))
+  return image
+
+
+def _filter(image, taps, axis: int, mode: str):
+  """`image` [H, W, C] filtered along `axis` with the len(taps) (odd) weights `taps`, its borders
+  padded by `mode` ("reflect": mirrored without the edge, as torch; "edge": repeated, as PIL)."""
+  pad = (taps.shape[0] - 1) // 2
+  widths = [(0, 0)] * image.ndim
+  widths[axis] = (pad, pad)
+  padded = jnp.pad(image, widths, mode=mode)
+  n = image.shape[axis]
+  return sum(taps[i] * jax.lax.slice_in_dim(padded, i, i + n, axis=axis) for i in range(taps.shape[0]))
+
+
+def torchvision_gaussian_blur(image, sigma, kernel_size: int = 9):
+  """torchvision's F.gaussian_blur: the separable kernel exp(-x²/2σ²), x = -(k-1)/2 .. (k-1)/2,
+  normalized, over the image with its borders reflected (without repeating the edge)."""
+  x = jnp.arange(kernel_size, dtype=jnp.float32) - (kernel_size - 1) / 2
   kernel = jnp.exp(-0.5 * (x / sigma) ** 2)
   kernel = kernel / jnp.sum(kernel)
-  c = image.shape[-1]
-  x = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")[None]
-  for shape in ((-1, 1, 1, 1), (1, -1, 1, 1)):  # vertical then horizontal pass, per channel
-    x = jax.lax.conv_general_dilated(
-        x, jnp.tile(kernel.reshape(shape), (1, 1, 1, c)), (1, 1), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-  return x[0]
+  return _filter(_filter(image, kernel, 0, "reflect"), kernel, 1, "reflect")
+
+
+def pil_box_radius(sigma, passes: int = 3):
+  """(l, a): the fractional box radius l + a of the `passes` box blurs PIL's GaussianBlur(sigma)
+  runs (its `_gaussian_blur_radius`: Gwosdek et al. 2011, extended box filters)."""
+  sigma2 = sigma * sigma / passes
+  length = jnp.sqrt(12.0 * sigma2 + 1.0)
+  l = jnp.floor((length - 1.0) / 2.0)
+  a = (2 * l + 1) * (l * (l + 1) - 3 * sigma2) / (6 * (sigma2 - (l + 1) ** 2))
+  return l, a
+
+
+def pil_gaussian_blur(image, sigma, passes: int = 3, max_l: int = 1):
+  """PIL's ImageFilter.GaussianBlur(radius=sigma), in PIL's fixed-point arithmetic: `passes`
+  box blurs of radius r = l + a along the rows, then `passes` along the columns (its
+  ImagingBoxBlur), each pixel the sum of the 2l + 1 pixels around it times ww =
+  floor(2^24 / (2r + 1)) plus the next one on each side times fw = (2^24 - (2l + 1) ww) / 2,
+  rounded back to uint8 ((sum + 2^23) >> 24), the borders extended (edge pixels repeated).
+  `max_l` bounds l (`pil_max_l`)."""
+  l, a = pil_box_radius(sigma, passes)
+  one = jnp.float32(1 << 24)
+  ww = jnp.floor(one / (2 * (l + a) + 1)).astype(jnp.uint32)
+  fw = (jnp.uint32(1 << 24) - (2 * l + 1).astype(jnp.uint32) * ww) // 2
+  offsets = jnp.abs(jnp.arange(-max_l - 1, max_l + 2, dtype=jnp.float32))
+  taps = jnp.where(offsets <= l, ww, jnp.where(offsets == l + 1, fw, jnp.uint32(0)))
+  pixels = jnp.round(image * 255.0).astype(jnp.uint32)
+  for axis in (1, 0):
+    for _ in range(passes):
+      pixels = (_filter(pixels, taps, axis, "edge") + jnp.uint32(1 << 23)) >> 24
+  return pixels.astype(jnp.float32) / 255.0
+
+
+def pil_max_l(sigma: float, passes: int = 3) -> int:
+  """The largest integer box radius l of `pil_box_radius` for sigmas up to `sigma` (1 for 2)."""
+  return int(np.floor((np.sqrt(12.0 * sigma * sigma / passes + 1.0) - 1.0) / 2.0))
+
+
+def gaussian_blur(key, image, cfg: ml_collections.ConfigDict):
+  """The recipe's blur (`aug.blur`) at sigma ~ U(aug.blur_sigma)."""
+  low, high = cfg.blur_sigma
+  sigma = jax.random.uniform(key, minval=low, maxval=high)
+  if cfg.get("blur", "pil") == "torchvision":
+    return quantize(torchvision_gaussian_blur(image, sigma))
+  return pil_gaussian_blur(image, sigma, max_l=pil_max_l(high))
 
 
 def solarize(image, threshold=0.5):
@@ -90,22 +180,23 @@ def solarize(image, threshold=0.5):
 
 
 def augment_view(key, image, spec: ViewSpec, cfg: ml_collections.ConfigDict):
-  """The photometric ops of one DINO view, a float [H, W, 3] crop in [0, 1]; normalized with
-  ImageNet statistics."""
+  """The photometric ops of one DINO view, a float [H, W, 3] crop on the uint8 grid of [0, 1];
+  normalized with ImageNet statistics."""
   keys = jax.random.split(key, 7)
   x = jnp.where(jax.random.bernoulli(keys[0], cfg.jitter_prob), color_jitter(keys[1], image, *cfg.jitter), image)
-  x = jnp.where(jax.random.bernoulli(keys[2], cfg.grayscale_prob), grayscale(x), x)
+  x = jnp.where(jax.random.bernoulli(keys[2], cfg.grayscale_prob), quantize(grayscale(x)), x)
   if spec.blur_prob > 0:
-    x = jnp.where(jax.random.bernoulli(keys[3], spec.blur_prob), gaussian_blur(keys[4], x, tuple(cfg.blur_sigma)), x)
+    x = jnp.where(jax.random.bernoulli(keys[3], spec.blur_prob), gaussian_blur(keys[4], x, cfg), x)
   if spec.solarize_prob > 0:
     x = jnp.where(jax.random.bernoulli(keys[5], spec.solarize_prob), solarize(x), x)
   return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def view_specs(cfg: ml_collections.ConfigDict):
-  """The (global, local) view specs of the DINO recipe from the `aug` config."""
-  globals_ = [ViewSpec(1.0, 0.0), ViewSpec(0.1, cfg.solarize_prob)]
-  return globals_, [ViewSpec(0.5, 0.0)] * cfg.num_local
+  """The (global, local) view specs of the recipe's `aug` config: blur with `blur_probs`
+  (global 1, global 2, local), solarization on the second global crop."""
+  first, second, local = cfg.get("blur_probs", (1.0, 0.1, 0.5))
+  return [ViewSpec(first, 0.0), ViewSpec(second, cfg.solarize_prob)], [ViewSpec(local, 0.0)] * cfg.num_local
 
 
 def multicrop(key, crops: dict, cfg: ml_collections.ConfigDict):
@@ -143,5 +234,5 @@ def preprocess_eval(images, size: int):
   resized = round(size * EVAL_RESIZE)
   if x.shape[1:3] != (resized, resized):
     x = jax.image.resize(x, (x.shape[0], resized, resized, 3), method="linear", antialias=True)
-  top = (resized - size) // 2
+  top = int(round((resized - size) / 2.0))  # torchvision's CenterCrop offset
   return normalize(x[:, top:top + size, top:top + size])

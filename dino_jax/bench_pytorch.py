@@ -43,14 +43,14 @@ def check_comparable(cfg: ml_collections.ConfigDict, jax_backend: str) -> str:
   return "cuda" if jax_backend == "gpu" else "cpu"
 
 
-def residual(x, branch, rate: float, training: bool):
-  """x + branch(x) with stochastic depth as DINOv2 (and `dino_jax.models.layers.residual`):
-  above rate 0.1 the branch runs only on a random kept subset of the batch, its output added
-  back scaled by n / k; otherwise a per-sample mask."""
+def residual(x, branch, rate: float, training: bool, subset: bool):
+  """x + branch(x) with stochastic depth as `dino_jax.models.layers.residual`: with `subset`
+  (DINOv2) the branch runs only on a random kept subset of the batch, its output added back
+  scaled by n / k; otherwise a per-sample mask (DINO)."""
   if not training or rate == 0:
     return x + branch(x)
   n = x.shape[0]
-  if rate > 0.1:
+  if subset:
     k = max(int(n * (1 - rate)), 1)
     keep = torch.randperm(n, device=x.device)[:k]
     return torch.index_add(x, 0, keep, branch(x[keep]).to(x.dtype), alpha=n / k)
@@ -58,21 +58,20 @@ def residual(x, branch, rate: float, training: bool):
   return x + branch(x) * mask
 
 
-def stochastic_depth_forward(block: nn.Module, rate: float):
+def stochastic_depth_forward(block: nn.Module, rate: float, subset: bool):
   """A timm block's forward with `residual`'s stochastic depth at `rate`."""
 
   def forward(x):
-    x = residual(x, lambda y: block.ls1(block.attn(block.norm1(y))), rate, block.training)
-    return residual(x, lambda y: block.ls2(block.mlp(block.norm2(y))), rate, block.training)
+    x = residual(x, lambda y: block.ls1(block.attn(block.norm1(y))), rate, block.training, subset)
+    return residual(x, lambda y: block.ls2(block.mlp(block.norm2(y))), rate, block.training, subset)
 
   return forward
 
 
 def make_backbone(m: ml_collections.ConfigDict) -> nn.Module:
-  """timm's ViT with the config's architecture; its position embedding at m.pos_embed_grid and, as
-  dino_jax.models.ViT, not on the CLS token (the official DINOv2 one also has a CLS position,
-  which the converter folds into the CLS token). Stochastic depth is the config's: per-block
-  rates (uniform, or rising as DINO's linspace), kept subsets above 0.1 (`residual`)."""
+  """timm's ViT with the config's architecture, its position embedding of the patches at
+  m.pos_embed_grid (the CLS slot: `Network.cls_pos_embed`). Stochastic depth is the config's:
+  per-block rates (uniform, or rising as DINO's linspace), kept subsets in "subset" mode."""
   swiglu = m.ffn == "swiglu"
   vit = timm.models.vision_transformer.VisionTransformer(
       img_size=m.pos_embed_grid * m.patch_size, patch_size=m.patch_size, embed_dim=m.width, depth=m.depth,
@@ -82,7 +81,7 @@ def make_backbone(m: ml_collections.ConfigDict) -> nn.Module:
       dynamic_img_size=True)
   jax_vit = models.make_backbone(m)
   for i, block in enumerate(vit.blocks):
-    block.forward = stochastic_depth_forward(block, jax_vit.block_rate(i))
+    block.forward = stochastic_depth_forward(block, jax_vit.block_rate(i), m.get("drop_path_mode") == "subset")
   return vit
 
 
@@ -113,6 +112,7 @@ class Network(nn.Module):
     super().__init__()
     self.backbone = make_backbone(cfg.model)
     self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, cfg.model.width)) if ibot else None
+    self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, cfg.model.width))  # the official pos_embed's CLS slot
     self.head = Head(cfg.model.width, cfg.head, cfg.head.bottleneck_dim)
     self.ibot_head = None
     if ibot and not cfg.head.share_ibot_head:
@@ -125,7 +125,9 @@ class Network(nn.Module):
     x = vit.patch_embed(images)  # [B, h, w, D]
     if masks is not None:
       x = torch.where(masks.view(x.shape[:3] + (1,)), self.mask_token.to(x.dtype), x)
-    return vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(x))))  # pylint: disable=protected-access
+    x = vit._pos_embed(x)  # pylint: disable=protected-access
+    x = torch.cat([x[:, :1] + self.cls_pos_embed, x[:, 1:]], dim=1)
+    return vit.norm(vit.blocks(vit.norm_pre(x)))
 
 
 def sinkhorn_knopp(logits, temp, iters=3):

@@ -183,6 +183,46 @@ def prune(mngr: ocp.CheckpointManager, keep: int) -> None:
     mngr.delete(step)
 
 
+# Arrays the models gained after runs were first written, by the last part of their name: a
+# checkpoint without one reads it as zeros, which computes what the older model computed (its
+# CLS token held the position embedding's CLS slot, now `cls_pos_embed`).
+ADDED_ARRAYS = ("cls_pos_embed",)
+
+
+def is_added(name: str) -> bool:
+  return name.rsplit("/", 1)[-1] in ADDED_ARRAYS
+
+
+def _prune(tree, names: set[str], prefix: str = ""):
+  """`tree` (dicts, lists, tuples, namedtuples of arrays) without the dict entries named in
+  `names` ("part/.../name", `path_name`'s form)."""
+  name = lambda key: f"{prefix}/{key}" if prefix else str(key)
+  if isinstance(tree, dict):
+    return {k: _prune(v, names, name(k)) for k, v in tree.items() if name(k) not in names}
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+    return type(tree)(*(_prune(v, names, name(f)) for f, v in zip(tree._fields, tree)))
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_prune(v, names, name(i)) for i, v in enumerate(tree))
+  return tree
+
+
+def with_added_arrays(restored, like):
+  """`restored` (`like` without some of the arrays of `ADDED_ARRAYS`) with each of those as
+  zeros placed as `like`'s."""
+  flat = by_name(restored)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: flat[path_name(p)] if path_name(p) in flat else jnp.zeros(x.shape, x.dtype, device=x.sharding),
+      like)
+
+
+def with_added_weights(weights: dict) -> dict:
+  """Backbone weights of an older run with each array of `ADDED_ARRAYS` it lacks as zeros of its
+  CLS token's shape and placement (the one added array: the CLS slot of the position embedding)."""
+  if "cls_token" not in weights or "cls_pos_embed" in weights:
+    return weights
+  return dict(weights, cls_pos_embed=jnp.zeros_like(weights["cls_token"]))
+
+
 def by_name(tree) -> dict:
   """{"part/.../name": leaf} of a pytree."""
   return {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
@@ -220,9 +260,10 @@ def run_manager(workdir: str, step: int | None) -> ocp.CheckpointManager:
   return mngr
 
 
-def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> None:
+def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> set[str]:
   """Raises UsageError naming the differences when the checkpoint's arrays (names, shapes)
-  are not those of `state`: a run directory of another config or architecture."""
+  are not those of `state`: a run directory of another config or architecture. Returns the
+  names of `state`'s arrays the checkpoint lacks (of `ADDED_ARRAYS`: an older run)."""
   mngr = weights_manager(str(step_dir.parent.parent))
   with _read_errors_as_damage():
     saved = shapes_by_name(mngr.item_metadata(int(step_dir.name)))
@@ -231,10 +272,12 @@ def check_checkpoint_matches(step_dir: pathlib.Path, state: dict) -> None:
     raise DamagedCheckpoint("its array metadata cannot be read")
   wanted = shapes_by_name(state)
   diffs = [f"{k}: checkpoint {saved.get(k, 'missing')} vs config {wanted.get(k, 'missing')}"
-           for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+           for k in sorted(saved.keys() | wanted.keys())
+           if saved.get(k) != wanted.get(k) and not (k not in saved and is_added(k))]
   if diffs:
     raise UsageError(f"checkpoint {step_dir} does not match this config: {len(diffs)} arrays differ, "
                      f"e.g. {'; '.join(diffs[:3])}")
+  return set(wanted) - set(saved)
 
 
 def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
@@ -248,8 +291,11 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state: dict) -> dict:
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
   def read(step):
-    check_checkpoint_matches(directory / str(step), state)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    added = check_checkpoint_matches(directory / str(step), state)
+    if not added:
+      return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(_prune(abstract, added)))
+    return with_added_arrays(restored, state)
 
   restored, step, damaged = read_newest(directory, mngr.all_steps(), read)
   for bad, why in damaged.items():
@@ -305,7 +351,8 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
     nest = (lambda x: {"params": x}) if student else (lambda x: {"teacher": {"value": x}})
     restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=nest(wanted), restore_args=nest(args),
                                                               partial_restore=True))
-    return restored["params"] if student else restored["teacher"]["value"]
+    weights = restored["params"] if student else restored["teacher"]["value"]
+    return weights | ({"backbone": with_added_weights(weights["backbone"])} if "backbone" in weights else {})
 
   return read_run(mngr, step, read)
 
@@ -328,7 +375,8 @@ def restore_state_parts(workdir: str, like: dict, step: int | None = None) -> tu
     if not saved:
       raise DamagedCheckpoint("its array metadata cannot be read")
     wanted = shapes_by_name(like)
-    missing = sorted((name for name in wanted if name not in saved),
+    added = {name for name in wanted if name not in saved and is_added(name)}
+    missing = sorted((name for name in wanted if name not in saved and name not in added),
                      key=lambda name: name.startswith("opt_state"))  # the parameters first
     if missing:
       raise UsageError(f"checkpoint {step} of {workdir!r} has no {_listed(missing)}: another kind of run")
@@ -339,11 +387,13 @@ def restore_state_parts(workdir: str, like: dict, step: int | None = None) -> tu
       raise UsageError(f"checkpoint {step} of {workdir!r} has {_listed(extra)}, which this config lacks: "
                        "another architecture")
     replicated = sharding.replicated(next(iter(jax.tree.leaves(like))).sharding.mesh)
+    present = _prune(like, added)
     shape = lambda path: saved[path_name(path)]
-    item = jax.tree_util.tree_map_with_path(lambda p, x: jax.ShapeDtypeStruct(shape(p), x.dtype), like)
+    item = jax.tree_util.tree_map_with_path(lambda p, x: jax.ShapeDtypeStruct(shape(p), x.dtype), present)
     args = jax.tree_util.tree_map_with_path(lambda p, x: ocp.ArrayRestoreArgs(
-        sharding=x.sharding if shape(p) == x.shape else replicated, global_shape=shape(p), dtype=x.dtype), like)
-    return mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+        sharding=x.sharding if shape(p) == x.shape else replicated, global_shape=shape(p), dtype=x.dtype), present)
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+    return with_added_arrays(restored, like) if added else restored
 
   return read_run(mngr, step, read)
 

@@ -14,6 +14,7 @@ import pathlib
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from dino_jax import augment
@@ -25,7 +26,7 @@ from dino_jax import phases
 from dino_jax import validate
 from dino_jax.errors import UsageError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIN_MASKED_PATCHES = 3  # the smallest block `masking.block_mask` places
 
 
@@ -41,6 +42,13 @@ def _check_counts(cfg, num_devices: int) -> None:
                      f"steps, not {length!r}")
   if cfg.batch_size % num_devices:
     raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {num_devices} devices")
+  validate.positive_int(cfg, "per_gpu_batch_size", zero=True)
+  group = objectives.group_size(cfg)
+  if cfg.batch_size % group:
+    raise UsageError(f"per_gpu_batch_size {group} does not divide batch_size {cfg.batch_size} (the global batch is "
+                     "the per-GPU batch x the GPU count of the official run)")
+  if "koleo" in objectives.active(cfg) and group < 2:
+    raise UsageError(f"per_gpu_batch_size {group}: KoLeo needs at least 2 images per group (a nearest neighbour)")
   evaluators.check(cfg, num_devices)
 
 
@@ -52,6 +60,8 @@ def _check_choices(cfg) -> None:
   validate.one_of(cfg, "optim.clip_mode", optim.CLIP_MODES)
   validate.one_of(cfg, "optim.freeze_mode", optim.FREEZE_MODES)
   validate.one_of(cfg, "model.remat", ("none", *models.REMAT_POLICIES))
+  if "drop_path_mode" in cfg.model:  # a model dict without it: per-sample
+    validate.one_of(cfg, "model.drop_path_mode", ("sample", "subset"))
   validate.one_of(cfg, "model.attention", ("xla", "cudnn"))
   validate.one_of(cfg, "model.dtype", DTYPES)
   if cfg.model.get("scan", False):
@@ -79,6 +89,15 @@ def _check_heads(m: ml_collections.ConfigDict) -> None:
 
 
 def _check_crops(cfg, backbone) -> None:
+  validate.one_of(cfg, "aug.blur", augment.BLURS)
+  probs = cfg.aug.blur_probs
+  if not (isinstance(probs, (list, tuple)) and len(probs) == 3 and all(validate.is_number(p) and 0 <= p <= 1
+                                                                       for p in probs)):
+    raise UsageError(f"aug.blur_probs must be 3 probabilities (global crop 1, global crop 2, local crops), "
+                     f"not {probs!r}")
+  low, high = validate.number_pair(cfg, "aug.blur_sigma")
+  if not 0 < low <= high:
+    raise UsageError(f"aug.blur_sigma must be (low, high) with 0 < low <= high, not {(low, high)!r}")
   validate.fraction_range(cfg, "aug.global_scale")
   validate.fraction_range(cfg, "aug.local_scale")
   if cfg.aug.num_local < 0:
@@ -96,7 +115,8 @@ def _check_crops(cfg, backbone) -> None:
 def _check_attention(cfg) -> None:
   """cuDNN's fused attention: bfloat16 or float16 on a GPU (odd token counts go padded to even,
   `models.layers.attention`)."""
-  if cfg.model.attention == "cudnn" and (jax.default_backend() != "gpu" or cfg.model.dtype == "float32"):
+  if cfg.model.attention == "cudnn" and (jax.default_backend() != "gpu" or
+                                         models.compute_dtype(cfg.model.dtype) == jnp.float32):
     raise UsageError("model.attention=cudnn needs a GPU and model.dtype bfloat16 or float16")
 
 
@@ -110,10 +130,10 @@ def _check_masking(cfg, backbone) -> None:
   if not validate.is_number(mask_prob) or not 0 < mask_prob <= 1:
     raise UsageError(f"mask.mask_prob must be in (0, 1] while iBOT is on (loss.ibot_weight > 0), not {mask_prob!r}")
   validate.fraction_range(cfg, "mask.mask_ratio", low_may_be_zero=True)
-  num_global = len(augment.view_specs(cfg.aug)[0])
-  if int(cfg.batch_size * num_global * mask_prob) < 1:
-    raise UsageError(f"mask.mask_prob {mask_prob} masks none of the {cfg.batch_size * num_global} global crops "
-                     "of a batch")
+  crops = objectives.group_size(cfg) * len(augment.view_specs(cfg.aug)[0])
+  if int(crops * mask_prob) < 1:
+    raise UsageError(f"mask.mask_prob {mask_prob} masks none of the {crops} global crops of a group of "
+                     "per_gpu_batch_size images")
   h, w = backbone.grid(cfg.aug.global_size)
   if int(h * w * cfg.mask.mask_ratio[1]) < MIN_MASKED_PATCHES:
     raise UsageError(f"mask.mask_ratio {tuple(cfg.mask.mask_ratio)} masks fewer than {MIN_MASKED_PATCHES} of the "
@@ -186,6 +206,9 @@ def size_warnings(cfg: ml_collections.ConfigDict, overridden=()) -> list[str]:
     out.append(f"aug.global_size {glob} is less than half of data.image_size {image}: evaluation views throw most "
                "of the decoded resolution away")
   m = cfg.model
+  if m.get("name", "vit") == "swin" and m.get("image_size", 224) != glob:
+    out.append(f"model.image_size {m.get('image_size', 224)} is not aug.global_size {glob}: the Swin's windows and "
+               "shifts are fixed for model.image_size (EsViT builds them for its global crops)")
   if m.get("name", "vit") == "vit" and not m.get("init_from") and glob // m.patch_size != m.pos_embed_grid:
     out.append(f"model.pos_embed_grid {m.pos_embed_grid} is not the global crops' grid {glob // m.patch_size} "
                f"(aug.global_size {glob} / model.patch_size {m.patch_size}): the position embedding is resized "

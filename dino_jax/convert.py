@@ -15,7 +15,7 @@ the original code does (`models.vit.resize_pos_embed`): `--pos_interpolation tra
 no antialias: the official training code, for DINO, DINOv2 and every training checkpoint) or
 `hub` (offset 0, antialiased: the released DINOv2 register backbones, and timm); `auto` picks
 hub for timm's layout and released register backbones, train otherwise. The CLS slot of the PyTorch position
-embedding is added into the CLS token (dino_jax's CLS token has no position embedding).
+embedding is the run's `cls_pos_embed` (zeros for a layout without the slot).
 
 Export writes the backbone in the official DINOv2 layout (DINO's for models without
 LayerScale), a state_dict that `load_state_dict` of the original model accepts.
@@ -79,6 +79,7 @@ class SwinArch:
   patch_size: int = 4
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5  # nn.LayerNorm's default (Swin, timm); EsViT builds with 1e-6
+  image_size: int = 224  # the input size it was built for, which fixes each stage's window and shift
 
 
 def _swin_arch(size: str, **kw) -> SwinArch:
@@ -196,7 +197,7 @@ def swin_table(arch: SwinArch, layout: str) -> list[Entry]:
 
 def swin_module(arch: SwinArch) -> swin.Swin:
   return swin.Swin(arch.patch_size, arch.width, tuple(arch.depths), tuple(arch.num_heads), arch.window_size,
-                   arch.mlp_ratio, norm_eps=arch.norm_eps)
+                   arch.image_size, arch.mlp_ratio, norm_eps=arch.norm_eps)
 
 
 def _param_shapes(module, size: int) -> dict[str, tuple]:
@@ -274,8 +275,8 @@ def to_flax(state: dict[str, np.ndarray], arch: Arch | SwinArch, layout: str = "
   _check_state(state, table, lambda: _expected_shapes(arch, grid), layout, extra, optional=("mask_token",))
   flat = {f: to_f(state[t]) for f, t, to_f, _ in table}
   flat["pos_embed"] = state["pos_embed"][:, has_cls_slot:].reshape(1, grid, grid, -1)
-  cls = state["cls_token"]
-  flat["cls_token"] = cls + state["pos_embed"][:, :1] if has_cls_slot else cls
+  flat["cls_token"] = state["cls_token"]
+  flat["cls_pos_embed"] = state["pos_embed"][:, :1] if has_cls_slot else np.zeros_like(state["cls_token"])
   if "mask_token" in state:
     flat["mask_token"] = state["mask_token"].reshape(1, 1, -1)
   return _nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
@@ -289,7 +290,7 @@ def to_torch(params: dict, arch: Arch | SwinArch) -> dict[str, np.ndarray]:
     return {t: to_t(flat[f]) for f, t, _, to_t in swin_table(arch, "timm")}
   state = {t: to_t(flat[f]) for f, t, _, to_t in backbone_table(arch, "official")}
   pos = flat["pos_embed"].reshape(1, -1, arch.width)
-  state["pos_embed"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+  state["pos_embed"] = np.concatenate([flat["cls_pos_embed"], pos], axis=1)
   state["cls_token"] = flat["cls_token"]
   if "mask_token" in flat:
     state["mask_token"] = flat["mask_token"].reshape(1, -1)
@@ -395,8 +396,8 @@ def run_config(arch: Arch | SwinArch, grid: Optional[int], interpolation: Option
   if isinstance(arch, SwinArch):
     cfg = defaults.esvit_config("tiny")
     cfg.model.update(patch_size=arch.patch_size, width=arch.width, depths=tuple(arch.depths),
-                     num_heads=tuple(arch.num_heads), window_size=arch.window_size, mlp_ratio=arch.mlp_ratio,
-                     norm_eps=arch.norm_eps)
+                     num_heads=tuple(arch.num_heads), window_size=arch.window_size, image_size=arch.image_size,
+                     mlp_ratio=arch.mlp_ratio, norm_eps=arch.norm_eps)
   else:
     cfg = defaults.dinov2_config("small") if arch.layerscale is not None else defaults.base_config()
     cfg.model.update(patch_size=arch.patch_size, width=arch.width, depth=arch.depth, num_heads=arch.num_heads,
@@ -460,7 +461,7 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool
   m = backbone.cfg.model
   if m.get("name", "vit") == "swin":
     arch = SwinArch(m.width, tuple(m.depths), tuple(m.num_heads), m.window_size, m.patch_size, m.mlp_ratio,
-                    m.norm_eps)
+                    m.norm_eps, m.get("image_size", 224))
   else:
     arch = Arch(m.patch_size, m.width, m.depth, m.num_heads, m.mlp_dim, m.ffn, m.num_registers, m.layerscale)
   state = to_torch(jax.device_get(backbone.params), arch)

@@ -31,7 +31,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 CLASSES_FILE = "classes.json"  # in a run directory: the training split's class names, by id
 READ_TIMEOUT_S = 60.0  # default data.read_timeout_s: the longest a single image file may take to read
 READER_THREADS = 32  # threads that read image files, shared by every source and caller
-RESIZE_REDUCING_GAP = 3.0  # Pillow's reducing_gap: box-reduce first when shrinking by 3x or more
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -55,13 +54,15 @@ def as_pil(image: np.ndarray | Image.Image) -> Image.Image:
 
 
 def to_square_rgb(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
-  """Any image -> uint8 [size, size, 3]: RGB, shorter side resized to size, center crop."""
+  """Any image -> uint8 [size, size, 3]: RGB, then torchvision's Resize(size, bicubic) on the PIL
+  image (the shorter side to size, the longer to int(size * long / short)) and CenterCrop(size)
+  (offsets int(round(excess / 2))). With `augment.preprocess_eval`'s center crop of 224 from
+  256, the papers' evaluation view Resize(256) + CenterCrop(224), pixel for pixel."""
   image = to_rgb(as_pil(image))
   w, h = image.size
-  s = size / min(w, h)
-  nw, nh = max(size, round(w * s)), max(size, round(h * s))
-  image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=RESIZE_REDUCING_GAP)
-  left, top = (nw - size) // 2, (nh - size) // 2
+  nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+  image = image.resize((nw, nh), Image.BICUBIC)
+  left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
   return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
@@ -161,7 +162,6 @@ class FilesSource:
     with Image.open(self.files[i]) as im:
       if finish is not None:
         return finish(im)
-      im.draft("RGB", (self.size, self.size))  # JPEG: decode big images at reduced size
       return to_square_rgb(im, self.size)
 
   def get_or_none(self, index, finish=None):

@@ -21,6 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 1024  # global, over all devices and processes
+  # The official run's per-GPU batch: DINOv2 computes KoLeo, its iBOT mask strata and its
+  # stochastic-depth subsets within each GPU's batch, so these take groups of this many images,
+  # whatever the device count here (0: the whole global batch is one group).
+  c.per_gpu_batch_size = 0
   c.epochs = 100.0
   c.epoch_length = 0  # steps per epoch of the schedules and evals; 0: len(training data) // batch_size
   c.log_every_steps = 50
@@ -31,16 +35,23 @@ def base_config() -> ml_collections.ConfigDict:
   # from the full image. workers: loader threads per process (decode + crops; docs/performance.md).
   c.data = dict(source="tfds", name="imagenet2012", path="", data_dir="", image_size=256,
                 train_split="train", read_timeout_s=60.0, workers=8)  # a longer image read stops the run (dino_jax.data)
+  # drop_path_mode: "sample" (DINO's and EsViT's per-sample DropPath) or "subset" (DINOv2: the
+  # branches run on a kept subset of each group's samples, models.layers.subset_drop_path).
   c.model = dict(vit("small", 16), name="vit", ffn="mlp", num_registers=0, layerscale=None, drop_path_rate=0.1,
-                 drop_path_uniform=False, pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
+                 drop_path_uniform=False, drop_path_mode="sample",
+                 cls_token_std=0.02,  # DINO's CLS init: trunc_normal(0.02)
+                 pos_embed_grid=14, interpolate_offset=0.1, interpolate_antialias=False,
                  init_from="",  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
-                 dtype="float32", remat="none", scan=False, attention="xla")  # speed knobs: see models.ViT
+                 # Compute dtype: "auto" is bfloat16 on GPUs and TPUs (float32 parameters, softmaxes, losses,
+                 # EMA, centers), float32 on CPUs (models.compute_dtype); the other speed knobs: models.ViT.
+                 dtype="auto", remat="none", scan=False, attention="xla")
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, share_ibot_head=False,
                 norm_last_layer=True,  # False: a trainable weight-norm gain (models.DINOHead)
                 ibot_bottleneck_dim=0)  # the iBOT head's, when not bottleneck_dim (DINOv2 ViT-g: 256 vs 384)
   c.aug = dict(global_size=224, local_size=96, num_local=8, global_scale=(0.4, 1.0),
                local_scale=(0.05, 0.4), jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1),
-               grayscale_prob=0.2, blur_sigma=(0.1, 2.0), solarize_prob=0.2)
+               grayscale_prob=0.2, blur_sigma=(0.1, 2.0), solarize_prob=0.2,
+               blur="pil", blur_probs=(1.0, 0.1, 0.5))  # DINO's: PIL's GaussianBlur on global 1, 2, locals
   c.mask = dict(mask_prob=0.5, mask_ratio=(0.1, 0.5))
   c.loss = dict(dino_weight=1.0, ibot_weight=0.0, koleo_weight=0.0, region_weight=0.0, student_temp=0.1,
                 teacher_temp=(0.04, 0.04), teacher_temp_warmup_epochs=0.0,
@@ -86,18 +97,23 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.model = dict(vit(size, 14), name="vit", ffn="swiglu" if size == "giant" else "mlp", num_registers=0,
                  layerscale=1e-5, drop_path_rate={"small": 0.1, "base": 0.1}.get(size, 0.4),
-                 drop_path_uniform=True, pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
-                 init_from="", dtype="float32", remat="none", scan=size in ("large", "giant"), attention="xla")
+                 drop_path_uniform=True, drop_path_mode="subset",
+                 cls_token_std=1e-6,  # DINOv2's CLS init: normal(1e-6)
+                 pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
+                 init_from="", dtype="auto", remat="none", scan=size in ("large", "giant"), attention="xla")
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=384 if size == "giant" else 256,
                 num_layers=3, share_ibot_head=False, norm_last_layer=False, ibot_bottleneck_dim=0)
-  c.aug.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), local_size=98)
+  # DINOv2's blur: torchvision's 9-tap kernel, applied with p = 1 - p of its arguments (augment).
+  c.aug.update(global_scale=(0.32, 1.0), local_scale=(0.05, 0.32), local_size=98, blur="torchvision",
+               blur_probs=(0.0, 0.9, 0.5))
   c.loss.update(ibot_weight=1.0, koleo_weight=0.1, teacher_temp=(0.04, 0.07),
                 teacher_temp_warmup_epochs=30.0, teacher_temp_steps="per_step", centering="sinkhorn")
   c.optim.update(base_lr=0.004, lr_scaling="sqrt_1024", min_lr=1e-6, warmup_epochs=10.0, layer_decay=0.9,
                  patch_embed_lr_mult=0.2, teacher_momentum=(0.994, 1.0), clip_grad=3.0, clip_mode="per_module",
                  freeze_mode="zero_lr")
   c.epoch_length = 1250  # DINOv2's OFFICIAL_EPOCH_LENGTH, whatever the dataset size
-  c.batch_size = 2048
+  c.per_gpu_batch_size = 64  # ssl_default_config.yaml's batch_size_per_gpu
+  c.batch_size = 64 * 32  # on 32 GPUs (the README's ImageNet-1k setup); the sqrt lr rule scales with it
   c.epochs = 100.0
   return c
 
@@ -110,8 +126,9 @@ def esvit_config(size: str, window_size: int = 7) -> ml_collections.ConfigDict:
   width, depths, heads = swin.SWIN_SIZES[size]
   c = base_config()
   c.model = dict(name="swin", patch_size=4, width=width, depths=depths, num_heads=heads,
-                 window_size=window_size, mlp_ratio=4.0, drop_path_rate=0.1, norm_eps=1e-6,
-                 init_from="", dtype="float32", remat="none", attention="xla")
+                 window_size=window_size, image_size=224,  # windows and shifts fixed for the 224 px global crops
+                 mlp_ratio=4.0, drop_path_rate=0.1, drop_path_mode="sample", norm_eps=1e-6,
+                 init_from="", dtype="auto", remat="none", attention="xla")
   c.loss.update(dino_weight=0.5, region_weight=0.5, teacher_temp=(0.04, 0.07), teacher_temp_warmup_epochs=30.0)
   c.head.norm_last_layer = False  # --norm_last_layer false
   c.batch_size = 512  # 16 GPUs x 32

@@ -113,7 +113,7 @@ def load_teacher(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model,
   saved, found = checkpoints.saved_teacher_shapes(workdir, step)
   wanted = checkpoints.shapes_by_name(abstract)
   diffs = [f"{k}: teacher run {saved.get(k, 'missing')} vs distill config {wanted[k]}"
-           for k in sorted(wanted) if saved.get(k) != wanted[k]]
+           for k in sorted(wanted) if saved.get(k) != wanted[k] and not (k not in saved and checkpoints.is_added(k))]
   extra = [k for k in sorted(saved) if k.split("/")[0] in parts and k not in wanted
            and not k.endswith("mask_token")]  # the frozen teacher never masks
   diffs += [f"{k}: in the teacher run, not in distill.model / distill.head" for k in extra]

@@ -34,13 +34,17 @@ from dino_jax import sharding
 
 def make_model(cfg: ml_collections.ConfigDict, batch_sharding=None) -> models.DINOModel:
   """The config's backbone with a DINO head, and the iBOT head (unless shared) and EsViT's
-  region head when their objectives are on."""
+  region head when their objectives are on. With `model.drop_path_mode` "subset" the student
+  draws DINOv2's stochastic-depth subsets within each group of `objectives.group_size` images."""
   h = cfg.head
   head = lambda bottleneck=h.bottleneck_dim: models.DINOHead(h.out_dim, h.hidden_dim, bottleneck, h.num_layers,
                                                              h.get("norm_last_layer", True))
   names = objectives.active(cfg)
   separate_ibot = "ibot" in names and not h.share_ibot_head
-  return models.DINOModel(models.make_backbone(cfg.model, batch_sharding), head(),
+  subsets = None
+  if cfg.model.get("drop_path_mode", "sample") == "subset":
+    subsets = models.layers.Subsets(cfg.batch_size // objectives.group_size(cfg), batch_sharding)
+  return models.DINOModel(models.make_backbone(cfg.model, subsets), head(),
                           head(h.get("ibot_bottleneck_dim", 0) or h.bottleneck_dim) if separate_ibot else None,
                           head() if "region" in names else None)
 
@@ -126,8 +130,9 @@ def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, b
   elif "ibot" in names:
     mask = batch["masks"].reshape(glob.shape[0], -1)
     groups = 1 if batch_sharding is None else batch_sharding.mesh.size  # one per device: local gathers
+    stratum = objectives.group_size(cfg) * batch["masks"].shape[1]  # the masks' draws: step_masks
     index, teacher["token_weights"], valid = masking.masked_token_index(
-        mask, groups, masking.max_masked_per_group(mask.shape[0], groups, mask.shape[1], cfg.mask))
+        mask, groups, masking.max_masked_per_group(mask.shape[0], groups, mask.shape[1], cfg.mask, stratum))
 
   t_model, t_params = (teacher_model, frozen_params) if distilling else (model, state["teacher"].value)
   t_out = per_image(jax.lax.stop_gradient(t_model.apply({"params": t_params}, glob, patch_index=index)), b)
@@ -261,5 +266,5 @@ def build(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epo
   if "ibot" in objectives.active(cfg) and frozen_teacher is None:
     num_global = len(augment.view_specs(cfg.aug)[0])
     step_masks = functools.partial(masking.step_masks, cfg, grid=model.backbone.grid(cfg.aug.global_size),
-                                   num_global=num_global)
+                                   num_global=num_global, group_images=objectives.group_size(cfg))
   return Trainer(state, step, compile_step, views_fn, step_masks, model, batch_sharding, frozen_teacher)

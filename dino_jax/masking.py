@@ -43,17 +43,23 @@ def block_mask(rng: np.random.Generator, grid: tuple[int, int], num_masked: int,
   return mask
 
 
-def max_masked_per_group(num_images: int, groups: int, num_patches: int, cfg) -> int:
-  """Static upper bound on the masked patches of one group of `num_images / groups` consecutive
-  images (a device's share of the batch's global crops) under `batch_masks`: it masks
-  int(num_images * mask_prob) images, the i-th at most int(num_patches * bounds[i + 1]) patches
-  (its stratum's top ratio), and a group holds at worst the largest of them. For one group that
-  is the batch's total, about a third of `num_images * num_patches * mask_ratio[1]` for
-  DINOv2's settings; for one image per group, int(num_patches * mask_ratio[1])."""
-  n_masked = int(num_images * cfg.mask_prob)
+def max_masked_per_group(num_images: int, groups: int, num_patches: int, cfg, stratum_images: int) -> int:
+  """Static upper bound on the masked patches of one group of m = `num_images / groups`
+  consecutive images (a device's share of the batch's global crops) when `step_masks` draws the
+  masks of each run of `stratum_images` consecutive images apart (`batch_masks`: it masks
+  int(stratum_images * mask_prob) of them, the i-th at most int(num_patches * bounds[i + 1])
+  patches, its stratum's top ratio). A group inside one run holds at worst its m largest tops;
+  otherwise m // stratum_images whole runs and, of the two runs it cuts into, the largest tops.
+  For one group of one run that is about a third of `num_images * num_patches * mask_ratio[1]`
+  for DINOv2's settings; for one image per group, int(num_patches * mask_ratio[1])."""
+  m = num_images // groups
+  n_masked = int(stratum_images * cfg.mask_prob)
   bounds = np.linspace(*cfg.mask_ratio, n_masked + 1)
-  largest = sorted((int(num_patches * b) for b in bounds[1:]), reverse=True)
-  return max(sum(largest[:num_images // groups]), 1)
+  tops = sorted((int(num_patches * b) for b in bounds[1:]), reverse=True)
+  if stratum_images % m == 0:
+    return max(sum(tops[:m]), 1)
+  whole, rest = divmod(m, stratum_images)
+  return max(whole * sum(tops) + sum(sorted(tops * 2, reverse=True)[:rest]), 1)
 
 
 def batch_masks(rng: np.random.Generator, num_images: int, grid: tuple[int, int], cfg) -> np.ndarray:
@@ -74,12 +80,15 @@ def batch_masks(rng: np.random.Generator, num_images: int, grid: tuple[int, int]
   return masks[rng.permutation(num_images)]
 
 
-def step_masks(cfg, step: int, grid: tuple[int, int], num_global: int) -> np.ndarray:
-  """[local batch, num_global, h*w] iBOT masks for this process's images of `step`: the
+def step_masks(cfg, step: int, grid: tuple[int, int], num_global: int, group_images: int) -> np.ndarray:
+  """[local batch, num_global, h*w] iBOT masks for this process's images of `step`, drawn as
+  DINOv2's collate draws them for each GPU: within each group of `group_images` consecutive
+  images (`objectives.group_size`), over their `num_global` global crops (`batch_masks`). The
   global batch's masks come from (seed, step) and each process takes its slice, so a run's
-  masks do not depend on how many processes share the batch."""
+  masks do not depend on how many processes or devices share the batch."""
   rng = np.random.default_rng([cfg.seed, step])
-  masks = batch_masks(rng, cfg.batch_size * num_global, grid, cfg.mask).reshape(cfg.batch_size, num_global, -1)
+  masks = np.concatenate([batch_masks(rng, group_images * num_global, grid, cfg.mask)
+                          for _ in range(cfg.batch_size // group_images)]).reshape(cfg.batch_size, num_global, -1)
   local = cfg.batch_size // jax.process_count()
   return masks[jax.process_index() * local:(jax.process_index() + 1) * local]
 

@@ -14,6 +14,7 @@ objectives whose weight is above 0:
 
 The formulas are in `dino_jax.losses`; here they meet the train state (centers) and the config.
 """
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -37,11 +38,23 @@ def ibot(student, teacher, cfg):
                                 num_images, cfg.loss.student_temp)
 
 
+def group_size(cfg: ml_collections.ConfigDict) -> int:
+  """Images per group of what the official code computes within each GPU's batch (DINOv2's
+  KoLeo, iBOT mask strata and stochastic-depth subsets): `per_gpu_batch_size`, the official
+  run's per-GPU batch whatever the device count here; 0: the whole global batch is one group."""
+  return cfg.get("per_gpu_batch_size", 0) or cfg.batch_size
+
+
 def koleo(student, teacher, cfg):
-  """DINOv2's KoLeo regularizer on the student's global-view embeddings, one batch per view."""
-  del teacher, cfg
-  emb = student["embedding"]
-  return sum(losses.koleo_loss(emb[:, i]) for i in range(emb.shape[1]))
+  """DINOv2's KoLeo regularizer on the student's global-view embeddings (its backbone's
+  normalized CLS tokens): within each group of `group_size` images (one official GPU's batch),
+  one term per global view, summed over the views and averaged over the groups (DDP's mean of
+  the GPUs' gradients)."""
+  del teacher
+  emb = student["embedding"]  # [B, G, D]
+  groups = emb.reshape(-1, group_size(cfg), *emb.shape[1:])  # [B / n, n, G, D]
+  per_group = jax.vmap(lambda e: sum(losses.koleo_loss(e[:, i]) for i in range(e.shape[1])))(groups)
+  return jnp.mean(per_group)
 
 
 def region(student, teacher, cfg):

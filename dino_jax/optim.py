@@ -132,10 +132,24 @@ def clip_by_norm(grads, max_norm: float):
   return jax.tree.map(lambda g: g * jnp.minimum(coef, 1.0).astype(g.dtype), grads)
 
 
+def clip_per_tensor(grads, max_norm: float):
+  """DINO's `utils.clip_gradients`: each parameter tensor clipped on its own. The position
+  embedding's CLS slot (`cls_pos_embed`) is clipped with its patch slots (`pos_embed`): one
+  tensor in the official code."""
+  if not isinstance(grads, dict):
+    return clip_by_norm(grads, max_norm)
+  out = {k: clip_per_tensor(g, max_norm) for k, g in grads.items()}
+  if "pos_embed" in grads and "cls_pos_embed" in grads:
+    joint = clip_by_norm({k: grads[k] for k in ("pos_embed", "cls_pos_embed")}, max_norm)
+    out |= joint
+  return out
+
+
 def clip_gradients(mode: str, max_norm: float) -> optax.GradientTransformation:
   """Gradient clipping at `max_norm` (0: none): `per_tensor`, each parameter tensor on its own
-  (DINO's `utils.clip_gradients`); `per_module`, the backbone and each head as one group
-  (DINOv2: `clip_grad_norm_` on each of the student's modules); `global`, all together."""
+  (DINO's `utils.clip_gradients`, `clip_per_tensor`); `per_module`, the backbone and each head
+  as one group (DINOv2: `clip_grad_norm_` on each of the student's modules); `global`, all
+  together."""
   if not max_norm:
     return optax.identity()
   if mode == "global":
@@ -144,7 +158,7 @@ def clip_gradients(mode: str, max_norm: float) -> optax.GradientTransformation:
   def update(updates, state, params=None):
     del params
     if mode == "per_tensor":
-      return jax.tree.map(lambda g: clip_by_norm(g, max_norm), updates), state
+      return clip_per_tensor(updates, max_norm), state
     return {module: clip_by_norm(g, max_norm) for module, g in updates.items()}, state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -158,10 +172,10 @@ def weight_decay_mask(params):
 
 
 def skip_while_frozen(steps: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`inner` that moves neither its parameters nor its own state during the first `steps`
+  """`inner` whose state stays as it is, and whose updates are zero, during the first `steps`
   steps. DINO drops the last layer's gradients then (`cancel_gradients_last_layer`: p.grad =
-  None), so AdamW leaves the layer, its moments and its step count alone: its bias correction
-  starts at the first step after the freeze."""
+  None), so AdamW leaves its moments and its step count alone: its bias correction starts at
+  the first step after the freeze."""
   def init(params):
     return jnp.zeros([], jnp.int32), inner.init(params)
 
@@ -179,21 +193,26 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict, steps_per_ep
   """AdamW with gradient clipping (`optim.clip_mode`), scheduled decoupled weight decay
   (`weight_decay_mask`), layer-wise lr decay over `backbone`'s layers and the last-layer freeze
   for the first `freeze_last_layer_epochs`: `optim.freeze_mode` "skip" (DINO: the last layer
-  and its AdamW state sit out, `skip_while_frozen`) or "zero_lr" (DINOv2: its lr is 0, its
+  and its AdamW moments sit out, `skip_while_frozen`) or "zero_lr" (DINOv2: its lr is 0, its
   moments still see the gradients)."""
   o = cfg.optim
   multiplier = lambda name: layer_lr_multiplier(name, backbone, o.layer_decay, o.patch_embed_lr_mult)
-  adamw = lambda: optax.chain(
-      optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1]),
+  adam = lambda: optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1])
+  adamw = lambda moments=None, *after: optax.chain(
+      moments or adam(),
       optax.add_decayed_weights(schedules["weight_decay"], mask=weight_decay_mask),
       scale_by_layer(multiplier),
       optax.scale_by_learning_rate(schedules["lr"]),
+      *after,
   )
   frozen_steps = int(o.freeze_last_layer_epochs * steps_per_epoch)
   if o.freeze_mode == "skip":
+    # The frozen layer's AdamW state sits out; the lr and weight-decay schedules follow the
+    # global step, as main_dino.py sets every group's from the iteration.
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: "last_layer" if is_last_layer(path_name(path)) else "other", params)
-    body = optax.multi_transform({"last_layer": skip_while_frozen(frozen_steps, adamw()), "other": adamw()}, labels)
+    last_layer = adamw(skip_while_frozen(frozen_steps, adam()), freeze_last_layer(frozen_steps))
+    body = optax.multi_transform({"last_layer": last_layer, "other": adamw()}, labels)
   else:
     body = optax.chain(adamw(), freeze_last_layer(frozen_steps))
   return optax.chain(clip_gradients(o.clip_mode, o.clip_grad), body)

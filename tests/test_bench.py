@@ -197,13 +197,18 @@ def test_against_pytorch_refuses_steps_it_does_not_rebuild():
 
 
 def test_pytorch_stochastic_depth_runs_branches_on_the_kept_subset_only():
-  """As DINOv2 (and dino_jax's subset_drop_path): above rate 0.1 the branch sees k of n samples."""
+  """As DINOv2 (and dino_jax's subset_drop_path, model.drop_path_mode "subset"): the branch sees k
+  of n samples; DINO's per-sample mask otherwise."""
   torch = pytest.importorskip("torch")
   from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel
   seen = []
   branch = lambda y: seen.append(y.shape[0]) or y * 2
   x = torch.ones(10, 3, 4)
-  out = bench_pytorch.residual(x, branch, 0.4, training=True)
+  out = bench_pytorch.residual(x, branch, 0.4, training=True, subset=True)
   kept = torch.isclose(out[:, 0, 0], torch.tensor(1 + 2 * 10 / 6))
   assert seen == [6] and int(kept.sum()) == 6 and bool((out[~kept] == 1).all())
-  assert torch.equal(bench_pytorch.residual(x, branch, 0.4, training=False), 3 * x)
+  assert torch.equal(bench_pytorch.residual(x, branch, 0.4, training=False, subset=True), 3 * x)
+  seen.clear()
+  out = bench_pytorch.residual(x, branch, 0.4, training=True, subset=False)
+  assert seen == [10]  # every sample through the branch, each kept or dropped whole
+  assert all(np.isclose(v, 1.0) or np.isclose(v, 1 + 2 / 0.6) for v in out[:, 0, 0].numpy())

@@ -34,7 +34,7 @@ def no_compiling(monkeypatch):
     (None, {"epochs": 0.0}, "epochs must be a positive number"),
     (None, {"epochs": -1.0}, "epochs must be a positive number"),
     (None, {"head.out_dim": 0}, "head.out_dim must be a positive integer"),
-    (None, {"model.dtype": "float33"}, "model.dtype must be one of float32, bfloat16, float16, not 'float33'"),
+    (None, {"model.dtype": "float33"}, "model.dtype must be one of auto, float32, bfloat16, float16, not 'float33'"),
     (None, {"aug.global_scale": (0.5,)}, r"aug.global_scale must be a pair \(low, high\) .* not \(0.5,\)"),
     (None, {"aug.global_scale": (0.0, 1.0)}, r"aug.global_scale must be a pair \(low, high\) with 0 < low"),
     (None, {"aug.local_scale": (0.05, 1.5)}, r"aug.local_scale must be a pair .* not \(0.05, 1.5\)"),
@@ -46,7 +46,7 @@ def no_compiling(monkeypatch):
     (dinov2_vits14, {"mask.mask_ratio": (0.0, 0.0)}, r"mask.mask_ratio \(0.0, 0.0\) masks fewer than 3 of the 16"),
     (dinov2_vits14, {"mask.mask_prob": 0.0}, r"mask.mask_prob must be in \(0, 1\] while iBOT is on"),
     (dinov2_vits14, {"mask.mask_prob": 0.0, "on_nonfinite": "skip"}, "mask.mask_prob must be in"),
-    (dinov2_vits14, {"mask.mask_prob": 0.01}, "mask.mask_prob 0.01 masks none of the 32 global crops"),
+    (dinov2_vits14, {"mask.mask_prob": 0.01}, "mask.mask_prob 0.01 masks none of the 16 global crops of a group"),
 ])
 def test_bad_config_is_refused_before_compiling(module, override, message, no_compiling, tmp_path):
   cfg = tiny(module, **override) if module else tiny(**override)

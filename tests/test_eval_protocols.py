@@ -321,3 +321,56 @@ def test_evaluate_run_on_a_saved_run(trained_run, monkeypatch, capsys):
   assert bad.returncode == 2, bad.stderr[-2000:]
   assert bad.stderr.strip().splitlines() == [
       "error: evals.linear_dinov2.protocol must be 'dino' or 'dinov2', not 'mae'"]
+
+
+def test_esvit_protocol_concatenates_the_last_blocks_pooled_tokens(small_data):
+  """EsViT's eval_linear.py on a Swin: the average tokens of the last n blocks (counted across
+  stages; only the last stage's through the final norm), concatenated."""
+  swin = tiny(esvit_swin_t, **{"evals.linear_dino.batch_size": 16, "evals.linear_dino.n_last_blocks": 2,
+                                "evals.linear_dino.every_steps": 0})
+  evaluators.check(swin, 8)
+  mesh = sharding.make_mesh(swin)
+  evaluator = evaluators.linear.LinearEvaluator(swin.evals.linear_dino, swin, mesh)
+  params = learner.build(swin, mesh, 10).state["params"]["backbone"]
+  images = small_data["train"].images[:16, 2:18, 2:18]
+  got, x = built_inputs(evaluator, params, images)
+  out = models.make_backbone(swin.model).apply({"params": params}, jnp.asarray(x), layers=2)
+  blocks = [np.asarray(b["patch"]) for b in out["intermediate"]]  # stage 0's block (16 wide), stage 1's (32)
+  assert [b.shape[-1] for b in blocks] == [16, 32] and list(got) == ["last2"]
+  np.testing.assert_allclose(got["last2"], np.concatenate([b.mean((1, 2)) for b in blocks], -1), atol=1e-5)
+  np.testing.assert_allclose(got["last2"][:, 16:], np.asarray(out["embedding"]), atol=1e-5)  # the last: normed
+
+
+def test_dino_protocol_trains_one_lr_and_reports_its_best_epoch(small_data, monkeypatch):
+  """DINO's eval_linear.py: lr 0.001 (x batch / 256), the test split scored after every epoch
+  (val_freq 1), the best epoch's top-1 reported; with val_every_epochs 0, the last epoch's."""
+  defaults = evaluators.linear.LinearEvaluator.default_configs["linear_dino"]
+  assert defaults["learning_rates"] == (1e-3,) and defaults["val_every_epochs"] == 1
+  cfg = vit_cfg(**{"evals.linear_dino.batch_size": 16, "evals.linear_dino.epochs": 3,
+                   "evals.linear_dino.epoch_length": 2, "evals.linear_dino.n_last_blocks": 1})
+  mesh = sharding.make_mesh(cfg)
+  params = learner.build(cfg, mesh, 10).state["params"]["backbone"]
+  by_epoch = iter([0.3, 0.6, 0.5, 0.5])
+  monkeypatch.setattr(evaluators.linear.LinearEvaluator, "score",
+                      lambda self, state, params: {"last1": np.array([next(by_epoch)])})
+  evaluator = evaluators.linear.LinearEvaluator(cfg.evals.linear_dino, cfg, mesh)
+  assert evaluator.scaled_lrs == (1e-3 * 16 / 256,)
+  assert evaluator.run(params) == {"linear_dino_top1": 0.6, "linear_dino_top1_lr0.001": 0.6}
+  last = ml_collections.ConfigDict(cfg.evals.linear_dino.to_dict() | {"val_every_epochs": 0})
+  by_epoch = iter([0.5])
+  assert evaluators.linear.LinearEvaluator(last, cfg, mesh).run(params)["linear_dino_top1"] == 0.5
+  assert "best epoch of 3" in evaluators.linear.LinearEvaluator.describe(cfg.evals.linear_dino)
+
+
+@pytest.mark.parametrize("box", [(0, 0, 512, 600), (37, 10, 370, 511), (3, 50, 504, 396), (100, 100, 357, 357)])
+def test_evaluation_view_is_torchvisions_resize_256_center_crop_224(box):
+  """The k-NN and linear evaluation view: data.image_size 256 then augment.preprocess_eval(224)
+  is torchvision's Resize(256, bicubic) + CenterCrop(224) on the PIL image, pixel for pixel (odd
+  sizes included: the long side truncated, the crop offsets rounded as torchvision rounds)."""
+  from torchvision import transforms  # pylint: disable=import-outside-toplevel
+  from dino_jax import augment  # pylint: disable=import-outside-toplevel
+  image = Image.fromarray(evaluators.common.sample_photos()[0]).crop(box)
+  expected = np.asarray(transforms.Compose([transforms.Resize(256, transforms.InterpolationMode.BICUBIC),
+                                            transforms.CenterCrop(224)])(image))
+  ours = augment.preprocess_eval(data.to_square_rgb(image, 256)[None], 224)[0]
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(augment.normalize(expected)), atol=1e-6)

@@ -66,9 +66,12 @@ def test_block_mask_same_seed_same_mask():
 
 
 def test_max_masked_per_group_value():
-  assert masking.max_masked_per_group(8, 8, N_PATCHES, _cfg()) == int(196 * 0.5)  # one image per group
+  assert masking.max_masked_per_group(8, 8, N_PATCHES, _cfg(), 8) == int(196 * 0.5)  # one image per group
   bounds = np.linspace(*_cfg().mask_ratio, int(8 * _cfg().mask_prob) + 1)[1:]
-  assert masking.max_masked_per_group(8, 2, N_PATCHES, _cfg()) == sum(sorted(int(196 * r) for r in bounds)[-4:])
+  tops = sorted(int(196 * r) for r in bounds)
+  assert masking.max_masked_per_group(8, 2, N_PATCHES, _cfg(), 8) == sum(tops[-4:])
+  assert masking.max_masked_per_group(16, 1, N_PATCHES, _cfg(), 8) == 2 * sum(tops)  # two strata of 8 images
+  assert masking.max_masked_per_group(12, 1, N_PATCHES, _cfg(), 8) == sum(tops) + 2 * tops[-1] + 2 * tops[-2]
 
 
 @pytest.mark.parametrize("num_images", [2, 5, 8])
@@ -87,7 +90,7 @@ def test_batch_masks(num_images):
     assert (masked <= int(N_PATCHES * hi)).all()
     # Lower bound: the target int(N * ratio) >= int(N * lo), minus block_mask's shortfall.
     assert (masked >= 0.8 * int(N_PATCHES * lo)).all(), masked
-    assert (counts <= masking.max_masked_per_group(num_images, num_images, N_PATCHES, cfg)).all()
+    assert (counts <= masking.max_masked_per_group(num_images, num_images, N_PATCHES, cfg, num_images)).all()
     # Ratios are stratified over mask_ratio: one image per stratum.
     assert masked.max() >= 0.8 * int(N_PATCHES * bounds[-2])
     assert masked.min() <= int(N_PATCHES * bounds[1])

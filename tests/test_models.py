@@ -274,7 +274,8 @@ def test_subset_drop_path_keeps_each_device_subset_local():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   x = jax.device_put(jax.random.normal(jax.random.key(0), (32, 5, 16)), sharding)
-  step = jax.jit(lambda x, key: layers.subset_drop_path(x, lambda v: v @ jnp.eye(16), 0.5, key, sharding))
+  step = jax.jit(lambda x, key: layers.subset_drop_path(x, lambda v: v @ jnp.eye(16), 0.5, key,
+                                                        layers.Subsets(8, sharding)))
   out = step(x, jax.random.key(1))
   changed = np.any(np.asarray(out != x), axis=(1, 2)).reshape(8, 4)
   assert (changed.sum(axis=1) == 2).all()  # 2 of each device's 4 samples
@@ -282,17 +283,30 @@ def test_subset_drop_path_keeps_each_device_subset_local():
   assert not re.search(r"all-gather|all-to-all|collective-permute", hlo)
 
 
-def test_subsets_only_above_rate_0_1_including_the_last_block(monkeypatch):
-  """Rates rise linearly to drop_path_rate in the last block; 0.1 itself stays on the mask path."""
+def test_subsets_at_every_rate_above_0_with_subsets_and_never_without(monkeypatch):
+  """DINOv2's training path (NestedTensorBlock.forward_nested) takes kept subsets at any rate
+  above 0; DINO's DropPath masks samples. Rates rise linearly to drop_path_rate in the last
+  block (block 0 at 0: no stochastic depth)."""
   calls = []
   original = layers.subset_drop_path
   monkeypatch.setattr(layers, "subset_drop_path", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
   images = jnp.zeros((4, 16, 16, 3))
-  for rate in (0.1, 0.4):
-    vit = models.ViT(patch_size=4, width=32, depth=4, num_heads=2, mlp_dim=64, pos_embed_grid=4, drop_path_rate=rate)
+  for rate, subsets in ((0.1, layers.Subsets(2)), (0.4, layers.Subsets()), (0.4, None)):
+    vit = models.ViT(patch_size=4, width=32, depth=4, num_heads=2, mlp_dim=64, pos_embed_grid=4, drop_path_rate=rate,
+                     subsets=subsets)
     params = vit.init(jax.random.key(0), images)
     vit.apply(params, images, deterministic=False, rngs={"dropout": jax.random.key(1)})
-  assert calls == pytest.approx([0.4 * 1 / 3] * 2 + [0.4 * 2 / 3] * 2 + [0.4] * 2)  # attention and FFN of blocks 1-3
+  rising = lambda r: [r * 1 / 3] * 2 + [r * 2 / 3] * 2 + [r] * 2  # attention and FFN of blocks 1-3
+  assert calls == pytest.approx(rising(0.1) + rising(0.4))
+
+
+def test_subsets_are_drawn_within_each_group():
+  """Two groups of 4 samples (two official GPUs' crops): 2 of each group's 4 go through the branch."""
+  x = jax.random.normal(jax.random.key(0), (8, 3, 4))
+  for seed in range(5):
+    out = layers.subset_drop_path(x, lambda v: v + 1.0, 0.5, jax.random.key(seed), layers.Subsets(2))
+    changed = np.any(np.asarray(out != x), axis=(1, 2)).reshape(2, 4)
+    assert (changed.sum(axis=1) == 2).all()
 
 
 @pytest.mark.parametrize("kw", [dict(num_registers=2), dict(ffn="swiglu", layerscale=1e-1, remat="dots")])

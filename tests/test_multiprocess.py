@@ -19,7 +19,8 @@ from tests.test_train import REPO, TRAIN_STEPS_PER_EPOCH, assert_trees_close, fi
 STEPS = 4
 FLAGS = ["--config", "configs/dinov2_vits14.py:tiny", "--config.data.source=fashion_mnist_demo",
          f"--config.epochs={STEPS / TRAIN_STEPS_PER_EPOCH}", f"--config.optim.warmup_epochs={2 / TRAIN_STEPS_PER_EPOCH}",
-         "--config.evals.knn.every_steps=-1", "--config.checkpoint.every_steps=2"]
+         "--config.evals.knn.every_steps=-1", "--config.checkpoint.every_steps=2",
+         "--config.model.layerscale=0.1"]  # distinct CLS embeddings at init (tests/test_step_sharding.py)
 
 
 def free_port() -> int:
@@ -49,7 +50,7 @@ def test_two_processes_train_like_one(tmp_path):
   out, err = one.communicate(timeout=600)
   assert one.returncode == 0, err[-3000:]
 
-  cfg = tiny(dinov2_vits14, steps=STEPS)  # restored here on 8 devices, replicated
+  cfg = tiny(dinov2_vits14, steps=STEPS, **{"model.layerscale": 0.1})  # restored here on 8 devices, replicated
   step_two, two = final_state(str(tmp_path / "two"), cfg)
   step_one, reference = final_state(str(tmp_path / "one"), cfg)
   assert step_two == step_one == STEPS
@@ -58,7 +59,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert_trees_close(two["teacher"], reference["teacher"], atol=1e-5)
   assert int(two["nonfinite_steps"]) == 0
   # Started from the source's teacher: the EMA teacher is still near it, far from a fresh init.
-  _, source_state = final_state(str(tmp_path / "source"), tiny(dinov2_vits14, steps=STEPS, seed=1))
+  _, source_state = final_state(str(tmp_path / "source"), tiny(dinov2_vits14, steps=STEPS, seed=1, **{"model.layerscale": 0.1}))
   fresh = jax.device_get(learner.build(cfg, sharding.make_mesh(), TRAIN_STEPS_PER_EPOCH).state)
   distance = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   teacher = lambda state: state["teacher"].value["backbone"]

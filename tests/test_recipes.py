@@ -214,6 +214,7 @@ def torch_names(params, cfg) -> dict[str, tuple[str, tuple]]:
   state = convert.to_torch(jax.device_get(params["backbone"]), arch)
   table = {f: t for f, t, _, _ in convert.backbone_table(arch, "official")}
   table |= {k: k for k in ("pos_embed", "cls_token", "mask_token", "register_tokens")}
+  table["cls_pos_embed"] = "pos_embed"  # the official pos_embed's CLS slot
   names = {}
   for path, _ in jax.tree_util.tree_leaves_with_path(params["backbone"]):
     flax = optim.path_name(path)
@@ -364,20 +365,24 @@ def test_recipe_heads():
 
 
 def test_generated_masks_never_exceed_the_static_token_slots():
-  """Every group of consecutive images (one per device) fits its slots, from one group of the
-  whole batch to one image per group; one group needs about a third of the per-image slots."""
+  """Every group of consecutive images (one per device) fits its slots, the masks drawn in runs
+  of `stratum` images (one official GPU's global crops), from one group of the whole batch to
+  one image per group, runs that divide the groups, that the groups divide, and neither; one
+  group needs about a third of the per-image slots."""
   from dino_jax import masking
   cfg = dinov2_vits14.get_config().mask
   for grid in ((4, 4), (16, 16), (7, 9)):
     n = grid[0] * grid[1]
-    for groups in (1, 2, 8, 64):
-      bound = masking.max_masked_per_group(64, groups, n, cfg)
-      for seed in range(30):
-        masks = masking.batch_masks(np.random.default_rng(seed), 64, grid, cfg)
-        assert masks.reshape(groups, -1).sum(1).max() <= bound
-  assert masking.max_masked_per_group(16, 16, 256, cfg) == 128  # one image: its stratum's top ratio, 0.5
-  assert masking.max_masked_per_group(16, 1, 256, cfg) == sum(int(256 * r) for r in np.linspace(0.1, 0.5, 9)[1:])
-  assert masking.max_masked_per_group(16, 1, 256, cfg) < 0.35 * 16 * 128  # 665 slots instead of 2048
+    for images, stratum, groups in ((64, 64, (1, 2, 8, 64)), (64, 16, (1, 2, 8, 64)), (48, 12, (3, 4, 48))):
+      for g in groups:
+        bound = masking.max_masked_per_group(images, g, n, cfg, stratum)
+        for seed in range(30):
+          rng = np.random.default_rng(seed)
+          masks = np.concatenate([masking.batch_masks(rng, stratum, grid, cfg) for _ in range(images // stratum)])
+          assert masks.reshape(g, -1).sum(1).max() <= bound
+  assert masking.max_masked_per_group(16, 16, 256, cfg, 16) == 128  # one image: its stratum's top ratio, 0.5
+  assert masking.max_masked_per_group(16, 1, 256, cfg, 16) == sum(int(256 * r) for r in np.linspace(0.1, 0.5, 9)[1:])
+  assert masking.max_masked_per_group(16, 1, 256, cfg, 16) < 0.35 * 16 * 128  # 665 slots instead of 2048
 
 
 @pytest.mark.parametrize("groups", [1, 5])

@@ -18,11 +18,22 @@ from tests.test_train import one_step
 from tests.test_train import tiny
 
 
+# DINOv2 starts its LayerScale at 1e-5, so at initialization every image's CLS embedding is the
+# same up to float rounding and KoLeo's nearest neighbours are rounding noise, which another
+# reduction order (devices, remat, bfloat16) changes. These comparisons of one computation laid
+# out differently start from a LayerScale that lets the images differ.
+DISTINCT = {"model.layerscale": 0.1}
+
+
+def conditioned(module, **overrides):
+  return tiny(module, **(DISTINCT if module is dinov2_vits14 else {}), **overrides)
+
+
 @pytest.mark.parametrize("module,terms", [
     (dino_vits16, {"dino_loss"}), (dinov2_vits14, {"dino_loss", "ibot_loss", "koleo_loss"}),
     (esvit_swin_t, {"dino_loss", "region_loss"})], ids=["dino", "dinov2", "esvit"])
 def test_sharded_step_equals_unsharded(module, terms):
-  cfg = tiny(module)
+  cfg = conditioned(module)
   assert len(jax.devices()) == 8
   s1, m1 = one_step(cfg, jax.devices()[:1], steps=2)
   s8, m8 = one_step(cfg, jax.devices(), steps=2)
@@ -38,7 +49,7 @@ def test_sharded_step_equals_unsharded(module, terms):
 
 def test_fsdp_step_equals_replicated_step():
   """DINOv2 tiny on a 2 (data) x 4 (fsdp) mesh with every array of >= 256 elements split."""
-  cfg = tiny(dinov2_vits14, **{"mesh.fsdp": 4, "mesh.fsdp_min_size": 256})
+  cfg = conditioned(dinov2_vits14, **{"mesh.fsdp": 4, "mesh.fsdp_min_size": 256})
   trainer = learner.build(cfg, sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH)
   kernel = trainer.state["params"]["backbone"]["block0"]["mlp"]["fc1"]["kernel"]  # [32, 64]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp") and kernel.addressable_shards[0].data.shape == (32, 16)
@@ -47,7 +58,7 @@ def test_fsdp_step_equals_replicated_step():
              for x in jax.tree.leaves(moment))  # Adam moments follow their parameters
   assert trainer.state["params"]["backbone"]["cls_token"].sharding.spec == jax.sharding.PartitionSpec()  # small: replicated
   sharded, m_fsdp = one_step(cfg, jax.devices(), steps=2)
-  replicated, m_rep = one_step(tiny(dinov2_vits14), jax.devices()[:1], steps=2)
+  replicated, m_rep = one_step(conditioned(dinov2_vits14), jax.devices()[:1], steps=2)
   assert_trees_close(sharded["params"], replicated["params"], atol=1e-5)
   assert_trees_close(sharded["teacher"], replicated["teacher"], atol=1e-5)
   np.testing.assert_allclose(m_fsdp["loss"], m_rep["loss"], rtol=1e-5)
@@ -64,10 +75,10 @@ def test_fsdp_spec_rule():
 
 
 def test_remat_gives_the_same_step_and_bfloat16_stays_close():
-  base, m_base = one_step(tiny(dinov2_vits14), jax.devices(), steps=1)
-  remat, m_remat = one_step(tiny(dinov2_vits14, **{"model.remat": "full"}), jax.devices(), steps=1)
+  base, m_base = one_step(conditioned(dinov2_vits14), jax.devices(), steps=1)
+  remat, m_remat = one_step(conditioned(dinov2_vits14, **{"model.remat": "full"}), jax.devices(), steps=1)
   assert_trees_close(remat["params"], base["params"], atol=1e-6)
-  bf16, m_bf16 = one_step(tiny(dinov2_vits14, **{"model.dtype": "bfloat16", "model.remat": "dots"}), jax.devices(), steps=1)
+  bf16, m_bf16 = one_step(conditioned(dinov2_vits14, **{"model.dtype": "bfloat16", "model.remat": "dots"}), jax.devices(), steps=1)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16["params"]))  # fp32 master weights
   assert np.isfinite(m_bf16["loss"]) and abs(m_bf16["loss"] - m_base["loss"]) < 0.05 * abs(m_base["loss"])
 
@@ -75,11 +86,11 @@ def test_remat_gives_the_same_step_and_bfloat16_stays_close():
 def test_scan_gives_the_same_step():
   """model.scan on 8 devices with FSDP: the same update as the loop (no stochastic depth)."""
   over = {"model.drop_path_rate": 0.0, "mesh.fsdp": 4, "mesh.fsdp_min_size": 256}
-  loop, m_loop = one_step(tiny(dinov2_vits14, **over), jax.devices(), steps=2)
-  scanned, m_scan = one_step(tiny(dinov2_vits14, **over, **{"model.scan": True}), jax.devices(), steps=2)
+  loop, m_loop = one_step(conditioned(dinov2_vits14, **over), jax.devices(), steps=2)
+  scanned, m_scan = one_step(conditioned(dinov2_vits14, **over, **{"model.scan": True}), jax.devices(), steps=2)
   assert_trees_close(scanned["params"], loop["params"], atol=1e-5)
   np.testing.assert_allclose(m_scan["loss"], m_loop["loss"], rtol=1e-5)
   # DINOv2's kept-subset stochastic depth inside the scan, each device's subset its own.
-  _, m_drop = one_step(tiny(dinov2_vits14, **(over | {"model.scan": True, "model.drop_path_rate": 0.4})),
+  _, m_drop = one_step(conditioned(dinov2_vits14, **(over | {"model.scan": True, "model.drop_path_rate": 0.4})),
                        jax.devices(), steps=1)
   assert np.isfinite(m_drop["loss"])

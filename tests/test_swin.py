@@ -5,6 +5,8 @@ Reference models are random initializations (no downloads), every parameter pert
 timm shifts before padding, EsViT (and dino_jax) pad before shifting: timm is the reference
 where windows divide the grid, the small EsViT-style module below where they do not.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,7 +23,7 @@ from dino_jax.models import swin
 from tests import torch_reference
 from tests.test_convert import numpy_state, perturbed, relative_error, save_safetensors
 
-TIMM_ARCH = convert.SwinArch(width=32, depths=(2, 2), num_heads=(2, 4), window_size=7)  # LayerNorm eps 1e-5
+TIMM_ARCH = convert.SwinArch(width=32, depths=(2, 2), num_heads=(2, 4), window_size=7, image_size=56)  # eps 1e-5
 ESVIT_ARCH = convert.SwinArch(width=32, depths=(2, 2), num_heads=(2, 4), window_size=7, norm_eps=1e-6)
 
 
@@ -62,9 +64,9 @@ class RefAttention(torch.nn.Module):
 
 
 class RefBlock(torch.nn.Module):
-  def __init__(self, dim, heads, window_size, shifted, eps):
+  def __init__(self, dim, heads, window_size, shifted, eps, build_grid):
     super().__init__()
-    self.window_size, self.shifted = window_size, shifted
+    self.window_size, self.shifted, self.build_grid = window_size, shifted, build_grid
     self.norm1, self.norm2 = torch.nn.LayerNorm(dim, eps=eps), torch.nn.LayerNorm(dim, eps=eps)
     self.attn = RefAttention(dim, heads, window_size)
     self.mlp = torch.nn.Sequential()
@@ -73,8 +75,10 @@ class RefBlock(torch.nn.Module):
 
   def forward(self, x):  # [B, H, W, C]
     b, h, w, c = x.shape
-    if min(h, w) <= self.window_size:
-      win, shift = min(h, w), 0
+    # Window and shift from the stage's grid at the size the model is built for (EsViT's
+    # input_resolution); other maps are padded to that window.
+    if self.build_grid <= self.window_size:
+      win, shift = self.build_grid, 0
     else:
       win, shift = self.window_size, self.window_size // 2 if self.shifted else 0
     y = F.pad(self.norm1(x), (0, 0, 0, -w % win, 0, -h % win))  # pad, then shift (EsViT)
@@ -109,6 +113,9 @@ class RefSwin(torch.nn.Module):
   def __init__(self, arch: convert.SwinArch):
     super().__init__()
     d, eps = arch.width, arch.norm_eps
+    grids = [arch.image_size // arch.patch_size]
+    for _ in arch.depths[1:]:
+      grids.append(-(-grids[-1] // 2))
     self.patch_embed = torch.nn.Module()
     self.patch_embed.proj = torch.nn.Conv2d(3, d, arch.patch_size, arch.patch_size)
     self.patch_embed.norm = torch.nn.LayerNorm(d, eps=eps)
@@ -116,7 +123,7 @@ class RefSwin(torch.nn.Module):
     for s, (depth, heads) in enumerate(zip(arch.depths, arch.num_heads)):
       stage = torch.nn.Module()
       stage.blocks = torch.nn.ModuleList(
-          [RefBlock(d * 2 ** s, heads, arch.window_size, j % 2 == 1, eps) for j in range(depth)])
+          [RefBlock(d * 2 ** s, heads, arch.window_size, j % 2 == 1, eps, grids[s]) for j in range(depth)])
       if s < len(arch.depths) - 1:
         stage.downsample = RefMerge(d * 2 ** s, eps)
       self.layers.append(stage)
@@ -202,16 +209,19 @@ def test_window_rule_and_grid_rounding():
   assert tiny(depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1)).grid(40) == (2, 2)  # 10 -> 5 -> 3 -> 2
 
 
-@pytest.mark.parametrize("n,shifted,token,rows,cols", [
-    (14, True, (0, 0), (0, 3), (0, 3)),  # shifted windows: [0, 3), [3, 10), [10, 14) per axis
-    (14, True, (5, 12), (3, 10), (10, 14)),
-    (14, False, (8, 2), (7, 14), (0, 7)),
-    (12, True, (11, 11), (10, 12), (10, 12)),  # padded to 14, then shifted: the same boundaries
-    (12, True, (4, 0), (3, 10), (0, 3)),
-    (12, False, (11, 0), (7, 12), (0, 7)),
+@pytest.mark.parametrize("n,build,shifted,token,rows,cols", [
+    (14, 14, True, (0, 0), (0, 3), (0, 3)),  # shifted windows: [0, 3), [3, 10), [10, 14) per axis
+    (14, 14, True, (5, 12), (3, 10), (10, 14)),
+    (14, 14, False, (8, 2), (7, 14), (0, 7)),
+    (12, 12, True, (11, 11), (10, 12), (10, 12)),  # padded to 14, then shifted: the same boundaries
+    (12, 12, True, (4, 0), (3, 10), (0, 3)),
+    (12, 12, False, (11, 0), (7, 12), (0, 7)),
+    (6, 14, True, (0, 0), (0, 3), (0, 3)),  # a smaller map than built for: padded to one window, still shifted
+    (6, 14, True, (5, 5), (3, 6), (3, 6)),
+    (6, 6, True, (0, 0), (0, 6), (0, 6)),  # built for it: one window of 6, no shift
 ])
-def test_a_token_reaches_exactly_its_window(n, shifted, token, rows, cols):
-  block = swin.SwinBlock(num_heads=2, window_size=7, shifted=shifted)
+def test_a_token_reaches_exactly_its_window(n, build, shifted, token, rows, cols):
+  block = swin.SwinBlock(num_heads=2, window_size=7, shifted=shifted, build_grid=build)
   x = np.random.default_rng(0).normal(size=(1, n, n, 8)).astype(np.float32)
   params = block.init(jax.random.PRNGKey(0), x)
   changed = x.copy()
@@ -267,9 +277,13 @@ def test_timm_swin_converts_with_forward_parity_and_exports_back(tmp_path, monke
   assert (cfg.model.name, tuple(cfg.model.depths), cfg.model.norm_eps) == ("swin", (2, 2), 1e-5)
   backbone = runs.load_backbone(str(workdir))
   assert_swin_matches(backbone, model.forward_features, (56,))
-  at_112 = perturbed(timm_swin(112))  # built at 112: shifted windows in both stages
+  # Built at 112 (shifted windows in both stages): the same weights, the windows of that size.
+  monkeypatch.setitem(convert.ARCHS, "swin_test_112", dataclasses.replace(TIMM_ARCH, image_size=112))
+  workdir_112, _, cfg_112 = convert.import_file(file, "swin_test_112", str(tmp_path / "run112"), layout="timm")
+  assert cfg_112.model.image_size == 112
+  at_112 = perturbed(timm_swin(112))
   at_112.load_state_dict(model.state_dict())
-  assert_swin_matches(backbone, at_112.forward_features, (112,))
+  assert_swin_matches(runs.load_backbone(str(workdir_112)), at_112.forward_features, (112,))
 
   convert.main(["--export", str(workdir), "--out", str(tmp_path / "exported.pth")])
   assert "timm layout" in capsys.readouterr().out

@@ -132,3 +132,74 @@ class DINOHead(nn.Module):
 
   def forward(self, x):
     return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+# ---------------------------------------------------------------------------------------
+# The official initializations, applied to the modules above (and to timm's Swin for EsViT).
+# ---------------------------------------------------------------------------------------
+
+
+def _linears_trunc_normal(module: nn.Module) -> None:
+  """Every nn.Linear: weight trunc_normal_(std=0.02) (torch's, bounds +-2 absolute), bias 0;
+  every nn.LayerNorm: 1 and 0 (DINO's `_init_weights`, DINOv2's `init_weights_vit_timm`,
+  EsViT's Swin `_init_weights`)."""
+  for m in module.modules():
+    if isinstance(m, nn.Linear):
+      nn.init.trunc_normal_(m.weight, std=0.02)
+      if m.bias is not None:
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+      nn.init.ones_(m.weight)
+      nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def official_vit_init(vit: OfficialViT, method: str) -> OfficialViT:
+  """`vit` initialized as facebookresearch/dino's VisionTransformer ("dino": pos_embed and the
+  CLS token trunc_normal(0.02)) or dinov2's DinoVisionTransformer.init_weights ("dinov2":
+  pos_embed trunc_normal(0.02), the CLS token and registers normal(1e-6)); both leave the patch
+  Conv2d at PyTorch's default, the mask token at zeros and LayerScale at 1e-5."""
+  nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+  if method == "dino":
+    nn.init.trunc_normal_(vit.cls_token, std=0.02)
+  else:
+    nn.init.normal_(vit.cls_token, std=1e-6)
+    if vit.register_tokens is not None:
+      nn.init.normal_(vit.register_tokens, std=1e-6)
+  if vit.mask_token is not None:
+    nn.init.zeros_(vit.mask_token)
+  vit.patch_embed.proj.reset_parameters()
+  _linears_trunc_normal(vit.blocks)
+  _linears_trunc_normal(vit.norm)
+  for m in vit.modules():
+    if isinstance(m, LayerScale):
+      m.gamma.fill_(1e-5)
+  return vit
+
+
+class OfficialDINOHead(nn.Module):
+  """DINO's and DINOv2's DINOHead as built: the MLP initialized (trunc_normal(0.02), zero
+  biases) before the weight-normed last layer is created, so that layer's direction keeps
+  nn.Linear's default init; its gain weight_g filled with 1."""
+
+  def __init__(self, dim, out_dim, hidden=2048, bottleneck=256):
+    super().__init__()
+    self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                             nn.Linear(hidden, bottleneck))
+    _linears_trunc_normal(self.mlp)
+    self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+    with torch.no_grad():
+      self.last_layer.weight_g.fill_(1)
+
+
+@torch.no_grad()
+def official_swin_init(swin: nn.Module) -> nn.Module:
+  """timm's SwinTransformer initialized as EsViT's Swin: linears trunc_normal(0.02) with zero
+  biases, LayerNorms 1 and 0, relative position bias tables trunc_normal(0.02), the patch
+  Conv2d at PyTorch's default."""
+  _linears_trunc_normal(swin)
+  for name, p in swin.named_parameters():
+    if name.endswith("relative_position_bias_table"):
+      nn.init.trunc_normal_(p, std=0.02)
+  swin.patch_embed.proj.reset_parameters()
+  return swin

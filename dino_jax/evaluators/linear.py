@@ -124,18 +124,19 @@ class LinearEvaluator:
   shards_batches = True
   default_configs = {
       # DINO eval_linear.py: ViT-S n_last_blocks=4; ViT-B n_last_blocks=1, avgpool_patchtokens=True.
+      # eval_linear.py: one lr, 0.001 x batch / 256, scored on the test split after every epoch
+      # (val_freq 1), its best epoch reported.
       "linear_dino": dict(type="linear", protocol="dino", every_steps=-1, every_epochs=0.0, epochs=100,
-                          epoch_length=0, batch_size=1024,
-                          learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1), n_last_blocks=4,
-                          avgpool_patchtokens=False, crop_scale=(0.08, 1.0), seed=0, baselines=False,
-                          train_split="train", test_split="validation"),
+                          epoch_length=0, batch_size=1024, learning_rates=(1e-3,), val_every_epochs=1,
+                          n_last_blocks=4, avgpool_patchtokens=False, crop_scale=(0.08, 1.0), seed=0,
+                          baselines=False, train_split="train", test_split="validation"),
       # DINOv2 eval/linear.py: {last 1, 4 blocks} x {with, without avgpool} x 13 lrs, 10 epochs of 1250 steps.
       "linear_dinov2": dict(type="linear", protocol="dinov2", every_steps=-1, every_epochs=0.0, epochs=10,
                             epoch_length=1250, batch_size=1024,
                             learning_rates=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
                                             0.1),
-                            grid_blocks=(1, 4), crop_scale=(0.08, 1.0), seed=0, baselines=False,
-                            train_split="train", test_split="validation"),
+                            grid_blocks=(1, 4), val_every_epochs=0, crop_scale=(0.08, 1.0), seed=0,
+                            baselines=False, train_split="train", test_split="validation"),
   }
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
@@ -173,12 +174,16 @@ class LinearEvaluator:
     state = {"params": classifiers, "momentum": jax.tree.map(jnp.zeros_like, classifiers)}
     return jax.device_put(state, self.replicated)
 
-  def train(self, params) -> dict:
+  def train(self, params) -> tuple[dict, dict | None]:
     """The classifiers after `epochs` epochs on augmented training images: each a random
     resized crop of `crop_scale` of the full image (bilinear for DINO, bicubic for DINOv2, as
     their scripts' RandomResizedCrop), flipped with p = 0.5 (`data.read_crops`), made on the
-    host by `workers` threads from (seed, step, position in the batch)."""
+    host by `workers` threads from (seed, step, position in the batch). With
+    `val_every_epochs` N > 0 (DINO's val_freq), also each classifier's best `score` over the
+    epochs scored (every N-th and the last), else None."""
     state = self.init_state(params)
+    every = self.ecfg.get("val_every_epochs", 0)
+    best = None
     total = self.epochs * self.steps_per_epoch
     order = lambda step: self.train_index[data.batch_indices(len(self.train_index), self.batch_size, step, self.seed)]
     bar = tqdm.trange(self.epochs, desc=f"{self.prefix} ({len(self.variants) * len(self.lrs)} classifiers)",
@@ -189,16 +194,19 @@ class LinearEvaluator:
       batches = read_ahead((order(step) for step in range(total)), self.batch_sharding, read)
       try:
         step = 0
-        for _ in bar:
+        for epoch in bar:
           for _ in range(self.steps_per_epoch):
             images, labels = next(batches)
             state, loss = self.train_step(state, params, images, labels, step)
             step += 1
           bar.set_postfix(loss=f"{float(loss):.4f}")
+          if every and ((epoch + 1) % every == 0 or epoch + 1 == self.epochs):
+            acc = self.score(state, params)
+            best = acc if best is None else {k: np.maximum(best[k], acc[k]) for k in acc}
       finally:  # the reader stops before its pool does
         bar.close()
         batches.close()
-    return state
+    return state, best
 
   def score(self, state, params) -> dict:
     """{variant: [L] top-1} on the test split's evaluation view."""
@@ -216,7 +224,8 @@ class LinearEvaluator:
   def run(self, params) -> dict[str, float]:
     if params is None:  # raw pixels: no blocks to take features from
       return {}
-    acc = self.score(self.train(params), params)
+    state, best_epochs = self.train(params)
+    acc = best_epochs if best_epochs is not None else self.score(state, params)
     best = max(float(a.max()) for a in acc.values())
     out = {f"{self.prefix}_top1": best}
     for v in self.variants:
@@ -233,8 +242,10 @@ class LinearEvaluator:
                 + (" + avgpool" if ecfg.get("avgpool_patchtokens") else ""))
     else:
       inputs = f"last {{{', '.join(map(str, ecfg.get('grid_blocks', probe.DINOV2_GRID_BLOCKS)))}}} blocks x avgpool"
-    return (f"top-1 on {ecfg.test_split} (linear, {ecfg.protocol} protocol: {inputs}, best of "
-            f"{len(ecfg.learning_rates)} learning rates, {ecfg.epochs} epochs)")
+    lrs = len(ecfg.learning_rates)
+    return (f"top-1 on {ecfg.test_split} (linear, {ecfg.protocol} protocol: {inputs}, "
+            + (f"best of {lrs} learning rates, " if lrs > 1 else f"lr {ecfg.learning_rates[0]:g}, ")
+            + (f"best epoch of {ecfg.epochs})" if ecfg.get("val_every_epochs", 0) else f"{ecfg.epochs} epochs)"))
 
   @staticmethod
   def check(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, enabled: bool) -> None:
@@ -246,6 +257,8 @@ class LinearEvaluator:
       raise UsageError(f"{prefix}learning_rates must be a non-empty list of positive numbers, not {lrs!r}")
     for key in ("epochs", "batch_size"):
       validate.positive_int(ecfg, key, prefix=prefix)
+    if "val_every_epochs" in ecfg:
+      validate.positive_int(ecfg, "val_every_epochs", zero=True, prefix=prefix)
     length = ecfg.get("epoch_length", 0)
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
       raise UsageError(f"{prefix}epoch_length must be 0 (one pass over the train split) or a positive "

@@ -114,10 +114,12 @@ class Variant:
 def protocol_variants(protocol: str, n_last_blocks: int = 4, avgpool: bool = False,
                       grid_blocks=DINOV2_GRID_BLOCKS, cls_token: bool = True) -> tuple[Variant, ...]:
   """The inputs a protocol trains classifiers on: DINO's one (`n_last_blocks`, `avgpool`), or
-  DINOv2's grid `grid_blocks` x {without, with avgpool}. A backbone without a CLS token (Swin:
-  its embedding is already the average of its last stage) has one: its embedding."""
+  DINOv2's grid `grid_blocks` x {without, with avgpool}. A backbone without a CLS token (Swin,
+  whose embedding is the average of its tokens): with DINO's protocol the last `n_last_blocks`
+  blocks' averages, as EsViT's eval_linear.py concatenates them (only the last stage's through
+  the final norm; 4 for Swin-T: 2304 features), with DINOv2's its embedding."""
   if not cls_token:
-    return (Variant(1, False),)
+    return (Variant(int(n_last_blocks) if protocol == "dino" else 1, False),)
   if protocol == "dino":
     return (Variant(int(n_last_blocks), bool(avgpool)),)
   return tuple(Variant(int(n), pool) for n in grid_blocks for pool in (False, True))

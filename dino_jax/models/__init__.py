@@ -1,6 +1,6 @@
 """Backbones by name (`model.name`) and the heads put on them.
 
-Every backbone is a Flax module built by `Backbone.from_config(model_config, batch_sharding)`
+Every backbone is a Flax module built by `Backbone.from_config(model_config, subsets)`
 whose call `(images, mask=None, deterministic=True, layers=0, final_norm=True)` returns
 
   "embedding"     [B, D]        the global embedding (CLS token, or pooled where there is none)
@@ -17,7 +17,8 @@ import ml_collections
 from dino_jax.errors import UsageError
 
 from dino_jax.models.heads import DINOHead, DINOModel
-from dino_jax.models.layers import REMAT_POLICIES
+from dino_jax.models import layers
+from dino_jax.models.layers import REMAT_POLICIES, compute_dtype
 from dino_jax.models.swin import Swin
 from dino_jax.models.vit import ViT
 
@@ -31,7 +32,7 @@ def backbone_class(model_cfg: ml_collections.ConfigDict):
   return BACKBONES[name]
 
 
-def make_backbone(model_cfg: ml_collections.ConfigDict, batch_sharding=None):
-  """The backbone `model_cfg` names; `batch_sharding` is the train step's (per-device
-  stochastic depth)."""
-  return backbone_class(model_cfg).from_config(model_cfg, batch_sharding)
+def make_backbone(model_cfg: ml_collections.ConfigDict, subsets=None):
+  """The backbone `model_cfg` names; `subsets` (`layers.Subsets`): DINOv2's kept-subset
+  stochastic depth and its groups, else the per-sample mask."""
+  return backbone_class(model_cfg).from_config(model_cfg, subsets)

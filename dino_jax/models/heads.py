@@ -16,6 +16,10 @@ class DINOHead(nn.Module):
   similarities to prototypes; without it g is a trainable [1, K] parameter starting at 1
   (DINO's `norm_last_layer=False`, recommended for ViT-S/16, and DINOv2's head), decayed and
   frozen with the last layer as torch's `last_layer.weight_g`.
+
+  Initialization as DINO's and DINOv2's: the MLP's linears trunc_normal(0.02) with zero biases;
+  V at PyTorch's nn.Linear default, U(+-1/sqrt(bottleneck)) (the official head creates the
+  last layer after initializing the MLP, so it keeps that default).
   """
   out_dim: int = 65536
   hidden_dim: int = 2048
@@ -25,12 +29,11 @@ class DINOHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    init = nn.initializers.truncated_normal(0.02)
     for i in range(self.num_layers - 1):
-      x = layers.gelu(nn.Dense(self.hidden_dim, kernel_init=init, name=f"mlp{i}")(x))
-    x = nn.Dense(self.bottleneck_dim, kernel_init=init, name=f"mlp{self.num_layers - 1}")(x)
+      x = layers.gelu(nn.Dense(self.hidden_dim, kernel_init=layers.LINEAR_INIT, name=f"mlp{i}")(x))
+    x = nn.Dense(self.bottleneck_dim, kernel_init=layers.LINEAR_INIT, name=f"mlp{self.num_layers - 1}")(x)
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    v = self.param("last_layer", init, (self.bottleneck_dim, self.out_dim))
+    v = self.param("last_layer", layers.torch_default_kernel(), (self.bottleneck_dim, self.out_dim))
     scale = 1.0 / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
     if not self.norm_last_layer:
       scale = scale * self.param("last_layer_gain", nn.initializers.ones, (1, self.out_dim))

@@ -1,7 +1,53 @@
-"""Building blocks shared by the backbones: FFNs, LayerScale, stochastic depth, remat policies."""
+"""Building blocks shared by the backbones: initializers, FFNs, LayerScale, stochastic depth,
+remat policies."""
+import dataclasses
+import math
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+def compute_dtype(name: str):
+  """`model.dtype` as a JAX dtype; "auto": bfloat16 on GPUs and TPUs (the mixed precision of the
+  official runs, with float32 parameters, norms' statistics, softmaxes, losses, EMA and centers),
+  float32 on CPUs."""
+  if name == "auto":
+    name = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+  return jnp.dtype(name)
+
+
+def trunc_normal(std: float = 0.02, bound: float = 2.0):
+  """`torch.nn.init.trunc_normal_(std=std, a=-bound, b=bound)`, DINO's and DINOv2's init of
+  linear layers and position embeddings: a normal truncated at +-`bound` in absolute value
+  (+-100 std at 0.02, so a plain normal in practice; JAX's `truncated_normal` cuts at 2 std)."""
+  def init(key, shape, dtype=jnp.float32):
+    return std * jax.random.truncated_normal(key, -bound / std, bound / std, shape, dtype)
+  return init
+
+
+LINEAR_INIT = trunc_normal(0.02)  # every nn.Linear of the official ViTs, Swins and heads; biases 0
+
+
+def torch_default_kernel():
+  """PyTorch's default init of nn.Linear / nn.Conv2d weights, kaiming_uniform(a=sqrt(5)):
+  U(+-1/sqrt(fan_in)); what the official code leaves the patch embedding and the heads' last
+  layer at."""
+  return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int):
+  """PyTorch's default init of a bias: U(+-1/sqrt(fan_in))."""
+  bound = 1 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def patch_embedding(width: int, patch_size: int, dtype, name: str = "patch_embed") -> nn.Conv:
+  """The patch embedding, a patch_size-strided convolution of RGB images, at PyTorch's default
+  init (the official ViTs and Swins do not re-initialize their Conv2d)."""
+  return nn.Conv(width, (patch_size,) * 2, strides=patch_size, padding="VALID", dtype=dtype,
+                 kernel_init=torch_default_kernel(), bias_init=torch_default_bias(3 * patch_size ** 2), name=name)
 
 
 def gelu(x):
@@ -18,8 +64,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-    return nn.Dense(d, dtype=self.dtype, name="fc2")(gelu(x))
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=LINEAR_INIT, name="fc1")(x)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=LINEAR_INIT, name="fc2")(gelu(x))
 
 
 class SwiGLU(nn.Module):
@@ -30,9 +76,9 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x12 = nn.Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x)
+    x12 = nn.Dense(2 * self.hidden, dtype=self.dtype, kernel_init=LINEAR_INIT, name="w12")(x)
     x1, x2 = jnp.split(x12, 2, axis=-1)
-    return nn.Dense(d, dtype=self.dtype, name="w3")(nn.silu(x1) * x2)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=LINEAR_INIT, name="w3")(nn.silu(x1) * x2)
 
 
 class LayerScale(nn.Module):
@@ -57,13 +103,24 @@ class DropPath(nn.Module):
     return x * mask / keep
 
 
-def subset_drop_path(x, branch, rate: float, rng, batch_sharding=None):
+@dataclasses.dataclass(frozen=True)
+class Subsets:
+  """DINOv2's kept-subset stochastic depth (`subset_drop_path`) and how its draws are grouped:
+  each of `groups` groups of consecutive samples draws its own subset (DINOv2: one GPU's crops
+  of one size, the official per-GPU batch whatever the device count here); with
+  `batch_sharding` (the train step's), groups that divide over its devices stay on them."""
+  groups: int = 1
+  batch_sharding: Optional[jax.sharding.NamedSharding] = None
+
+
+def subset_drop_path(x, branch, rate: float, rng, subsets: Subsets = Subsets()):
   """x + stochastic-depth branch(x) computing the branch only for the kept samples (DINOv2's
-  form for rates above 0.1). Each batch shard (device) of `batch_sharding` (one shard when
-  None) draws a random k = max(int(n (1 - rate)), 1) of its n samples; they go through
-  `branch` and their outputs are added back scaled by n / k. The subsets stay on their devices."""
-  groups = 1 if batch_sharding is None else batch_sharding.mesh.size
-  local = lambda a: a if batch_sharding is None else jax.lax.with_sharding_constraint(a, batch_sharding)
+  `drop_add_residual_stochastic_depth`): each group of n consecutive samples (`subsets`) draws
+  a random k = max(int(n (1 - rate)), 1) of them; they go through `branch` and their outputs
+  are added back scaled by n / k."""
+  groups, sharding = subsets.groups, subsets.batch_sharding
+  on_devices = sharding is not None and groups % sharding.mesh.size == 0
+  local = lambda a: jax.lax.with_sharding_constraint(a, sharding) if on_devices else a
   n = x.shape[0] // groups
   k = max(int(n * (1.0 - rate)), 1)
   order = jnp.argsort(jax.random.uniform(rng, (groups, n)), axis=1)[:, :k]
@@ -83,12 +140,13 @@ REMAT_POLICIES = {  # what a rematerialized block keeps from its forward pass
 
 
 
-def residual(x, branch, rate: float, deterministic: bool, make_rng, batch_sharding=None):
-  """x + branch(x) with stochastic depth at `rate`: DINOv2's kept-subset form above 0.1
-  (`subset_drop_path`), the per-sample mask otherwise. Call inside a compact module;
-  `make_rng` is that module's."""
-  if not deterministic and rate > 0.1:
-    return subset_drop_path(x, branch, rate, make_rng("dropout"), batch_sharding)
+def residual(x, branch, rate: float, deterministic: bool, make_rng, subsets: Optional[Subsets] = None):
+  """x + branch(x) with stochastic depth at `rate`: with `subsets`, DINOv2's kept-subset form at
+  any rate above 0 (its `NestedTensorBlock.forward_nested`, the student's training path;
+  `subset_drop_path`), else the per-sample mask (DINO's and EsViT's DropPath). Call inside a
+  compact module; `make_rng` is that module's."""
+  if not deterministic and rate > 0 and subsets is not None:
+    return subset_drop_path(x, branch, rate, make_rng("dropout"), subsets)
   return x + DropPath(rate)(branch(x), deterministic)
 
 

@@ -18,13 +18,12 @@ import re
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from dino_jax.models import layers
-from dino_jax.models.layers import Mlp, REMAT_POLICIES, residual
+from dino_jax.models.layers import Mlp, REMAT_POLICIES, patch_embedding, residual, trunc_normal
 
 SWIN_SIZES = {  # name: (width, depths, heads) of Liu et al. 2021, Sec. 3.3
     "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
@@ -34,9 +33,9 @@ SWIN_SIZES = {  # name: (width, depths, heads) of Liu et al. 2021, Sec. 3.3
 
 
 def window_and_shift(h: int, w: int, window_size: int, shifted: bool) -> tuple[int, int]:
-  """(window, shift) of a block on an h x w map: a map no larger than the window is one
-  unshifted window (the original code's rule), else window_size and window_size // 2 when
-  `shifted` (odd blocks)."""
+  """(window, shift) of a block whose stage has an h x w map at the size the model is built for
+  (`Swin.image_size`): a map no larger than the window is one unshifted window (the original
+  code's rule), else window_size and window_size // 2 when `shifted` (odd blocks)."""
   if min(h, w) <= window_size:
     return min(h, w), 0
   return window_size, window_size // 2 if shifted else 0
@@ -76,21 +75,22 @@ class SwinBlock(nn.Module):
   num_heads: int
   window_size: int
   shifted: bool
+  build_grid: int  # the stage's grid at the size the model is built for: fixes window and shift
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   norm_eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
-  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the step's, for subset_drop_path
+  subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth, else per sample
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     _, h, w, d = x.shape
     heads = self.num_heads
-    window, shift = window_and_shift(h, w, self.window_size, self.shifted)
+    window, shift = window_and_shift(self.build_grid, self.build_grid, self.window_size, self.shifted)
     hp, wp = _padded(h, window), _padded(w, window)
     rows, cols, area = hp // window, wp // window, window * window
-    table = self.param("relative_position_bias", nn.initializers.truncated_normal(0.02),
+    table = self.param("relative_position_bias", trunc_normal(0.02),
                        (2 * self.window_size - 1,) * 2 + (heads,))
     index = relative_position_index(window, self.window_size)
     bias = table[index[..., 0], index[..., 1]].transpose(2, 0, 1)  # [heads, area, area]
@@ -104,7 +104,7 @@ class SwinBlock(nn.Module):
       y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm1")(x)
       y = jnp.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2)) if shift else y
-      qkv = nn.DenseGeneral((3, heads, d // heads), dtype=self.dtype, name="qkv")(y)
+      qkv = nn.DenseGeneral((3, heads, d // heads), dtype=self.dtype, kernel_init=layers.LINEAR_INIT, name="qkv")(y)
       qkv = qkv.reshape(b, rows, window, cols, window, 3, heads, d // heads).transpose(0, 2, 4, 5, 1, 3, 6, 7)
       qkv = qkv.reshape(b, area, 3, rows * cols * heads, d // heads)
       y = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias.astype(qkv.dtype),
@@ -112,14 +112,15 @@ class SwinBlock(nn.Module):
       y = y.reshape(b, window, window, rows, cols, heads, d // heads).transpose(0, 3, 1, 4, 2, 5, 6)
       y = y.reshape(b, hp, wp, heads, d // heads)
       y = jnp.roll(y, (shift, shift), axis=(1, 2)) if shift else y
-      return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="proj")(y[:, :h, :w])
+      return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, kernel_init=layers.LINEAR_INIT,
+                             name="proj")(y[:, :h, :w])
 
     def feed_forward(x):
       y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm2")(x)
       return Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
 
     for branch in (attention, feed_forward):
-      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.batch_sharding)
+      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.subsets)
     return x
 
 
@@ -136,7 +137,7 @@ class PatchMerging(nn.Module):
     h, w = x.shape[1:3]
     x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
     x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
-    return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, name="reduction")(x)
+    return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, kernel_init=layers.LINEAR_INIT, name="reduction")(x)
 
 
 class SwinStage(nn.Module):
@@ -147,12 +148,13 @@ class SwinStage(nn.Module):
   window_size: int
   merge: bool
   drop_paths: tuple[float, ...]
+  build_grid: int  # this stage's grid at the size the model is built for
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"
   attention: str = "xla"
-  batch_sharding: Optional[jax.sharding.NamedSharding] = None
+  subsets: Optional[layers.Subsets] = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -162,8 +164,8 @@ class SwinStage(nn.Module):
         SwinBlock, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
     outputs = []
     for j in range(self.depth):
-      x = block(self.num_heads, self.window_size, j % 2 == 1, self.mlp_ratio, self.drop_paths[j], self.norm_eps,
-                self.dtype, self.attention, self.batch_sharding, name=f"block{j}")(x, deterministic)
+      x = block(self.num_heads, self.window_size, j % 2 == 1, self.build_grid, self.mlp_ratio, self.drop_paths[j],
+                self.norm_eps, self.dtype, self.attention, self.subsets, name=f"block{j}")(x, deterministic)
       outputs.append(x)
     return outputs
 
@@ -187,29 +189,31 @@ class Swin(nn.Module):
   depths: tuple[int, ...] = (2, 2, 6, 2)
   num_heads: tuple[int, ...] = (3, 6, 12, 24)
   window_size: int = 7
+  image_size: int = 224  # the input size each stage's window and shift are fixed for (EsViT's and timm's
+                         # input_resolution: its global crops); other sizes are padded to those windows
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   norm_eps: float = 1e-6  # EsViT's LayerNorm epsilon (Swin and timm: 1e-5)
   dtype: jnp.dtype = jnp.float32  # compute dtype (bfloat16 for speed); parameters stay float32
   remat: str = "none"  # rematerialize each block in the backward pass: "none", "full" or "dots"
   attention: str = "xla"  # layers.attention: "xla" or "cudnn" (GPU, bf16)
-  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's batch sharding
+  subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth (training), else per sample
 
   @nn.compact
   def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0, final_norm: bool = True):
     if mask is not None:
       raise ValueError("Swin takes no mask: it has no mask token (masked-image objectives such as iBOT need a ViT)")
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
-                dtype=self.dtype, name="patch_embed")(images)
+    x = patch_embedding(self.width, self.patch_size, self.dtype)(images)
     x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="patch_norm")(x)
     total = sum(self.depths)
     # Stochastic depth rising linearly over all blocks from 0 to the rate (Swin's and EsViT's rule).
     rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
     blocks = []
+    build_grids = self._stage_grids(self.image_size)
     for s, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       first = sum(self.depths[:s])
-      blocks += SwinStage(depth, heads, self.window_size, s > 0, tuple(rates[first:first + depth]), self.mlp_ratio,
-                          self.norm_eps, self.dtype, self.remat, self.attention, self.batch_sharding,
+      blocks += SwinStage(depth, heads, self.window_size, s > 0, tuple(rates[first:first + depth]), build_grids[s],
+                          self.mlp_ratio, self.norm_eps, self.dtype, self.remat, self.attention, self.subsets,
                           name=f"stage{s}")(x, deterministic)
       x = blocks[-1]
     norm = nn.LayerNorm(epsilon=self.norm_eps, name="norm")
@@ -224,11 +228,12 @@ class Swin(nn.Module):
   # What the trainer and the tools ask of every backbone.
 
   @classmethod
-  def from_config(cls, m: ml_collections.ConfigDict, batch_sharding=None) -> "Swin":
+  def from_config(cls, m: ml_collections.ConfigDict, subsets: Optional[layers.Subsets] = None) -> "Swin":
     return cls(patch_size=m.patch_size, width=m.width, depths=tuple(m.depths), num_heads=tuple(m.num_heads),
-               window_size=m.window_size, mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate,
-               norm_eps=m.norm_eps, dtype=jnp.dtype(m.dtype), remat=m.remat, attention=m.attention,
-               batch_sharding=batch_sharding)
+               window_size=m.window_size, image_size=m.get("image_size", 224), mlp_ratio=m.mlp_ratio,
+               drop_path_rate=m.drop_path_rate,
+               norm_eps=m.norm_eps, dtype=layers.compute_dtype(m.dtype), remat=m.remat, attention=m.attention,
+               subsets=subsets)
 
   @property
   def embed_dim(self) -> int:
@@ -267,18 +272,19 @@ class Swin(nn.Module):
   def forward_flops(self, image_size: int) -> float:
     """Forward FLOPs on one square image (a multiply-add = 2 FLOPs; norms, softmax and
     elementwise ops left out): patch embedding 2·P·(3p²)·C for P patches; per block of width C
-    on an n x n grid with window w (`window_and_shift`), padded to m = ceil(n/w)·w: qkv
+    on an n x n grid with window w (`window_and_shift` of its grid at `image_size`), padded to
+    m = ceil(n/w)·w: qkv
     6·m²·C² (computed on the padded map), attention scores and values 4·m²·w²·C (m²/w²
     windows of w² tokens), projection 2·n²·C², MLP 4·n²·C·(ratio·C); per patch merging
     16·n'²·C² onto its n' = ceil(n/2) grid."""
-    grids = self._stage_grids(image_size)
+    grids, build_grids = self._stage_grids(image_size), self._stage_grids(self.image_size)
     c = self.width
     flops = 2 * grids[0] ** 2 * 3 * self.patch_size ** 2 * c
     for s, (n, depth) in enumerate(zip(grids, self.depths)):
       c = self.width * 2 ** s
       if s:
         flops += 16 * n * n * (c // 2) ** 2
-      w = min(n, self.window_size)
+      w = window_and_shift(build_grids[s], build_grids[s], self.window_size, False)[0]
       m = _padded(n, w)
       flops += depth * (6 * m * m * c * c + 4 * m * m * w * w * c + 2 * n * n * c * c
                         + 4 * n * n * c * int(c * self.mlp_ratio))

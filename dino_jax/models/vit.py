@@ -4,6 +4,11 @@ The ViT follows Dosovitskiy et al. 2021 with the DINOv2 options (Oquab et al. 20
 register tokens (Darcet et al. 2024), LayerScale (Touvron et al. 2021), SwiGLU FFN,
 stochastic depth, a mask token for iBOT, and a learned position embedding stored at a
 base grid and resized to the input's grid so that global and local crops share weights.
+
+Parameters start as the official code starts them: linear layers trunc_normal(0.02) with zero
+biases, the position embedding (patches and the CLS slot) trunc_normal(0.02), the CLS token
+trunc_normal(0.02) (DINO) or normal(1e-6) (DINOv2; `cls_token_std`), registers normal(1e-6), the
+mask token zeros, LayerScale 1e-5, and the patch embedding at PyTorch's Conv2d default.
 """
 import re
 from typing import Optional
@@ -15,7 +20,8 @@ import ml_collections
 import numpy as np
 
 from dino_jax.models import layers
-from dino_jax.models.layers import LayerScale, Mlp, REMAT_POLICIES, SwiGLU, residual
+from dino_jax.models.layers import (LayerScale, Mlp, REMAT_POLICIES, SwiGLU, patch_embedding, residual,
+                                    trunc_normal)
 
 VIT_SIZES = {  # name: (width, depth, heads, mlp_dim)
     "tiny": (192, 12, 3, 768),
@@ -81,7 +87,7 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
-  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the step's, for subset_drop_path
+  subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth, else per sample
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -89,13 +95,14 @@ class Block(nn.Module):
 
     def attention(x):
       h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-      qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype, name="qkv")(h)
+      qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype,
+                            kernel_init=layers.LINEAR_INIT, name="qkv")(h)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       h = layers.attention(q, k, v, implementation=self.attention)
       if self.is_mutable_collection("intermediates"):  # attention maps for inspection
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
         self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
-      h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="proj")(h)
+      h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, kernel_init=layers.LINEAR_INIT, name="proj")(h)
       return LayerScale(self.layerscale, name="ls1")(h) if self.layerscale is not None else h
 
     def feed_forward(x):
@@ -104,7 +111,7 @@ class Block(nn.Module):
       return LayerScale(self.layerscale, name="ls2")(h) if self.layerscale is not None else h
 
     for branch in (attention, feed_forward):
-      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.batch_sharding)
+      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.subsets)
     return x
 
 
@@ -118,7 +125,9 @@ class ViT(nn.Module):
   it (`get_intermediate_layers(norm=False)`: DINOv2's depth heads, SD-DINO's features).
 
   `mask` ([B, h*w] bool, True = masked) replaces those patch embeddings by the learned
-  mask token before the position embedding is added, as in iBOT / DINOv2.
+  mask token before the position embedding is added, as in iBOT / DINOv2. The CLS token's
+  position embedding (slot 0 of the official `pos_embed`) is its own parameter,
+  `cls_pos_embed`, as there: both it and the CLS token are trained and decayed.
   """
   patch_size: int = 16
   width: int = 384
@@ -130,6 +139,7 @@ class ViT(nn.Module):
   layerscale: Optional[float] = None
   drop_path_rate: float = 0.0
   drop_path_uniform: bool = False  # every block at drop_path_rate (DINOv2) or rising linearly to it (DINO)
+  cls_token_std: float = 1e-6  # the CLS token's init: DINO trunc_normal(0.02), DINOv2 normal(1e-6)
   pos_embed_grid: int = 14  # the grid the position embedding is stored at
   interpolate_offset: float = 0.1  # resize_pos_embed's conventions (DINO's and DINOv2's defaults)
   interpolate_antialias: bool = False
@@ -137,23 +147,22 @@ class ViT(nn.Module):
   remat: str = "none"  # rematerialize each block in the backward pass: "none", "full" or "dots"
   scan: bool = False  # the train step runs the blocks as one jax.lax.scan (`scan_blocks`)
   attention: str = "xla"  # layers.attention: "xla" or "cudnn" (GPU, bf16)
-  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's batch sharding
+  subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth (training), else per sample
 
   @nn.compact
   def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0, final_norm: bool = True):
     b = images.shape[0]
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size, padding="VALID",
-                dtype=self.dtype, name="patch_embed")(images)
+    x = patch_embedding(self.width, self.patch_size, self.dtype)(images)
     grid = x.shape[1:3]
     x = x.reshape(b, -1, self.width)
     if mask is not None:
       mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, self.width))
       x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
-    pos = self.param("pos_embed", nn.initializers.normal(0.02),
-                     (1, self.pos_embed_grid, self.pos_embed_grid, self.width))
+    pos = self.param("pos_embed", trunc_normal(0.02), (1, self.pos_embed_grid, self.pos_embed_grid, self.width))
     pos = resize_pos_embed(pos, grid, self.interpolate_offset, self.interpolate_antialias)
     x = x + pos.reshape(1, -1, self.width).astype(x.dtype)
-    cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))
+    cls = self.param("cls_token", trunc_normal(self.cls_token_std), (1, 1, self.width))
+    cls = cls + self.param("cls_pos_embed", trunc_normal(0.02), (1, 1, self.width))
     prefix = [jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype)]
     if self.num_registers:
       reg = self.param("register_tokens", nn.initializers.normal(1e-6),
@@ -166,7 +175,7 @@ class ViT(nn.Module):
                          "patch": x[:, n_prefix:].reshape(b, *grid, self.width)}
     intermediate = []
     block_args = lambda i: (self.num_heads, self.mlp_dim, self.ffn, self.layerscale, self.block_rate(i), self.dtype,
-                            self.attention, self.batch_sharding)
+                            self.attention, self.subsets)
     if self.scan and not (self.is_initializing() or layers or self.is_mutable_collection("intermediates")):
       x = self.scan_blocks(Block(*block_args(0), parent=None), x, deterministic)
     else:
@@ -212,14 +221,14 @@ class ViT(nn.Module):
   # What the trainer and the tools ask of every backbone.
 
   @classmethod
-  def from_config(cls, m: ml_collections.ConfigDict, batch_sharding=None) -> "ViT":
+  def from_config(cls, m: ml_collections.ConfigDict, subsets: Optional[layers.Subsets] = None) -> "ViT":
     return cls(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                mlp_dim=m.mlp_dim, ffn=m.ffn, num_registers=m.num_registers, layerscale=m.layerscale,
                drop_path_rate=m.drop_path_rate, drop_path_uniform=m.get("drop_path_uniform", False),
-               pos_embed_grid=m.pos_embed_grid,
+               cls_token_std=m.get("cls_token_std", 1e-6), pos_embed_grid=m.pos_embed_grid,
                interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
-               dtype=jnp.dtype(m.dtype), remat=m.remat, scan=m.get("scan", False), attention=m.attention,
-               batch_sharding=batch_sharding)
+               dtype=layers.compute_dtype(m.dtype), remat=m.remat, scan=m.get("scan", False), attention=m.attention,
+               subsets=subsets)
 
   @property
   def embed_dim(self) -> int:
@@ -232,12 +241,12 @@ class ViT(nn.Module):
 
   def layer_id(self, name: str) -> int:
     """DINOv2's layer id of backbone parameter `name` (a path below the backbone): 0 for the
-    embeddings (patch, position, cls, registers, mask token), i + 1 for block i, depth + 1
-    for the final norm."""
+    embeddings (patch, position, cls and its position, registers, mask token), i + 1 for
+    block i, depth + 1 for the final norm."""
     block = re.match(r"block(\d+)/", name)
     if block:
       return int(block.group(1)) + 1
-    if re.match(r"(patch_embed|pos_embed|cls_token|register_tokens|mask_token)", name):
+    if re.match(r"(patch_embed|pos_embed|cls_pos_embed|cls_token|register_tokens|mask_token)", name):
       return 0
     return self.depth + 1
 
