@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import common as configs
+from dino_jax import augment
 from dino_jax import defaults
 from dino_jax import pictures
 from dino_jax.errors import UsageError
@@ -33,8 +34,8 @@ def synthetic(tmp_path_factory):
 
 def evaluator_config(root, **overrides):
   d = dict(type="correspondence", every_steps=-1, every_epochs=0.0, path=str(root), split="test", features_dir="",
-           alpha=0.5, pca_dim=0, grid=0, image_size=64, match="nn", temperature=0.02, soft_window=7,
-           pck_alphas=(0.05, 0.1, 0.15), pairs_per_category=0)
+           alpha=0.5, pca_dim=0, grid=0, image_size=64, facet="token", layer=1, stride=4, match="nn",
+           temperature=0.02, soft_window=7, pck_alphas=(0.05, 0.1, 0.15), pairs_per_category=0)
   d.update(overrides)
   return ml_collections.ConfigDict(d)
 
@@ -345,6 +346,10 @@ def test_bad_extra_features_of_the_pictures_are_one_usage_error(tmp_path, maps, 
     (dict(grid=-1), "grid must be a non-negative int"),
     (dict(temperature=0), "temperature"),
     (dict(image_size=30), "image_size 30 is not a multiple of the patch size 4"),
+    (dict(stride=3), "stride 3 does not divide the patch size 4"),
+    (dict(facet="value"), "facet must be one of auto, token, key"),
+    (dict(layer=2), "layer 2 is past the backbone's 2 blocks"),
+    (dict(layer=-2), "layer must be a block index"),
     (dict(path="/nonexistent"), "is not a folder"),
     (dict(split="val"), "has no PairAnnotation/val/"),
     (dict(features_dir="/nonexistent"), "features_dir"),
@@ -369,3 +374,79 @@ def test_backbone_features_are_the_last_block_before_the_final_norm(tiny, synthe
   raw = ev.backbone(params, image, layers=1, final_norm=False)["intermediate"][0]["patch"][0]
   np.testing.assert_allclose(maps[paths[0]], raw, atol=1e-5)
   assert not np.allclose(maps[paths[0]], ev.backbone(params, image)["patch"][0], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# SD-DINO's extractor settings: facet, block, stride.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model,expected", [
+    (dict(patch_size=8, depth=12, layerscale=None), dict(facet="key", block=9, stride=4, image_size=224)),
+    (dict(patch_size=8, depth=12, layerscale=None, fused=True), dict(facet="key", block=9, stride=8, image_size=480)),
+    (dict(patch_size=14, depth=12, layerscale=1e-5), dict(facet="token", block=11, stride=14, image_size=840)),
+    (dict(patch_size=14, depth=24, layerscale=1e-5), dict(facet="token", block=23, stride=14, image_size=840)),
+    (dict(patch_size=14, depth=40, layerscale=1e-5), dict(facet="token", block=39, stride=14, image_size=840)),
+])
+def test_descriptor_settings_are_sd_dinos_per_backbone(model, expected):
+  """pck_spair_pascal.py: dino_vits8: the key facet of layer 9, DINO-only at stride 4 on 224 px,
+  fused with SD at stride 8 on 480 px; DINOv2 ViT-S/B, L, g: the token facet of layer 11, 23, 39
+  at stride 14 on 840 px."""
+  cfg = defaults.base_config().model
+  fused = model.pop("fused", False)
+  cfg.update(model)
+  ecfg = ml_collections.ConfigDict(defaults.base_config().evals.correspondence.to_dict())
+  ecfg.features_dir = "/sd_features" if fused else ""
+  assert correspondence.descriptor_settings(ecfg, cfg) == expected
+  ecfg.update(facet="token", layer=5, stride=7, image_size=448)
+  assert correspondence.descriptor_settings(ecfg, cfg) == dict(facet="token", block=5, stride=7, image_size=448)
+
+
+def test_key_facet_is_the_blocks_attention_keys(tiny):
+  """The key facet of block b: its LayerNorm'd input through qkv, the keys of every head on the
+  patch tokens (the CLS token left out), channels d-major as SD-DINO's (d x heads) descriptors."""
+  c, params = tiny
+  features = common.DenseFeatures(c.model)
+  x = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
+  module = features.module
+  _, state = module.apply({"params": params}, augment.normalize(x), capture_intermediates=True)
+  block_input = np.asarray(state["intermediates"]["block0"]["__call__"][0], np.float64)  # block 1's input
+  p = params["block1"]
+  mu = block_input.mean(-1, keepdims=True)
+  normed = (block_input - mu) / np.sqrt(block_input.var(-1, keepdims=True) + 1e-6) * p["norm1"]["scale"] + p["norm1"]["bias"]
+  keys = np.einsum("bnd,dhk->bnhk", normed, np.asarray(p["qkv"]["kernel"])[:, 1]) + np.asarray(p["qkv"]["bias"])[1]
+  expected = keys[:, 1:].transpose(0, 1, 3, 2).reshape(2, 4, 4, -1)
+  np.testing.assert_allclose(features.facet(params, x, "key", 1), expected, atol=1e-4)
+  token = features.facet(params, x, "token", 0)
+  np.testing.assert_allclose(token, block_input[:, 1:].reshape(2, 4, 4, -1), atol=1e-5)
+
+
+def test_overlapping_patches_and_their_centres_as_sd_dino():
+  """Stride s < patch p: a (S - p) / s + 1 grid (SD-DINO's num_patches = p / s (S // p - 1) + 1),
+  keypoints on cell int(g x / S), predictions at j s + p // 2 - 0.5."""
+  c = defaults.base_config()
+  configs.make_tiny(c)
+  features = common.DenseFeatures(c.model, patch_stride=2)
+  params = features.module.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+  out = features.facet(params, np.zeros((1, 16, 16, 3), np.uint8), "token", 1)
+  assert out.shape[1:3] == (7, 7) == (4 // 2 * (16 // 4 - 1) + 1,) * 2
+  canvas = correspondence.Canvas(16, 16, 16, patch=4, stride=2)
+  np.testing.assert_allclose(canvas.points(np.array([3]), np.array([0]), (7, 7)), [[1.5, 7.5]])
+  assert canvas.cells(np.array([[15.0, 8.0]]), (7, 7))[0] == int(7 * 8 / 16) * 7 + int(7 * 15 / 16)
+
+
+@pytest.mark.parametrize("fused, expected", [
+    (False, dict(facet="key", block=0, stride=2, image_size=32)),
+    (True, dict(facet="key", block=0, stride=4, image_size=32)),
+])
+def test_evaluator_on_synthetic_pairs_with_sd_dinos_dino_settings(tiny, synthetic, fused, expected):
+  """A DINO backbone's defaults: the key facet of its third block from last (the tiny ViT's
+  block 0), alone at half its patch as stride, fused at its patch with external maps co-PCA'd."""
+  features_dir = str(synthetic / "features") if fused else ""
+  ecfg = evaluator_config(synthetic, facet="auto", layer=-1, stride=0, features_dir=features_dir, pca_dim=8,
+                          image_size=32)
+  evaluator = correspondence.CorrespondenceEvaluator(ecfg, tiny[0], None)
+  assert evaluator.settings == expected
+  metrics = run(tiny, ecfg)
+  assert all(0 <= v <= 1 for v in metrics.values())
+  assert ("correspondence_fused_pck10" in metrics) == fused and "correspondence_pck10" in metrics

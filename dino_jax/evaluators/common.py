@@ -79,24 +79,49 @@ class DenseFeatures:
   size (ImageNet-normalized here; H and W multiples of `stride`, see `fit`):
   {"embedding": [B, D] (CLS, or pooled where there is none), "patch": [B, h, w, D]} as float32
   numpy, and with `layers=n` also "intermediate" (the last n blocks', as `models.ViT`; with
-  `final_norm=False` before the final norm). One compile per input shape. With the `mesh` the
-  parameters live on (FSDP splits them, over processes too), the outputs are replicated on it,
-  so every process can read them."""
+  `final_norm=False` before the final norm). `patch_stride` (ViTs): overlapping patches at that
+  stride (SD-DINO's extractor). One compile per input shape. With the `mesh` the parameters live
+  on (FSDP splits them, over processes too), the outputs are replicated on it, so every process
+  can read them."""
 
-  def __init__(self, model_cfg: ml_collections.ConfigDict, mesh=None):
+  def __init__(self, model_cfg: ml_collections.ConfigDict, mesh=None, patch_stride: int = 0):
     self.module = models.make_backbone(model_cfg)
+    if patch_stride:
+      self.module = self.module.clone(patch_stride=patch_stride)
     self.stride = model_cfg.patch_size  # ViT and Swin both take inputs in multiples of the patch size
     replicated = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
     self._apply = jax.jit(self._forward, static_argnums=(2, 3), **replicated)
+    self._keys = jax.jit(self._block_keys, static_argnums=2, **replicated)
 
   def _forward(self, params, images, layers, final_norm):
     return self.module.apply({"params": params}, augment.normalize(images), layers=layers, final_norm=final_norm)
 
+  def _block_keys(self, params, images, block):
+    out, state = self.module.apply({"params": params}, augment.normalize(images), mutable=["keys"])
+    keys = state["keys"][f"block{block}"]["key"][0]  # [B, N, heads, d]
+    grid = out["patch"].shape[1:3]
+    prefix = keys.shape[1] - grid[0] * grid[1]  # the CLS token and registers
+    keys = keys[:, prefix:].transpose(0, 1, 3, 2)  # channels d-major, head-minor, as SD-DINO's (d x h) descriptors
+    return keys.reshape(keys.shape[0], *grid, -1).astype(jnp.float32)
+
   def __call__(self, params, images: np.ndarray, layers: int = 0, final_norm: bool = True) -> dict:
+    self._check(images)
+    return jax.device_get(self._apply(params, jnp.asarray(images), layers, final_norm))
+
+  def facet(self, params, images: np.ndarray, facet: str, block: int) -> np.ndarray:
+    """[B, h, w, C] patch descriptors of block `block` (0-based), as SD-DINO's ViTExtractor: its
+    output tokens before the final norm ("token") or its attention keys, all heads' channels
+    ("key", ordered as SD-DINO's d x heads)."""
+    self._check(images)
+    if facet == "key":
+      return jax.device_get(self._keys(params, jnp.asarray(images), block))
+    depth = self.module.num_layers - 1
+    return self(params, images, layers=depth - block, final_norm=False)["intermediate"][0]["patch"]
+
+  def _check(self, images):
     h, w = images.shape[1:3]
     if h % self.stride or w % self.stride:
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.stride} (use fit)")
-    return jax.device_get(self._apply(params, jnp.asarray(images), layers, final_norm))
 
   def fit(self, image: np.ndarray) -> np.ndarray:
     """`image` (uint8 [H, W, 3]) resized bicubic to the nearest multiples of the stride."""

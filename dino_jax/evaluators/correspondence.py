@@ -10,21 +10,25 @@ SD-DINO pools the keypoints of a category's pairs, averages the categories (its 
 and reports α = 0.1 on SPair-71k and α = 0.05, 0.1, 0.15 on PF-Pascal.
 
 Features, as in SD-DINO:
-  - images: the longer side resized (Lanczos) to `image_size` (840 px for DINOv2's patch 14)
-    and zero-padded to a centred square canvas; the backbone's last-block patch tokens on the
-    canvas's patch grid (60 x 60 in SD-DINO). With `grid` 0 (SD-DINO's protocol) keypoints are
-    matched on that grid itself (`Canvas`): a source keypoint (x, y) px is scaled by
-    image_size / max(H, W) and shifted by the padding offset onto the canvas, and its patch is
-    int(canvas coordinate / stride); every canvas patch, padding included, is a candidate; the
-    prediction, patch j's centre j·stride + stride / 2 - 0.5 on the canvas, is mapped back to
-    the image (minus the offset, divided by the scale). With `grid` > 0 (not SD-DINO's: for
+  - images: the longer side resized (Lanczos) to `image_size` and zero-padded to a centred
+    square canvas; the backbone's descriptors on the canvas's patch grid, as SD-DINO's
+    ViTExtractor computes them (`descriptor_settings`): for DINOv2 (SD-DINO's default) the last
+    block's tokens before the final norm ("token" facet) at stride 14 on 840 px (60 x 60); for
+    DINO (its dino_vits8) block 9's attention keys, heads concatenated ("key" facet), with
+    overlapping patches at stride 4 on 224 px (55 x 55). With `grid` 0 (SD-DINO's protocol)
+    keypoints are matched on that grid itself (`Canvas`): a source keypoint (x, y) px is scaled
+    by image_size / max(H, W) and shifted by the padding offset onto the canvas, and its patch is
+    int(g · canvas coordinate / image_size) of a g-patch grid; every canvas patch, padding
+    included, is a candidate; the prediction, patch j's centre j·stride + patch // 2 - 0.5 on the
+    canvas, is mapped back to the image (minus the offset, divided by the scale). With `grid` > 0 (not SD-DINO's: for
     non-square images it blends neighbouring patches and changes PCK) the canvas map is
     resampled bilinearly onto a grid over the image itself (`ImageGrid`), `grid` cells along
     its longer side, where a keypoint (x, y) lies in cell floor((x + 0.5) w / W) and cell j's
     centre is at (j + 0.5) W / w - 0.5.
   - external maps (Stable Diffusion features in SD-DINO, computed by the user): reduced by PCA
-    fitted jointly on the pair's two maps (SD-DINO's `co_pca`, 256 dimensions for each of its
-    three SD layers; `pca_dim`, 0: off), then put on the backbone's grid: with `grid` > 0
+    fitted jointly on the pair's two maps (SD-DINO's `co_pca`, on by default: `pca_dim` 256;
+    SD-DINO reduces each of its three SD layers to 256, which one map of them all approximates;
+    0: off), then put on the backbone's grid: with `grid` > 0
     resized bilinearly (half-pixel centres, as `F.interpolate(align_corners=False)`); with
     `grid` 0 sampled likewise at the centres of the canvas cells that lie on the image, zero on
     the padding cells (SD-DINO computes its SD features on the padded canvas too, so its padding
@@ -72,12 +76,14 @@ from PIL import Image
 
 from dino_jax import augment
 from dino_jax import data
+from dino_jax import models
 from dino_jax import validate
 from dino_jax.errors import UsageError
 from dino_jax.evaluators import common
 
 SDDINO_PATCHES = 60  # SD-DINO's patch grid: 840 px inputs to DINOv2's patch 14
 MATCHES = ("nn", "mutual", "soft_argmax")
+FACETS = ("auto", "token", "key")
 SOURCES = {"backbone": "correspondence", "external": "correspondence_external", "fused": "correspondence_fused"}
 BATCH = 8  # images per backbone forward (padded, so every batch has one shape)
 PAIR_KEYS = ("src_imname", "trg_imname", "category", "src_kps", "trg_kps", "src_bndbox", "trg_bndbox")
@@ -156,10 +162,23 @@ class Canvas:
   height: int
   width: int
   size: int
+  patch: int = 0  # with `stride`: the backbone's patches of `patch` px every `stride` px (SD-DINO's extractor)
+  stride: int = 0  # 0: cells tile the canvas (size / g px each)
 
   @property
   def scale(self) -> float:
     return self.size / max(self.height, self.width)
+
+  def cell_centres(self, j, g: int):
+    """Canvas coordinates (pixel edges at 0 and `size`) of the centres of cells j of a g-cell
+    axis: j·stride + patch // 2 for overlapping patches, else (j + 0.5) size / g."""
+    j = np.asarray(j, np.float64)
+    return j * self.stride + self.patch // 2 if self.stride else (j + 0.5) * self.size / g
+
+  def cell_index(self, coords, g: int):
+    """The (fractional) cell index whose centre is at canvas coordinates `coords`."""
+    coords = np.asarray(coords, np.float64)
+    return (coords - self.patch // 2) / self.stride if self.stride else coords * g / self.size - 0.5
 
   @property
   def inner(self) -> tuple[int, int]:
@@ -186,17 +205,19 @@ class Canvas:
 
   def points(self, rows: np.ndarray, cols: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     """[K, 2] (x, y) image px of canvas grid positions (rows, cols): SD-DINO's patch centre
-    (j + 0.5) size / g - 0.5 on the canvas, minus the offset, divided by the scale."""
+    j·stride + patch // 2 - 0.5 on the canvas (`cell_centres` - 0.5), minus the offset, divided
+    by the scale."""
     (gh, gw), (top, left) = grid_hw, self.offset
-    x = ((cols + 0.5) * self.size / gw - 0.5 - left) / self.scale
-    y = ((rows + 0.5) * self.size / gh - 0.5 - top) / self.scale
+    x = (self.cell_centres(cols, gw) - 0.5 - left) / self.scale
+    y = (self.cell_centres(rows, gh) - 0.5 - top) / self.scale
     return np.stack([x, y], axis=-1)
 
   def place_map(self, fmap: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     """A map [h, w, C] spanning the image on a grid_hw grid over the canvas: bilinearly sampled
     (half-pixel centres) at the cells whose centre lies on the image, zero elsewhere (padding)."""
     (rows, cols), (top, left), (h, w) = self.inner, self.offset, fmap.shape[:2]
-    y, x = centres(grid_hw[0], self.size) - top, centres(grid_hw[1], self.size) - left
+    y = self.cell_centres(np.arange(grid_hw[0]), grid_hw[0]) - top
+    x = self.cell_centres(np.arange(grid_hw[1]), grid_hw[1]) - left
     out = sample(fmap, y * h / rows - 0.5, x * w / cols - 0.5)
     inside = ((y >= 0) & (y < rows))[:, None] & ((x >= 0) & (x < cols))[None, :]
     return np.where(inside[..., None], out, 0.0).astype(np.float32)
@@ -208,7 +229,7 @@ class Canvas:
     (rows, cols), (top, left) = self.inner, self.offset
     y = top + centres(shape[0], self.height) * rows / self.height
     x = left + centres(shape[1], self.width) * cols / self.width
-    return sample(fmap, y * g / self.size - 0.5, x * g / self.size - 0.5)
+    return sample(fmap, self.cell_index(y, g), self.cell_index(x, g))
 
 
 def pixel_patches(canvas: np.ndarray, stride: int) -> np.ndarray:
@@ -436,27 +457,52 @@ def check_channels(maps: list[np.ndarray], paths: list) -> None:
 # The evaluator.
 # ---------------------------------------------------------------------------------------
 
+def descriptor_settings(ecfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> dict:
+  """SD-DINO's extractor settings for this backbone, "auto" / -1 / 0 resolved as
+  `pck_spair_pascal.py` picks them: a DINO ViT (no LayerScale; SD-DINO's dino_vits8) gives its
+  block 9 of 12 (the third from last) "key" facet, alone (no `features_dir`: its ONLY_DINO run)
+  at half its patch size as stride (4 for patch 8) on a 224 px canvas, fused at its patch size
+  on a canvas of 60 patches (480 px at patch 8); a DINOv2 ViT (LayerScale) and a Swin their last
+  block's "token" facet (the output before the final norm) at their patch size on a canvas of
+  60 patches (840 px at patch 14). {"facet", "block" (0-based), "stride", "image_size"}."""
+  patch, is_vit = model_cfg.patch_size, model_cfg.get("name", "vit") == "vit"
+  dino_v1 = is_vit and model_cfg.get("layerscale") is None
+  dino_v1_alone = dino_v1 and not ecfg.get("features_dir")
+  depth = models.make_backbone(model_cfg).num_layers - 1
+  facet = ecfg.get("facet", "auto")
+  layer = ecfg.get("layer", -1)
+  return {"facet": ("key" if dino_v1 else "token") if facet == "auto" else facet,
+          "block": (max(depth - 3, 0) if dino_v1 else depth - 1) if layer < 0 else layer,
+          "stride": ecfg.get("stride", 0) or (max(patch // 2, 1) if dino_v1_alone else patch),
+          "image_size": ecfg.image_size or (224 if dino_v1_alone else SDDINO_PATCHES * patch)}
+
+
 class CorrespondenceEvaluator:
   """SD-DINO's zero-shot keypoint transfer, scored by PCK@α_bbox (module docstring), for this
   project's patch features alone and, with `features_dir`, for the external maps alone and
-  for their fusion. The backbone's features are its last block's patch tokens before the
-  final LayerNorm, as SD-DINO's extractor takes DINOv2's (facet "token")."""
+  for their fusion. The backbone's features are SD-DINO's extractor's (`descriptor_settings`:
+  DINOv2's last-block tokens before the final norm, DINO's key facet at stride 4)."""
   needs_labels = False
   shards_batches = False
   # SD-DINO (Zhang et al. 2023), SPair-71k test: nearest-neighbour keypoint transfer on the zero-padded square
-  # canvas's 60 x 60 patch grid (image_size 0: 60 patches; grid N > 0: resampled over the image, not SD-DINO's),
-  # fusion [a l2n(external), (1-a) l2n(backbone)] with a = 0.5 when `features_dir` holds external (Stable
-  # Diffusion) maps; PCK@0.1 of the target's bounding box (PF-Pascal: 0.05 / 0.1 / 0.15).
+  # canvas's patch grid (image_size 0 and facet / layer / stride "auto": SD-DINO's per backbone, descriptor_settings;
+  # grid N > 0: resampled over the image, not SD-DINO's), fusion [a l2n(external), (1-a) l2n(backbone)] with a = 0.5
+  # when `features_dir` holds external (Stable Diffusion) maps, co-PCA'd to pca_dim (SD-DINO: 256 per SD layer);
+  # PCK@0.1 of the target's bounding box (PF-Pascal: 0.05 / 0.1 / 0.15).
   default_configs = {
       "correspondence": dict(type="correspondence", every_steps=-1, every_epochs=0.0, path="", split="test",
-                             features_dir="", alpha=0.5, pca_dim=0, grid=0, image_size=0, match="nn",
-                             temperature=0.02, soft_window=7, pck_alphas=(0.05, 0.1, 0.15), pairs_per_category=0),
+                             features_dir="", alpha=0.5, pca_dim=256, grid=0, image_size=0, facet="auto", layer=-1,
+                             stride=0, match="nn", temperature=0.02, soft_window=7, pck_alphas=(0.05, 0.1, 0.15),
+                             pairs_per_category=0),
   }
 
   def __init__(self, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, mesh):
     self.ecfg = ecfg
-    self.backbone = common.DenseFeatures(cfg.model, mesh)
-    self.image_size = ecfg.image_size or SDDINO_PATCHES * self.backbone.stride
+    self.settings = descriptor_settings(ecfg, cfg.model)
+    patch, stride = cfg.model.patch_size, self.settings["stride"]
+    self.backbone = common.DenseFeatures(cfg.model, mesh, patch_stride=stride if stride != patch else 0)
+    self.image_size = self.settings["image_size"]
+    self.canvas_cells = dict(patch=patch, stride=stride) if stride != patch else {}
     self.pairs = read_pairs(ecfg.path, ecfg.split, ecfg.features_dir, ecfg.pairs_per_category)
     self.alphas = tuple(float(a) for a in ecfg.pck_alphas)
     self.progress = cfg.get("progress_bar", True)
@@ -474,8 +520,9 @@ class CorrespondenceEvaluator:
       if params is None:
         feats = [pixel_patches(x, self.backbone.stride) for x in images]
       else:
+        canvases = [dataclasses.replace(c, **self.canvas_cells) for c in canvases]
         padded = np.concatenate([images, np.zeros((BATCH - len(batch),) + images.shape[1:], np.uint8)])
-        feats = self.backbone(params, padded, layers=1, final_norm=False)["intermediate"][0]["patch"]
+        feats = self.backbone.facet(params, padded, self.settings["facet"], self.settings["block"])
       for path, canvas, f in zip(batch, canvases, feats):
         maps[path], frames[path] = np.asarray(f, np.float32), canvas
         if self.ecfg.grid:
@@ -526,15 +573,26 @@ class CorrespondenceEvaluator:
     fusion = (f"; external maps and their fusion, α={ecfg.alpha:g}" + (f", PCA {ecfg.pca_dim}" if ecfg.pca_dim else "")
               if ecfg.features_dir else "")
     grid = f"grid {ecfg.grid} over the image" if ecfg.grid else "the canvas patch grid"
+    facet = ecfg.get("facet", "auto")
+    features = f"{facet} facet" if facet != "auto" else "SD-DINO's facet"
     return (f"PCK@{alphas} of the target bbox on {ecfg.split} pairs (SD-DINO zero-shot keypoint transfer, "
-            f"{ecfg.match}, {grid}{fusion})")
+            f"{features}, {ecfg.match}, {grid}{fusion})")
 
   @staticmethod
   def check(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, enabled: bool) -> None:
     for key in ("path", "split", "features_dir"):
       validate.string(ecfg, key, prefix=f"evals.{name}.")
+    prefix = f"evals.{name}."
     for key in ("pca_dim", "grid", "image_size", "pairs_per_category", "soft_window"):
-      validate.positive_int(ecfg, key, zero=True, prefix=f"evals.{name}.")
+      validate.positive_int(ecfg, key, zero=True, prefix=prefix)
+    if "facet" in ecfg:
+      validate.one_of(ecfg, "facet", FACETS, prefix=prefix)
+    if "stride" in ecfg:
+      validate.positive_int(ecfg, "stride", zero=True, prefix=prefix)
+    layer = ecfg.get("layer", -1)
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < -1:
+      raise UsageError(f"{prefix}layer must be a block index (0-based) or -1 (SD-DINO's for the backbone), "
+                       f"not {layer!r}")
     alpha = ecfg.get("alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
       raise UsageError(f"evals.{name}.alpha (the external maps' weight in the fusion) must be in [0, 1] "
@@ -551,9 +609,17 @@ class CorrespondenceEvaluator:
                        f"percents (SD-DINO: 0.05, 0.1, 0.15), not {alphas!r}")
     if not enabled:
       return
-    size, stride = ecfg.image_size, cfg.model.patch_size
-    if size % stride:
-      raise UsageError(f"evals.{name}.image_size {size} is not a multiple of the patch size {stride}")
+    settings, patch = descriptor_settings(ecfg, cfg.model), cfg.model.patch_size
+    if settings["image_size"] % patch:
+      raise UsageError(f"{prefix}image_size {settings['image_size']} is not a multiple of the patch size {patch}")
+    if cfg.model.get("name", "vit") != "vit" and (settings["facet"] == "key" or settings["stride"] != patch):
+      raise UsageError(f"{prefix}facet key and a stride other than the patch size need a ViT, not "
+                       f"{cfg.model.get('name')}")
+    if patch % settings["stride"]:
+      raise UsageError(f"{prefix}stride {settings['stride']} does not divide the patch size {patch}")
+    depth = models.make_backbone(cfg.model).num_layers - 1
+    if settings["block"] >= depth:
+      raise UsageError(f"{prefix}layer {settings['block']} is past the backbone's {depth} blocks (0-based)")
     read_pairs(ecfg.path, ecfg.split, ecfg.features_dir, ecfg.pairs_per_category, name)
 
 

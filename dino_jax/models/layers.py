@@ -43,10 +43,11 @@ def torch_default_bias(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def patch_embedding(width: int, patch_size: int, dtype, name: str = "patch_embed") -> nn.Conv:
-  """The patch embedding, a patch_size-strided convolution of RGB images, at PyTorch's default
-  init (the official ViTs and Swins do not re-initialize their Conv2d)."""
-  return nn.Conv(width, (patch_size,) * 2, strides=patch_size, padding="VALID", dtype=dtype,
+def patch_embedding(width: int, patch_size: int, dtype, name: str = "patch_embed", stride: int = 0) -> nn.Conv:
+  """The patch embedding, a patch_size-strided convolution of RGB images (overlapping patches
+  with a smaller `stride`, as SD-DINO's extractor), at PyTorch's default init (the official ViTs
+  and Swins do not re-initialize their Conv2d)."""
+  return nn.Conv(width, (patch_size,) * 2, strides=stride or patch_size, padding="VALID", dtype=dtype,
                  kernel_init=torch_default_kernel(), bias_init=torch_default_bias(3 * patch_size ** 2), name=name)
 
 

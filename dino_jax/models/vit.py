@@ -98,6 +98,8 @@ class Block(nn.Module):
       qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype,
                             kernel_init=layers.LINEAR_INIT, name="qkv")(h)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      if self.is_mutable_collection("keys"):  # the "key" facet (SD-DINO's correspondence features)
+        self.sow("keys", "key", k)
       h = layers.attention(q, k, v, implementation=self.attention)
       if self.is_mutable_collection("intermediates"):  # attention maps for inspection
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
@@ -125,7 +127,8 @@ class ViT(nn.Module):
   it (`get_intermediate_layers(norm=False)`: DINOv2's depth heads, SD-DINO's features).
 
   `mask` ([B, h*w] bool, True = masked) replaces those patch embeddings by the learned
-  mask token before the position embedding is added, as in iBOT / DINOv2. The CLS token's
+  mask token before the position embedding is added, as in iBOT / DINOv2. With "keys" mutable,
+  each block sows its attention keys [B, N, heads, d] ("key" facet). The CLS token's
   position embedding (slot 0 of the official `pos_embed`) is its own parameter,
   `cls_pos_embed`, as there: both it and the CLS token are trained and decayed.
   """
@@ -140,6 +143,7 @@ class ViT(nn.Module):
   drop_path_rate: float = 0.0
   drop_path_uniform: bool = False  # every block at drop_path_rate (DINOv2) or rising linearly to it (DINO)
   cls_token_std: float = 1e-6  # the CLS token's init: DINO trunc_normal(0.02), DINOv2 normal(1e-6)
+  patch_stride: int = 0  # 0: patch_size; smaller: overlapping patches (SD-DINO's stride 4 for patch 8)
   pos_embed_grid: int = 14  # the grid the position embedding is stored at
   interpolate_offset: float = 0.1  # resize_pos_embed's conventions (DINO's and DINOv2's defaults)
   interpolate_antialias: bool = False
@@ -152,7 +156,7 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0, final_norm: bool = True):
     b = images.shape[0]
-    x = patch_embedding(self.width, self.patch_size, self.dtype)(images)
+    x = patch_embedding(self.width, self.patch_size, self.dtype, stride=self.patch_stride)(images)
     grid = x.shape[1:3]
     x = x.reshape(b, -1, self.width)
     if mask is not None:
@@ -176,7 +180,8 @@ class ViT(nn.Module):
     intermediate = []
     block_args = lambda i: (self.num_heads, self.mlp_dim, self.ffn, self.layerscale, self.block_rate(i), self.dtype,
                             self.attention, self.subsets)
-    if self.scan and not (self.is_initializing() or layers or self.is_mutable_collection("intermediates")):
+    inspected = self.is_mutable_collection("intermediates") or self.is_mutable_collection("keys")
+    if self.scan and not (self.is_initializing() or layers or inspected):
       x = self.scan_blocks(Block(*block_args(0), parent=None), x, deterministic)
     else:
       block = Block if self.remat == "none" else nn.remat(Block, static_argnums=(2,),
