@@ -17,7 +17,7 @@ OUT=${OUT:-runs/bench}
 STEPS=${STEPS:-5}
 ATTENTION=${ATTENTION:-xla}
 PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
+dry_run || mkdir -p "$OUT"
 bench() {  # bench VAR=value... -- bench flags...
   local env=()
   while [[ $1 != -- ]]; do env+=("$1"); shift; done
@@ -31,10 +31,10 @@ for mode in "$@"; do
   case $mode in
     # PyTorch needs memory beside JAX's: no preallocation.
     against) bench XLA_PYTHON_CLIENT_PREALLOCATE=false -- --against_pytorch --steps "$STEPS" --warmup 2 ;;
-    bench) bench $full_gpu -- --steps "$STEPS" --warmup 2 ${PROFILE:+--profile_dir "$PROFILE"} ;;
-    noscan) bench $full_gpu -- --config.model.scan=False --steps "$STEPS" --warmup 2 ;;
+    bench) bench "$full_gpu" -- --steps "$STEPS" --warmup 2 ${PROFILE:+--profile_dir "$PROFILE"} ;;
+    noscan) bench "$full_gpu" -- --config.model.scan=False --steps "$STEPS" --warmup 2 ;;
     # The search compiles only: XLA's autotuning would add minutes per try. BATCH is not used.
-    max_batch) bench $full_gpu XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" -- --find_max_batch ;;
+    max_batch) bench "$full_gpu" XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" -- --find_max_batch ;;
     *) echo "error: unknown mode $mode (against, bench, noscan, max_batch)" >&2; exit 2 ;;
   esac || status=1
 done

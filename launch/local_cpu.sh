@@ -10,17 +10,23 @@ CONFIG=${CONFIG:-configs/dino_vits16.py:tiny}
 WORKDIR=${WORKDIR:-runs/local_cpu}
 DEVICES=${DEVICES:-8}
 PROCESSES=${PROCESSES:-1}
+PORT=${PORT:-$((20000 + RANDOM % 20000))}
+require_int DEVICES PROCESSES PORT
 export XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" JAX_PLATFORMS=cpu
 train=(python -m dino_jax.train --config "$CONFIG" --workdir "$WORKDIR")
 if [[ "$PROCESSES" == 1 ]]; then
   run "${train[@]}" --config.data.source=fashion_mnist_demo "$@"
   exit
 fi
-PORT=${PORT:-$((20000 + RANDOM % 20000))}
 pids=()
 for ((i = 0; i < PROCESSES; i++)); do
-  run "${train[@]}" --config.data.source=fashion_mnist_demo --distributed --coordinator_address="localhost:$PORT" \
-    --num_processes="$PROCESSES" --process_id="$i" "$@" &
-  pids+=($!)
+  process=("${train[@]}" --config.data.source=fashion_mnist_demo --distributed --coordinator_address="localhost:$PORT"
+           --num_processes="$PROCESSES" --process_id="$i" "$@")
+  show "${process[@]}"  # printed here, not in the background job, so that the lines never mix
+  if ! dry_run; then
+    "${process[@]}" &
+    pids+=($!)
+  fi
 done
+if dry_run; then exit; fi
 for pid in "${pids[@]}"; do wait "$pid"; done
