@@ -458,6 +458,9 @@ _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Trace one more step after
                                    "(jax.profiler) and print the XLA ops that took the most device time.")
 _MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gib", None, "Per-device memory for --find_max_batch (default: "
                                    "the device's own limit where the backend reports one).")
+for _name in ("peak_tflops", "memory_limit_gib"):
+  flags.register_validator(_name, lambda x: x is None or 0 < x < float("inf"),
+                           message="must be a positive finite number")
 
 
 def device_limit_gib() -> float | None:
@@ -484,6 +487,8 @@ def main(argv):
       raise UsageError("--config is required")
     if _STEPS.value < 1 or _WARMUP.value < 0:
       raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if _JSON.value:
+      cli.output_file("--json", _JSON.value)
     if _FIND_MAX_BATCH.value + _MEMORY.value + _LOADER.value + _AGAINST_PYTORCH.value > 1:
       raise UsageError("--memory, --find_max_batch, --loader and --against_pytorch are separate modes: give one")
     if _PROFILE_DIR.value:

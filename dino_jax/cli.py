@@ -10,9 +10,12 @@ Every absl tool runs as `cli.run(main)` and declares the shared flags it takes a
   --distributed [--coordinator_address ...]      jax.distributed.initialize() first
 """
 import logging as std_logging
+import math
 import os
+import pathlib
 import signal
 import sys
+import tempfile
 import threading
 
 from absl import app
@@ -86,13 +89,65 @@ def parse_flags(argv):
     rest = flags.FLAGS(argv)
     if CONFIG.value is not None:
       CONFIG.value.get("seed")  # a config file that failed to load raises here
-    return rest
   except OSError as e:  # ml_collections' message ends with the reason, e.g. "No such file"
     fail(f"cannot load the config file: {str(e).splitlines()[-1].strip()}")
+  except (SyntaxError, ImportError) as e:  # the config file's own code
+    where = f"{e.filename}:{e.lineno}: " if isinstance(e, SyntaxError) and e.filename else ""
+    fail(f"cannot load the config file {config_file}: {where}{type(e).__name__}: {e.msg if where else e}")
   except (KeyError, AttributeError) as e:
     fail(unknown_key_message(e, argv))
   except (flags.Error, TypeError, ValueError) as e:
     fail(str(innermost_usage_error(e) or e))
+  except Exception as e:  # pylint: disable=broad-except  (any other error of the config file's code)
+    if not config_file:
+      raise
+    fail(f"cannot load the config file {config_file}: {type(e).__name__}: {e}")
+  if config_file and CONFIG.value is None:
+    fail(f"{config_file}: get_config returned None, not an ml_collections.ConfigDict")
+  return rest
+
+
+def output_file(flag: str, path: str, suffixes: tuple[str, ...] = ()) -> pathlib.Path:
+  """The file `path` a tool's `flag` (e.g. "--out") names, checked before any work: not a
+  folder, one of `suffixes` where given, its folder created and writable. Tools write exactly
+  there (never beside it, never with a suffix added)."""
+  out = pathlib.Path(path)
+  if out.is_dir():
+    raise UsageError(f"{flag} {path!r} is a folder; give a file path")
+  if suffixes and out.suffix.lower() not in suffixes:
+    raise UsageError(f"{flag} {path!r} must end with {' or '.join(suffixes)}")
+  output_folder(flag, str(out.parent), f"the folder of {flag} {path!r}")
+  return out
+
+
+def output_folder(flag: str, path: str, what: str | None = None) -> pathlib.Path:
+  """The folder `path` that `flag` names, created (with its parents) and checked writable."""
+  what = what or f"{flag} {path!r}"
+  folder = pathlib.Path(path)
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except FileExistsError:
+    raise UsageError(f"{what} is a file, not a folder") from None
+  except OSError as e:
+    raise UsageError(f"cannot create {what}: {e.strerror or e}") from None
+  try:
+    tempfile.TemporaryFile(dir=folder).close()
+  except OSError as e:
+    raise UsageError(f"cannot write into {what}: {e.strerror or e}") from None
+  return folder
+
+
+def number(flag: str, value, *, integer: bool = False, low: float = 0, low_allowed: bool = False):
+  """A numeric flag value, finite and above `low` (at `low` too with `low_allowed`), else one
+  UsageError naming the flag and the range."""
+  try:
+    x = int(value) if integer else float(value)
+  except (TypeError, ValueError):
+    x = None
+  if x is None or (not integer and not math.isfinite(x)) or x < low or (x == low and not low_allowed):
+    kind = "an integer" if integer else "a number"
+    raise UsageError(f"{flag} must be {kind} {'>=' if low_allowed else '>'} {low:g}, not {value!r}")
+  return x
 
 
 def run(main) -> None:

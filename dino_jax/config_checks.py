@@ -35,6 +35,8 @@ def _check_counts(cfg, num_devices: int) -> None:
               "head.hidden_dim", "head.bottleneck_dim", "aug.global_size", "aug.local_size", "data.image_size",
               "model.patch_size"):
     validate.positive_int(cfg, key)
+  if "workers" in cfg.data:
+    validate.positive_int(cfg, "data.workers")
   validate.positive_number(cfg, "epochs")
   length = cfg.get("epoch_length", 0)
   if isinstance(length, bool) or not isinstance(length, int) or length < 0:
@@ -177,7 +179,10 @@ def _check_lineage(cfg, backbone) -> None:
 
 def check(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """One UsageError for a config the train step cannot run or would run without meaning."""
+  validate.finite_numbers(cfg)
   _check_counts(cfg, num_devices)
+  if "follow_external_symlinks" in cfg.data:
+    validate.boolean(cfg, "data.follow_external_symlinks")
   _check_choices(cfg)
   models.backbone_class(cfg.model)  # a known model.name
   _check_heads(cfg.model)

@@ -33,8 +33,13 @@ def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
   make_importable(path)
   module_spec = importlib.util.spec_from_file_location(f"dino_jax_config_{pathlib.Path(path).stem}", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  cfg = module.get_config(arg) if arg else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the config file's own code failed)
+    raise UsageError(f"cannot load the config file {path}: {type(e).__name__}: {e}") from e
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise UsageError(f"{path}: get_config returned {type(cfg).__name__}, not an ml_collections.ConfigDict")
   for key, value in (overrides or {}).items():

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dino_jax import cli
 from dino_jax import defaults
 from dino_jax import optim
 from dino_jax import runs
@@ -414,12 +415,21 @@ def run_config(arch: Arch | SwinArch, grid: Optional[int], interpolation: Option
   return cfg
 
 
+def check_finite(arrays: dict, path: str) -> None:
+  """UsageError naming the first converted array of `path` with nan or inf values."""
+  for name, value in jax.tree_util.tree_leaves_with_path(arrays):
+    bad = int(np.size(value) - np.isfinite(value).sum())
+    if bad:
+      raise UsageError(f"{path}: {jax.tree_util.keystr(name)} holds {bad} non-finite values (nan or inf): the "
+                       "weights are damaged or diverged; nothing written")
+
+
 def write_run(out: str, cfg, teacher: dict) -> pathlib.Path:
   """A run directory whose step 0 holds `teacher` as the teacher (what the tools restore)."""
   workdir = pathlib.Path(out).resolve()
   if (workdir / "checkpoints").exists():
     raise UsageError(f"{out!r} already has checkpoints; choose a new --out")
-  workdir.mkdir(parents=True, exist_ok=True)
+  cli.output_folder("--out", out)
   (workdir / "config.json").write_text(cfg.to_json(indent=2))
   mngr = ocp.CheckpointManager(str(workdir / "checkpoints"))
   mngr.save(0, args=ocp.args.StandardSave({"teacher": {"value": teacher}}))
@@ -445,6 +455,7 @@ def import_file(path: str, arch_name: str, out: str, layout: str = "official", k
       for name in HEADS:
         if name in teacher:
           teacher[name].setdefault("last_layer_gain", np.ones((1, teacher[name]["last_layer"].shape[1]), np.float32))
+  check_finite(teacher, path)
   if isinstance(arch, SwinArch):
     cfg = run_config(arch, None, None, teacher.get("head"))
     return write_run(out, cfg, teacher), sorted(teacher), cfg
@@ -457,6 +468,7 @@ def import_file(path: str, arch_name: str, out: str, layout: str = "official", k
 def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool = False) -> dict:
   """`--export`: a run's backbone -> state_dict file (.pth or .safetensors): official layout
   for ViTs, timm's for Swin."""
+  cli.output_file("--out", out, (".pth", ".safetensors"))
   backbone = runs.load_backbone(workdir, step, student)
   m = backbone.cfg.model
   if m.get("name", "vit") == "swin":
@@ -465,14 +477,12 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool
   else:
     arch = Arch(m.patch_size, m.width, m.depth, m.num_heads, m.mlp_dim, m.ffn, m.num_registers, m.layerscale)
   state = to_torch(jax.device_get(backbone.params), arch)
-  if out.endswith(".safetensors"):
+  if pathlib.Path(out).suffix.lower() == ".safetensors":
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, out)
-  elif out.endswith(".pth"):
+  else:
     import torch  # pylint: disable=import-outside-toplevel
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, out)  # writable copies
-  else:
-    raise UsageError(f"--out {out!r}: export writes .pth or .safetensors")
   return {"state": state, "config": backbone.cfg, "step": backbone.step}
 
 
@@ -533,6 +543,8 @@ def main(argv: list[str]):
               f"interpolate_antialias={m.interpolate_antialias} for the same outputs at other sizes)")
   except UsageError as e:
     fail(str(e))
+  except OSError as e:
+    fail(f"cannot write --out {args.out!r}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

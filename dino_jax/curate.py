@@ -2,12 +2,15 @@ r"""Data curation as in DINOv2's LVD-142M (Oquab et al. 2023, Sec. 3 and App. A)
 
   python -m dino_jax.curate --config configs/curate_fashion_mnist.py --workdir OUT [--stages all]
 
-Stages (`--stages a,b`; `all` = embed,dedup,retrieve,manifest). Each resumes: a finished
-stage's outputs are kept (delete them to redo it) and `embed` goes on from its last shard.
+Stages (`--stages a,b`; `all` = embed,dedup,retrieve,manifest). Each records a fingerprint of
+its inputs and settings with its outputs (`fingerprint_file`). A rerun keeps a stage's outputs
+made with the same ones, resumes an interrupted `embed` with the images no shard holds yet, and
+refuses with one line naming what changed, unless `--restart STAGE[,STAGE]` deletes that stage's
+outputs and those of the stages after it first.
   embed     l2-normalized global embeddings of the pool, the evaluation sets and the seed
             set with a run's backbone (`backbone`: a dino_jax.train or dino_jax.convert run),
             batches split over the mesh and the processes; OUT/embeddings/<set>/shard_*.npz,
-            index.txt (image ids), unreadable.txt (skipped files)
+            index.txt (image ids), unreadable.txt (skipped files), OUT/embeddings/fingerprint.json
   dedup     pool near-duplicates: k-NN graph with cosine >= dedup.threshold, connected
             components, the first image of each kept; pool images within
             dedup.eval_threshold of an evaluation image dropped; OUT/dropped.jsonl, kept.npy
@@ -21,14 +24,17 @@ demo.out), score_demo (pipeline against its ground truth), bench (search and k-m
 on synthetic features).
 """
 import concurrent.futures
+import hashlib
 import json
 import os
 import pathlib
 import resource
+import shutil
 import time
 
 from absl import flags
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
@@ -94,32 +100,150 @@ def read_images(source, indices, pool, size: int) -> tuple[np.ndarray, np.ndarra
 
 
 # ---------------------------------------------------------------------------------------
+# Resuming: each stage's outputs carry a fingerprint of the inputs and settings they were made
+# with, {stage: {setting: value}} for the stage and the stages before it.
+# ---------------------------------------------------------------------------------------
+
+OUTPUTS = dict(embed=("embeddings",), dedup=("dropped.jsonl", "kept.npy"), retrieve=("retrieved.jsonl",),
+               manifest=("manifest.jsonl", "summary.json"))
+READS = dict(dedup="embed", retrieve="dedup", manifest="retrieve")  # the stage whose outputs each one reads
+RETRIEVE_SETTINGS = dict(knn=("k",), clusters=("num_clusters", "iterations", "clusters_per_seed", "per_seed", "seed"))
+
+
+def fingerprint_file(workdir: pathlib.Path, stage: str) -> pathlib.Path:
+  """Where a pipeline stage's fingerprint is: embed's in its folder (written before its first
+  shard), the others' next to their outputs (written after them)."""
+  return workdir / "embeddings" / "fingerprint.json" if stage == "embed" else workdir / f"{stage}.fingerprint.json"
+
+
+def read_fingerprint(workdir: pathlib.Path, stage: str) -> dict | None:
+  path = fingerprint_file(workdir, stage)
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_fingerprint(workdir: pathlib.Path, stage: str, fingerprint: dict) -> None:
+  if jax.process_index() == 0:
+    path = fingerprint_file(workdir, stage)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=1))
+    os.replace(tmp, path)
+
+
+def settings(stage: str, cfg) -> dict:
+  """The config values, by key, that the outputs of dedup, retrieve or manifest depend on."""
+  if stage == "dedup":
+    return {"dedup.threshold": cfg.dedup.threshold, "dedup.eval_threshold": cfg.dedup.eval_threshold,
+            "dedup.k": cfg.dedup.k, "eval_sets": list(cfg.eval_sets)}
+  if stage == "retrieve":
+    r = cfg.retrieve
+    return {"retrieve.method": r.method, **{f"retrieve.{k}": r[k] for k in RETRIEVE_SETTINGS[r.method]}}
+  return {"retrieve.include_seeds": cfg.retrieve.include_seeds}
+
+
+def fingerprint(stage: str, cfg, workdir: pathlib.Path) -> dict:
+  """The fingerprint of `stage` and the stages before it as `cfg` sets them, from the
+  embeddings on disk (embed's is the one they were made with)."""
+  if stage == "embed":
+    stored = read_fingerprint(workdir, "embed")
+    if stored is None:
+      raise UsageError(f"no embeddings in {workdir}: run the embed stage first")
+    return stored
+  return fingerprint(READS[stage], cfg, workdir) | {stage: settings(stage, cfg)}
+
+
+def check(stage: str, workdir: pathlib.Path, stored: dict, current: dict) -> None:
+  """UsageError naming each input or setting that differs when `stage`'s outputs in `workdir`
+  were made with `stored`, not `current`."""
+  current = json.loads(json.dumps(current))
+  if stored == current:
+    return
+  changes = [f"{key} {before.get(key, '(none)')} -> {now.get(key, '(none)')}"
+             for before, now in ((stored.get(s, {}), current.get(s, {})) for s in PIPELINE)
+             for key in dict.fromkeys([*before, *now]) if before.get(key) != now.get(key)]
+  first = next(s for s in PIPELINE if stored.get(s) != current.get(s))
+  raise UsageError(f"{stage}: the outputs in {workdir} were made with other inputs or settings ({'; '.join(changes)}); "
+                   f"add --restart {first} to redo {first} and the stages after it, or go back to the earlier ones")
+
+
+def made_as_configured(stage: str, cfg, workdir: pathlib.Path) -> dict:
+  """The fingerprint of `stage`'s finished outputs; UsageError when there are none, or when they
+  were made with other settings than `cfg`'s."""
+  stored = read_fingerprint(workdir, stage)
+  if stored is None or not all((workdir / f).exists() for f in OUTPUTS[stage]):
+    raise UsageError(f"no finished {stage} outputs in {workdir}: run the {stage} stage first")
+  check(stage, workdir, stored, fingerprint(stage, cfg, workdir))
+  return stored
+
+
+def to_make(stage: str, cfg, workdir: pathlib.Path) -> dict | None:
+  """The fingerprint to make dedup's, retrieve's or manifest's outputs with; None when they are
+  on disk, made with it (kept). UsageError naming what changed when they, or the outputs they
+  are made from, were made with other inputs or settings."""
+  made_as_configured(READS[stage], cfg, workdir)
+  current = fingerprint(stage, cfg, workdir)
+  stored = read_fingerprint(workdir, stage)
+  if stored is not None:
+    check(stage, workdir, stored, current)
+    if all((workdir / f).exists() for f in OUTPUTS[stage]):
+      if jax.process_index() == 0:
+        print(f"{stage}: kept (its outputs were made with these inputs and settings)")
+      return None
+  return current
+
+
+def restart(workdir: pathlib.Path, stages: list[str]) -> None:
+  """Deletes the outputs and fingerprints of pipeline `stages`, of the stages after them, and
+  the demo's scores."""
+  if jax.process_index() == 0:
+    for stage in PIPELINE[min(PIPELINE.index(s) for s in stages):]:
+      fingerprint_file(workdir, stage).unlink(missing_ok=True)
+      for path in (workdir / name for name in OUTPUTS[stage]):
+        if path.is_dir():
+          shutil.rmtree(path)
+        else:
+          path.unlink(missing_ok=True)
+    (workdir / "scores.json").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
 # embed
 # ---------------------------------------------------------------------------------------
 
 
+def view_size(cfg, backbone) -> int:
+  """The side of the evaluation view the backbone embeds."""
+  return cfg.embed.image_size or backbone.cfg.aug.global_size
+
+
 def embed_set(backbone, source, ids: list[str], out: pathlib.Path, cfg, mesh) -> None:
-  """Writes out/shard_*.npz (features, ids of readable images), then index.txt and
-  unreadable.txt; shards already written are kept (resume)."""
+  """Embeds the images that no shard in `out` holds yet (resume), embed.shard_size at most per
+  shard_<first>_<end>.npz (features and ids of the readable ones among ids[first:end], the
+  unreadable ids), then writes index.txt and unreadable.txt; UsageError unless the shards hold
+  every image once."""
   batch, shard_size = cfg.embed.batch_size, cfg.embed.shard_size
   if batch % mesh.size or batch % jax.process_count():
     raise UsageError(f"embed.batch_size {batch} is not divisible by the {mesh.size} devices")
   if shard_size % batch:
     raise UsageError(f"embed.shard_size {shard_size} is not a multiple of embed.batch_size {batch}")
-  size = cfg.embed.image_size or backbone.cfg.aug.global_size
+  size = view_size(cfg, backbone)
   local = batch // jax.process_count()
   start = jax.process_index() * local
   to_global = lambda x: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), x)
   gather = jax.jit(lambda f, ok: (knn.l2_normalize(f.astype(np.float32)), ok),
                    out_shardings=sharding.replicated(mesh))
-  shards = [(lo, min(lo + shard_size, len(ids))) for lo in range(0, len(ids), shard_size)]
   out.mkdir(parents=True, exist_ok=True)
-  todo = [s for s in range(len(shards)) if not (out / f"shard_{s:05d}.npz").exists()]
-  bar = tqdm.tqdm(total=len(ids), initial=len(ids) - sum(shards[s][1] - shards[s][0] for s in todo),
-                  desc=f"embed {out.name}", unit="img", disable=jax.process_index() != 0, dynamic_ncols=True)
+  done = np.zeros(len(ids), bool)
+  for f in out.glob("shard_*.npz"):
+    first, end = map(int, f.stem.split("_")[1:])
+    done[first:end] = True
+  missing = np.flatnonzero(~done)
+  runs_missing = np.split(missing, np.flatnonzero(np.diff(missing) > 1) + 1)  # contiguous, in order
+  shards = [(int(r[i]), int(r[min(i + shard_size, len(r)) - 1]) + 1) for r in runs_missing
+            for i in range(0, len(r), shard_size)]
+  bar = tqdm.tqdm(total=len(ids), initial=int(done.sum()), desc=f"embed {out.name}", unit="img",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    for s in todo:
-      lo, hi = shards[s]
+    for lo, hi in shards:
       feats, readable = [], []
       for i in range(lo, hi, batch):
         index = np.arange(i, i + batch)
@@ -131,27 +255,59 @@ def embed_set(backbone, source, ids: list[str], out: pathlib.Path, cfg, mesh) ->
         bar.update(int(np.sum(index < hi)))
       feats, readable = np.concatenate(feats), np.concatenate(readable)
       if jax.process_index() == 0:
-        tmp = out / f"shard_{s:05d}.tmp.npz"
+        tmp = out / "shard.tmp.npz"
         np.savez(tmp, features=feats[readable], ids=np.array(ids[lo:hi])[readable],
                  unreadable=np.array(ids[lo:hi])[~readable])
-        os.replace(tmp, out / f"shard_{s:05d}.npz")
+        os.replace(tmp, out / f"shard_{lo:010d}_{hi:010d}.npz")
   bar.close()
   if jax.process_index() == 0:
-    parts = [np.load(out / f"shard_{s:05d}.npz") for s in range(len(shards))]
+    parts = [np.load(f) for f in sorted(out.glob("shard_*.npz"))]
+    if sorted(str(i) for p in parts for i in (*p["ids"], *p["unreadable"])) != sorted(ids):
+      raise UsageError(f"the shards in {out} do not hold each image of the set once: add --restart embed")
     (out / "unreadable.txt").write_text("".join(f"{i}\n" for p in parts for i in p["unreadable"]))
     (out / "index.txt").write_text("".join(f"{i}\n" for p in parts for i in p["ids"]))
+
+
+def embed_fingerprint(cfg, backbone, sets: dict) -> dict:
+  """embed's fingerprint: the backbone (run directory, checkpoint step loaded, config.json), the
+  view size, and each image set's source and ordered image ids ({name: (spec, ids)})."""
+  run = pathlib.Path(cfg.backbone).resolve()
+  digest = lambda data: "sha256 " + hashlib.sha256(data).hexdigest()[:16]
+
+  def described(spec, ids):
+    source = " ".join(str(spec.get(k, "")) for k in ("source", "name", "data_dir", "path", "split") if spec.get(k, ""))
+    listing = digest("\n".join(ids).encode())
+    return f"{source}: {len(ids)} images, ids {listing}"
+
+  return {"embed": {"backbone": str(run), "backbone step": backbone.step,
+                    "backbone config.json": digest((run / "config.json").read_bytes()),
+                    "embed.image_size": view_size(cfg, backbone),
+                    **{name: described(spec, ids) for name, (spec, ids) in sets.items()}}}
 
 
 def run_embed(cfg, workdir: pathlib.Path, mesh) -> None:
   if not cfg.backbone:
     raise UsageError("config.backbone must name a run directory (dino_jax.train or dino_jax.convert)")
   backbone = runs.load_backbone(cfg.backbone, None if cfg.backbone_step < 0 else cfg.backbone_step)
-  for name, spec in image_sets(cfg).items():
-    out = workdir / "embeddings" / name
-    if (out / "index.txt").exists():
-      continue
-    source = open_source(spec, backbone.cfg.data.image_size)
-    embed_set(backbone, source, image_ids(source, spec), out, cfg, mesh)
+  sources = {name: (spec, open_source(spec, backbone.cfg.data.image_size)) for name, spec in image_sets(cfg).items()}
+  ids = {name: image_ids(source, spec) for name, (spec, source) in sources.items()}
+  current = embed_fingerprint(cfg, backbone, {name: (spec, ids[name]) for name, (spec, _) in sources.items()})
+  folder = workdir / "embeddings"
+  stored = read_fingerprint(workdir, "embed")
+  if stored is not None:
+    check("embed", workdir, stored, current)
+  elif any(folder.glob("*/shard_*.npz")) or any(folder.glob("*/index.txt")):
+    raise UsageError(f"{folder} holds embeddings without a fingerprint (made by an earlier dino_jax): "
+                     "add --restart embed to embed the sets again")
+  else:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_fingerprint(workdir, "embed", current)
+  todo = [name for name in sources if not (folder / name / "index.txt").exists()]
+  if not todo and jax.process_index() == 0:
+    print("embed: kept (its outputs were made with these inputs and settings)")
+  for name in todo:
+    out = folder / name
+    embed_set(backbone, sources[name][1], ids[name], out, cfg, mesh)
     skipped = (out / "unreadable.txt").read_text().splitlines() if jax.process_index() == 0 else []
     if skipped:
       print(f"{name}: skipped {len(skipped)} unreadable images (listed in {out / 'unreadable.txt'})")
@@ -162,7 +318,7 @@ def load_embeddings(workdir: pathlib.Path, name: str) -> tuple[np.ndarray, list[
   out = workdir / "embeddings" / name
   if not (out / "index.txt").exists():
     raise UsageError(f"no finished embeddings of {name!r} in {out}: run the embed stage first")
-  parts = [np.load(f) for f in sorted(out.glob("shard_[0-9]*.npz"))]
+  parts = [np.load(f) for f in sorted(out.glob("shard_*.npz"))]
   ids = [str(i) for p in parts for i in p["ids"]]
   features = np.concatenate([p["features"] for p in parts]) if parts else np.zeros((0, 0))
   return features.astype(np.float32), ids
@@ -199,10 +355,11 @@ def eval_copies(pool: np.ndarray, ids: list[str], eval_set: str, eval_feats: np.
 
 
 def run_dedup(cfg, workdir: pathlib.Path, mesh) -> None:
-  if (workdir / "kept.npy").exists():
-    return
   search.check_threshold("dedup.threshold", cfg.dedup.threshold)
   search.check_threshold("dedup.eval_threshold", cfg.dedup.eval_threshold)
+  made_with = to_make("dedup", cfg, workdir)
+  if made_with is None:
+    return
   pool, ids = load_embeddings(workdir, "pool")
   if not len(pool):
     raise UsageError("the pool is empty: no readable images were embedded")
@@ -215,6 +372,7 @@ def run_dedup(cfg, workdir: pathlib.Path, mesh) -> None:
   if jax.process_index() == 0:
     np.save(workdir / "kept.tmp.npy", kept)
     os.replace(workdir / "kept.tmp.npy", workdir / "kept.npy")
+  write_fingerprint(workdir, "dedup", made_with)
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,12 +411,11 @@ def cluster_retrieval(seeds, seed_ids, pool, pool_ids, cfg, mesh) -> list[dict]:
 
 
 def run_retrieve(cfg, workdir: pathlib.Path, mesh) -> None:
-  if (workdir / "retrieved.jsonl").exists():
-    return
-  if cfg.retrieve.method not in ("knn", "clusters"):
+  if cfg.retrieve.method not in RETRIEVE_SETTINGS:
     raise UsageError(f"retrieve.method must be 'knn' or 'clusters', not {cfg.retrieve.method!r}")
-  if not (workdir / "kept.npy").exists():
-    raise UsageError(f"no deduplicated pool in {workdir}: run the dedup stage first")
+  made_with = to_make("retrieve", cfg, workdir)
+  if made_with is None:
+    return
   pool, ids = load_embeddings(workdir, "pool")
   kept = np.load(workdir / "kept.npy")
   seeds, seed_ids = load_embeddings(workdir, "seeds")
@@ -269,6 +426,7 @@ def run_retrieve(cfg, workdir: pathlib.Path, mesh) -> None:
   retrieval = knn_retrieval if cfg.retrieve.method == "knn" else cluster_retrieval
   write_jsonl(workdir / "retrieved.jsonl",
               retrieval(seeds, seed_ids, pool[kept], [i for i, k in zip(ids, kept) if k], cfg, mesh))
+  write_fingerprint(workdir, "retrieve", made_with)
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,28 +441,37 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
 
 
 def run_manifest(cfg, workdir: pathlib.Path, mesh) -> None:
+  """The manifest and its summary, each count and setting from the outputs it is made from and
+  their fingerprint."""
   del mesh
+  made_with = to_make("manifest", cfg, workdir)
+  if made_with is None:
+    return
+  embed, dedup = made_with["embed"], made_with["dedup"]
   retrieved = read_jsonl(workdir / "retrieved.jsonl")
   dropped = read_jsonl(workdir / "dropped.jsonl")
   _, seed_ids = load_embeddings(workdir, "seeds")
-  rows = [dict(path=i, source="seeds", reason="seed image") for i in seed_ids] if cfg.retrieve.include_seeds else []
+  include_seeds = made_with["manifest"]["retrieve.include_seeds"]
+  rows = [dict(path=i, source="seeds", reason="seed image") for i in seed_ids] if include_seeds else []
   rows += [dict(path=r["path"], source="pool", reason=f"{r['reason']} {r['seed']}"
                 + (f" (cosine {r['similarity']})" if "similarity" in r else f" (cluster {r['cluster']})"))
            for r in retrieved]
   unreadable = {name: len((workdir / "embeddings" / name / "unreadable.txt").read_text().splitlines())
-                for name in image_sets(cfg)}
+                for name in ("pool", *(f"eval_{e}" for e in dedup["eval_sets"]), "seeds")}
   pool_size = len((workdir / "embeddings" / "pool" / "index.txt").read_text().splitlines())
-  summary = dict(pool_images=pool_size, unreadable=unreadable,
-                 dropped_duplicates=sum(r["reason"] == "duplicate" for r in dropped),
-                 dropped_eval_copies={name: sum(r.get("eval_set") == name for r in dropped) for name in cfg.eval_sets},
+  summary = dict(backbone=embed["backbone"], backbone_step=embed["backbone step"], pool_images=pool_size,
+                 unreadable=unreadable, dropped_duplicates=sum(r["reason"] == "duplicate" for r in dropped),
+                 dropped_eval_copies={e: sum(r.get("eval_set") == e for r in dropped) for e in dedup["eval_sets"]},
                  kept_after_dedup=pool_size - len(dropped), seed_images=len(seed_ids),
-                 retrieval=cfg.retrieve.method, retrieved=len(retrieved), manifest_images=len(rows),
-                 dedup_threshold=cfg.dedup.threshold, eval_threshold=cfg.dedup.eval_threshold)
+                 retrieval=made_with["retrieve"]["retrieve.method"], retrieved=len(retrieved),
+                 manifest_images=len(rows), dedup_threshold=dedup["dedup.threshold"],
+                 eval_threshold=dedup["dedup.eval_threshold"])
   write_jsonl(workdir / "manifest.jsonl", rows)
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     print(f"manifest: {workdir / 'manifest.jsonl'} ({len(rows)} images)")
+  write_fingerprint(workdir, "manifest", made_with)
 
 
 # ---------------------------------------------------------------------------------------
@@ -321,7 +488,9 @@ def run_make_demo_pool(cfg, workdir: pathlib.Path, mesh) -> None:
 
 
 def run_score_demo(cfg, workdir: pathlib.Path, mesh) -> None:
+  """Scores the dedup and retrieve outputs, refused unless they were made with `cfg`'s settings."""
   del mesh
+  made_as_configured("retrieve", cfg, workdir)
   test_set = cfg.eval_sets[next(iter(cfg.eval_sets))]
   scores = demo.score(os.path.join(cfg.demo.out, "ground_truth.json"), str(workdir),
                       lambda i: dataset_image_id(test_set, i))
@@ -358,6 +527,30 @@ for name in ("config", "workdir", "distributed", "coordinator_address", "num_pro
   flags.declare_key_flag(name)  # dino_jax.cli's
 _STAGES = flags.DEFINE_list("stages", ["all"], f"Stages to run, in order: all (= {','.join(PIPELINE)}) or "
                             f"any of {', '.join(STAGES)}.")
+_RESTART = flags.DEFINE_list("restart", [], "Stages (of --stages) to redo from scratch: their outputs and those of "
+                             "the stages after them are deleted first. Needed when a stage's inputs or settings "
+                             "differ from those its outputs were made with.")
+
+
+def run_stages(cfg, workdir: pathlib.Path, stages: list[str], restarted: list[str], mesh) -> None:
+  """Runs `stages` in order, after deleting the outputs of the `restarted` ones and of the stages
+  after them."""
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise UsageError(f"unknown stage(s) {', '.join(unknown)}; stages: all, {', '.join(STAGES)}")
+  for stage in restarted:
+    if stage not in PIPELINE:
+      raise UsageError(f"--restart takes stages of {', '.join(PIPELINE)}, not {stage!r}")
+    if stage not in stages:
+      raise UsageError(f"--restart {stage}: {stage} is not among the stages to run (--stages)")
+  if restarted:
+    restart(workdir, restarted)
+  for stage in stages:
+    multihost_utils.sync_global_devices(f"curate {stage}")  # after process 0 has written what it reads
+    t0 = time.time()
+    STAGES[stage](cfg, workdir, mesh)
+    if jax.process_index() == 0:
+      print(f"{stage}: done in {time.time() - t0:.1f} s", flush=True)
 
 
 def main(argv):
@@ -369,15 +562,7 @@ def main(argv):
     if cli.WORKDIR.value is None or cli.CONFIG.value is None:
       raise UsageError("--config and --workdir are required")
     stages = [s for name in _STAGES.value for s in (PIPELINE if name == "all" else [name])]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-      raise UsageError(f"unknown stage(s) {', '.join(unknown)}; stages: all, {', '.join(STAGES)}")
-    mesh = sharding.make_mesh()
-    for stage in stages:
-      t0 = time.time()
-      STAGES[stage](cli.CONFIG.value, pathlib.Path(cli.WORKDIR.value), mesh)
-      if jax.process_index() == 0:
-        print(f"{stage}: done in {time.time() - t0:.1f} s", flush=True)
+    run_stages(cli.CONFIG.value, pathlib.Path(cli.WORKDIR.value), stages, _RESTART.value, sharding.make_mesh())
   except (UsageError, OSError) as e:
     fail(str(e))
 

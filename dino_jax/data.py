@@ -189,19 +189,100 @@ class FilesSource:
     raise UsageError(f"{self.MAX_SUBSTITUTES} unreadable images in a row from {self.files[index]}")
 
 
+class ListingStopped(UsageError):
+  """A stop request (SIGTERM, Ctrl-C) ended an image folder's listing."""
+
+
 def _unreadable_folder(e: OSError):
   """One UsageError naming a folder that cannot be listed."""
   raise UsageError(f"cannot read image folder {e.filename} ({e.strerror})") from None
 
 
-def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
-  """The regular files with an image suffix under `folder` (recursively, into linked folders
-  too), sorted. Anything else named like an image (a pipe, a socket, a broken link: reading it
-  could block for ever or fail) is left out with a warning; a folder that cannot be listed is
-  a UsageError naming it, so its images never silently go missing."""
-  named = []
-  for parent, _, names in os.walk(folder, onerror=_unreadable_folder, followlinks=True):
-    named += [pathlib.Path(parent, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+def _inside(path: str, folder: str) -> bool:
+  """Whether the real path `path` is the real path `folder` or under it."""
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_target(link: str, real_folder: str, real_root: str, follow_external: bool) -> tuple[str, str | None]:
+  """The real path of the folder link `link` met listing `real_folder` (under the data root
+  `real_root`), and why it is not followed: "repeat" for a link into `real_folder` (listed
+  already) or above it (a loop), "external" for one out of the root unless `follow_external`;
+  None where it is followed."""
+  target = os.path.realpath(link)
+  if _inside(target, real_folder) or _inside(real_folder, target):
+    return target, "repeat"
+  if not follow_external and not _inside(target, real_root):
+    return target, "external"
+  return target, None
+
+
+def _warn_skipped_links(folder, skipped: dict) -> None:
+  """One warning line per kind of link `list_images` did not follow."""
+  if skipped["repeat"]:
+    logging.warning("image folder %s: not following %d folder links that lead back to folders listed already "
+                    "(a loop, or a second copy), e.g. %s", folder, len(skipped["repeat"]), skipped["repeat"][0])
+  if skipped["external"]:
+    logging.warning("image folder %s: skipping %d links that lead out of the data folder, e.g. %s; set "
+                    "data.follow_external_symlinks=True to read them", folder, len(skipped["external"]),
+                    skipped["external"][0])
+
+
+def list_images(folder: pathlib.Path, data_root: str | os.PathLike | None = None, follow_external: bool = False,
+                interrupt: threading.Event | None = None) -> list[pathlib.Path]:
+  """The regular files with an image suffix under `folder` (recursively), sorted.
+
+  Every real folder is listed once: its own path wins over any link to it, and a folder link
+  back into `folder` or above it (a copy, a loop such as `ln -s . self`) is not followed. Links
+  (to files or folders) that lead out of `data_root` (default: `folder`) are skipped unless
+  `follow_external`. Skipped links are counted in one warning line per kind. Anything else
+  named like an image (a pipe, a socket, a broken link: reading it could block for ever or
+  fail) is left out with a warning; a folder that cannot be listed is a UsageError naming it,
+  so its images never silently go missing. `interrupt` set (a stop request) ends the listing
+  with ListingStopped before the next folder.
+  """
+  folder = pathlib.Path(folder)
+  real_folder = os.path.realpath(folder)
+  real_root = os.path.realpath(folder if data_root is None else data_root)
+  named, links, visited, skipped = [], [], set(), {"repeat": [], "external": []}
+
+  def walk(path: pathlib.Path, real: str, depth: int):
+    """Lists the real folders under `path` (whose real path is `real`); folder links wait in `links`."""
+    todo = [(path, real, depth)]
+    while todo:
+      if interrupt is not None and interrupt.is_set():
+        raise ListingStopped(f"stopped on request (SIGTERM or Ctrl-C) while listing the images under {folder} "
+                             f"({len(visited)} folders listed)")
+      path, real, depth = todo.pop()
+      if real in visited:
+        skipped["repeat"].append(path)
+        continue
+      visited.add(real)
+      try:
+        with os.scandir(str(path)) as scan:
+          entries = sorted(scan, key=lambda entry: entry.name)  # the same walk every time
+      except OSError as e:
+        _unreadable_folder(e)
+      for entry in entries:
+        if entry.is_symlink() and entry.is_dir():
+          links.append((depth + 1, path / entry.name))
+        elif entry.is_dir(follow_symlinks=False):
+          todo.append((path / entry.name, os.path.join(real, entry.name), depth + 1))
+        elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+          if (entry.is_symlink() and not follow_external
+              and not _inside(os.path.realpath(entry.path), real_root)):
+            skipped["external"].append(path / entry.name)
+          else:
+            named.append(path / entry.name)
+
+  walk(folder, real_folder, 0)
+  links.sort()  # the class folders' links first, by name: the same choice as `folder_classes`
+  for depth, link in links:  # the walks append the links they meet
+    target, why_not = _link_target(str(link), real_folder, real_root, follow_external)
+    if why_not:
+      skipped[why_not].append(link)
+    else:
+      walk(link, target, depth)
+  _warn_skipped_links(folder, skipped)
   files = sorted(p for p in named if p.is_file())
   if len(files) < len(named):
     other = sorted(set(named) - set(files))
@@ -210,20 +291,38 @@ def list_images(folder: pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
-def folder_classes(folder: str | pathlib.Path) -> list[str]:
-  """The class names of an image folder: its subfolders, sorted (as torchvision's ImageFolder)."""
+def folder_classes(folder: str | pathlib.Path, data_root: str | os.PathLike | None = None,
+                   follow_external: bool = False) -> list[str]:
+  """The class names of an image folder: its subfolders, sorted (as torchvision's ImageFolder),
+  without the folder links `list_images` does not follow (a link into the folder or above it,
+  to where an earlier class folder's link leads, or out of `data_root` unless `follow_external`)."""
+  real_folder = os.path.realpath(folder)
+  real_root = os.path.realpath(folder if data_root is None else data_root)
+  targets, classes = [], []
   try:
-    with os.scandir(folder) as entries:
-      return sorted(entry.name for entry in entries if entry.is_dir())
+    with os.scandir(folder) as scan:
+      entries = sorted(scan, key=lambda entry: entry.name)
   except OSError as e:
     _unreadable_folder(e)
+  for entry in entries:
+    if entry.is_symlink() and entry.is_dir():
+      target, why_not = _link_target(entry.path, real_folder, real_root, follow_external)
+      if why_not or any(_inside(target, earlier) for earlier in targets):
+        continue
+      targets.append(target)
+    elif not entry.is_dir(follow_symlinks=False):
+      continue
+    classes.append(entry.name)
+  return classes
 
 
 def training_classes(cfg) -> list[str] | None:
   """The class names of a folder dataset's training split (`cfg.train_split` under `cfg.path`),
   or None where it has no class folders."""
   train_root = os.path.join(cfg.path, cfg.get("train_split", "train"))
-  return (folder_classes(train_root) or None) if os.path.isdir(train_root) else None
+  if not os.path.isdir(train_root):
+    return None
+  return folder_classes(train_root, cfg.path, cfg.get("follow_external_symlinks", False)) or None
 
 
 class FolderSource(FilesSource):
@@ -234,17 +333,20 @@ class FolderSource(FilesSource):
   class in every split. A class folder missing from `classes` is a UsageError (its images would
   have no id); one that `classes` has but this folder lacks, a warning. Images next to class
   folders have label -1 (no class), with a warning: trained on, left out of evaluations.
+  Links are followed as `list_images` does (`data_root`: the folder links may lead within;
+  `interrupt`: a stop request that ends the listing).
   """
 
   def __init__(self, root: str, size: int, classes: list[str] | None = None,
-               read_timeout_s: float = READ_TIMEOUT_S):
+               read_timeout_s: float = READ_TIMEOUT_S, data_root: str | None = None,
+               follow_external_symlinks: bool = False, interrupt: threading.Event | None = None):
     root_path = pathlib.Path(root)
     if not root_path.is_dir():
       raise UsageError(f"image folder {root!r} does not exist")
-    files = list_images(root_path)
+    files = list_images(root_path, data_root, follow_external_symlinks, interrupt)
     if not files:
       raise UsageError(f"image folder {root!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    own = folder_classes(root_path)
+    own = folder_classes(root_path, data_root, follow_external_symlinks)
     self.classes = own if classes is None else list(classes)
     unknown = sorted(set(own) - set(self.classes))
     if unknown:
@@ -278,27 +380,53 @@ def load_classes(workdir: str) -> list[str] | None:
   return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _list_line(list_file: str, number: int, line: bytes, manifest: bool) -> str:
+  """The image path on line `number` of an image list (a manifest's: the "path" of its JSON
+  object); a malformed line is a UsageError naming the file, the line and the problem."""
+  where = f"image list {list_file}:{number}"
+  try:
+    text = line.decode()
+  except UnicodeDecodeError as e:
+    raise UsageError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
+  if not manifest:
+    return text
+  try:
+    row = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise UsageError(f"{where}: not a JSON object ({e.msg}, column {e.colno})") from None
+  if not isinstance(row, dict):
+    raise UsageError(f"{where}: a JSON {type(row).__name__}, not an object with a \"path\"")
+  if not isinstance(row.get("path"), str) or not row["path"]:
+    raise UsageError(f"{where}: " + ("no \"path\"" if "path" not in row else
+                                     f"\"path\" is {json.dumps(row['path'])[:80]}, not a file path"))
+  return row["path"]
+
+
 def list_file_source(list_file: str, size: int, read_timeout_s: float = READ_TIMEOUT_S) -> FilesSource:
   """Unlabeled images named in a file: one path a line, or a curation manifest (JSON lines
   with a "path", `python -m dino_jax.curate`). Relative paths are taken from its folder."""
   list_path = pathlib.Path(list_file)
   if not list_path.is_file():
     raise UsageError(f"image list {list_file!r} does not exist")
-  lines = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
-  if list_path.suffix == ".jsonl":
-    lines = [json.loads(line)["path"] for line in lines]
+  try:
+    numbered = [(n, line.strip()) for n, line in enumerate(list_path.read_bytes().splitlines(), 1) if line.strip()]
+  except OSError as e:
+    raise UsageError(f"cannot read image list {list_file!r} ({e.strerror})") from None
+  lines = [_list_line(list_file, n, line, list_path.suffix == ".jsonl") for n, line in numbered]
   if not lines:
     raise UsageError(f"image list {list_file!r} names no images")
   files = [list_path.parent / p for p in lines]  # an absolute p stays as it is
   return FilesSource(files, np.full(len(files), -1, np.int32), size, read_timeout_s)
 
 
-def make_source(cfg, split: str, classes: list[str] | None = None):
+def make_source(cfg, split: str, classes: list[str] | None = None, interrupt: threading.Event | None = None):
   """The source named by a `data` config: fashion_mnist_demo | tfds | folder | files (a list
   of image paths) | manifest (a `dino_jax.curate` manifest).
 
   A folder split's class ids are indices into `classes`; by default the training split's
-  class folders (`training_classes`), so that every split numbers classes alike.
+  class folders (`training_classes`), so that every split numbers classes alike. Its links may
+  lead anywhere under `cfg.path`, elsewhere only with `cfg.follow_external_symlinks`;
+  `interrupt` set (a stop request) ends its listing with ListingStopped.
   """
   read_timeout_s = cfg.get("read_timeout_s", READ_TIMEOUT_S)
   if cfg.source == "fashion_mnist_demo":
@@ -311,7 +439,7 @@ def make_source(cfg, split: str, classes: list[str] | None = None):
     if classes is None and split:
       classes = training_classes(cfg)
     return FolderSource(os.path.join(cfg.path, split) if split else cfg.path, cfg.image_size, classes,
-                        read_timeout_s)
+                        read_timeout_s, cfg.path, cfg.get("follow_external_symlinks", False), interrupt)
   if cfg.source in ("files", "manifest"):  # the split is ignored: the list is the data
     if not cfg.path:
       raise UsageError(f"data.path must name an image list when data.source is {cfg.source!r}")

@@ -17,7 +17,6 @@ and no stochastic depth, and the iBOT loss applied on the two global crops". Her
   its metadata; resuming against another teacher is one UsageError.
 """
 import functools
-import json
 import os
 import pathlib
 from typing import NamedTuple
@@ -28,6 +27,7 @@ import ml_collections
 
 from dino_jax import checkpoints
 from dino_jax import objectives
+from dino_jax import runs
 from dino_jax import sharding
 from dino_jax.errors import UsageError
 
@@ -82,7 +82,7 @@ def check_architecture(cfg: ml_collections.ConfigDict) -> None:
   path = pathlib.Path(cfg.distill.teacher) / "config.json"
   if not path.is_file():
     return
-  recorded = json.loads(path.read_text())
+  recorded = runs.recorded_config(path)
   diffs = []
   for section in ("model", "head"):
     theirs, ours = recorded.get(section, {}), cfg.distill[section].to_dict()

@@ -37,22 +37,35 @@ _FEATURE = flags.DEFINE_enum("feature", "embedding", ["embedding", "pooled"],
                              "Which features: the global embedding (CLS) or mean-pooled patch tokens.")
 _K = flags.DEFINE_list("k", ["10", "20", "100", "200"], "k-NN: numbers of neighbours (DINO's eval_knn.py).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.07, "k-NN: vote weight exp(similarity / T).")
-_EPOCHS = flags.DEFINE_integer("epochs", 100, "Linear probe: epochs over the training features.")
+_EPOCHS = flags.DEFINE_integer("epochs", 100, "Linear probe: epochs over the training features.", lower_bound=1)
 _EVALS = flags.DEFINE_list("evals", ["knn"], "run: the evaluators (names in config.evals, e.g. knn, linear_dino, "
                            "linear_dinov2).")
 _SET = flags.DEFINE_multi_string("set", [], "run: key=value overrides of the evaluators' configs (Python literals).")
 
 
-def load_features(path: str, feature: str):
-  """(features, labels) from an `extract` .npz file."""
+def load_features(path: str, feature: str) -> tuple[np.ndarray, np.ndarray]:
+  """(features [N, D], labels [N]) from an `extract` .npz file; UsageError naming the file when
+  it cannot be read, the arrays disagree, a feature is not finite or a label is not a class."""
   try:
-    f = np.load(path, allow_pickle=False)
-  except OSError as e:
-    raise UsageError(f"cannot read features {path!r}: {e}") from None
-  with f:
-    if feature not in f or "labels" not in f:
-      raise UsageError(f"{path} has no {feature!r} features and labels (has: {', '.join(f.files)})")
-    return f[feature], f["labels"]
+    with np.load(path, allow_pickle=False) as f:
+      if feature not in f or "labels" not in f:
+        raise UsageError(f"{path} has no {feature!r} features and labels (has: {', '.join(f.files)})")
+      x, y = f[feature], f["labels"]
+  except UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (truncated or not an .npz: zipfile, zlib, OSError)
+    raise UsageError(f"cannot read features {path!r} (an .npz from dino_jax.extract): "
+                     f"{getattr(e, 'strerror', None) or e}") from None
+  if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or not len(x):
+    raise UsageError(f"{path}: {feature} {x.shape} and labels {y.shape} must be [N, D] and [N] with N > 0")
+  if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+    bad = int((~np.isfinite(x)).any(axis=-1).sum()) if np.issubdtype(x.dtype, np.floating) else len(x)
+    raise UsageError(f"{path}: {bad} of {len(x)} {feature} rows are not finite numbers (damaged or diverged "
+                     "weights): nothing to score")
+  if not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+    raise UsageError(f"{path}: labels must be class ids >= 0; {int((y < 0).sum())} of {len(y)} are not (-1 marks "
+                     "an unlabelled image): extract a labelled split")
+  return x, y
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -127,16 +140,20 @@ def main(argv):
                        "knn|linear --train A.npz --test B.npz")
     if not _TRAIN.value or not _TEST.value:
       raise UsageError("--train and --test are required")
+    ks = [cli.number("--k", k, integer=True, low=1, low_allowed=True) for k in _K.value]
+    temperature = cli.number("--temperature", _TEMPERATURE.value)
     train_x, train_y = load_features(_TRAIN.value, _FEATURE.value)
     test_x, test_y = load_features(_TEST.value, _FEATURE.value)
+    if train_x.shape[1] != test_x.shape[1]:
+      raise UsageError(f"--train features are {train_x.shape[1]}-d, --test features {test_x.shape[1]}-d: extract "
+                       "both with the same run")
   except UsageError as e:
     fail(str(e))
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   if argv[1] == "knn":
-    accuracies = knn.knn_accuracies(train_x, train_y, test_x, test_y, num_classes, [int(k) for k in _K.value],
-                                    _TEMPERATURE.value)
+    accuracies = knn.knn_accuracies(train_x, train_y, test_x, test_y, num_classes, ks, temperature)
     for k, acc in accuracies.items():
-      print(f"k-NN top-1 (k={k}, T={_TEMPERATURE.value}, {_FEATURE.value}): {acc:.4f}")
+      print(f"k-NN top-1 (k={k}, T={temperature:g}, {_FEATURE.value}): {acc:.4f}")
   else:
     res = probe.linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=_EPOCHS.value)
     sweep = ", ".join(f"{lr:g}: {a:.4f}" for lr, a in res["val_top1"].items())

@@ -7,9 +7,6 @@ Only the backbone is restored (`runs.load_backbone`, with this host's devices, a
 images get the evaluation view (resized to image_size x 256 / 224, center crop). From Python:
 `backbone = dino_jax.load_backbone(RUN)`, then `backbone(uint8_images)` or `extract(...)`.
 """
-import os
-import pathlib
-
 from absl import flags
 import jax
 import ml_collections
@@ -41,15 +38,12 @@ def extract(backbone: runs.Backbone, source, batch_size: int, image_size: int, w
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def make_out_folder(out: str) -> None:
-  """Creates the folder of `out` (if missing) before any work, so a bad path fails first."""
-  folder = pathlib.Path(out).parent
-  try:
-    folder.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UsageError(f"cannot create the folder of --out {out!r} ({e.strerror})") from None
-  if not os.access(folder, os.W_OK):
-    raise UsageError(f"cannot write --out {out!r}: {str(folder)!r} is not writable")
+def check_finite(feats: dict) -> None:
+  """UsageError where the backbone gave non-finite features (damaged or diverged weights)."""
+  bad = ~np.isfinite(feats["embedding"]).all(axis=-1)
+  if bad.any():
+    raise UsageError(f"the backbone gives non-finite features for {int(bad.sum())} of {len(bad)} images (the first "
+                     f"at index {int(np.argmax(bad))}): its weights are damaged or diverged; nothing written")
 
 
 for _name in ("workdir", "step", "student"):
@@ -60,8 +54,9 @@ _NAME = flags.DEFINE_string("name", "", "TFDS dataset name (source=tfds).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir (source=tfds).")
 _PATH = flags.DEFINE_string("path", "", "Image folder (source=folder); images under PATH/SPLIT.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split (subfolder for source=folder).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input side in px (default: the run's global crop).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input side in px (default: the run's global crop).",
+                                   lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.", lower_bound=1)
 _PATCHES = flags.DEFINE_bool("patches", False, "Also save patch features [N, h, w, D] (large).")
 _OUT = flags.DEFINE_string("out", None, "Output .npz with embedding, pooled, labels (and patch).")
 
@@ -73,7 +68,7 @@ def main(argv):
   try:
     if not cli.WORKDIR.value or not _OUT.value:
       raise UsageError("--workdir and --out are required")
-    make_out_folder(_OUT.value)
+    out = cli.output_file("--out", _OUT.value, (".npz",))
     backbone = runs.load_backbone(cli.WORKDIR.value, cli.STEP.value, cli.STUDENT.value)
     size = _IMAGE_SIZE.value or backbone.cfg.aug.global_size
     try:
@@ -84,15 +79,21 @@ def main(argv):
     data_cfg = ml_collections.ConfigDict(dict(source=_SOURCE.value, name=_NAME.value, data_dir=_DATA_DIR.value,
                                               path=_PATH.value, image_size=run_data.image_size,
                                               train_split=run_data.get("train_split", "train"),
-                                              read_timeout_s=run_data.get("read_timeout_s", data.READ_TIMEOUT_S)))
+                                              read_timeout_s=run_data.get("read_timeout_s", data.READ_TIMEOUT_S),
+                                              follow_external_symlinks=run_data.get("follow_external_symlinks",
+                                                                                    False)))
     classes = runs.run_classes(cli.WORKDIR.value, run_data, _SOURCE.value, _PATH.value)
     source = data.make_source(data_cfg, _SPLIT.value, classes)
     feats = extract(backbone, source, _BATCH.value, size, _PATCHES.value)
+    check_finite(feats)
   except UsageError as e:
     fail(str(e))
-  np.savez(_OUT.value, **feats, step=backbone.step)
+  try:
+    np.savez(out, **feats, step=backbone.step)
+  except OSError as e:
+    fail(f"cannot write --out {str(out)!r}: {e.strerror or e}")
   print(f"{len(feats['embedding'])} images from step {backbone.step}: "
-        f"{', '.join(f'{k} {v.shape}' for k, v in feats.items())} -> {_OUT.value}")
+        f"{', '.join(f'{k} {v.shape}' for k, v in feats.items())} -> {out}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from dino_jax import augment
+from dino_jax import cli
 from dino_jax import data
 from dino_jax import models
 from dino_jax import runs
@@ -315,11 +316,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.error(f"--threshold must be in (0, 1) (got {args.threshold})")
   if args.num_matches < 1:
     parser.error(f"--num_matches must be at least 1 (got {args.num_matches})")
+  if args.image_size is not None and args.image_size < 1:
+    parser.error(f"--image_size must be a positive number of pixels (got {args.image_size})")
   return args
 
 
 def run(args: argparse.Namespace) -> list[pathlib.Path]:
   """Runs the parsed command; returns the files written."""
+  out = cli.output_folder("--out", args.out)
   backbone = runs.load_backbone(args.workdir, args.step, args.student)
   size = args.image_size or backbone.cfg.aug.global_size
   try:
@@ -335,8 +339,6 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
   else:
     images = read_images(args.images, size)
     names = [f"{i}_{pathlib.Path(path).stem}" for i, path in enumerate(args.images)]
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   return COMMANDS[args.command](backbone, images, names, args, out)
 
 
@@ -348,6 +350,8 @@ def main(argv: list[str]):
     written = run(args)
   except UsageError as e:
     fail(str(e))
+  except OSError as e:
+    fail(f"cannot write into --out {args.out!r}: {e.strerror or e}")
   print("\n".join(str(path) for path in written))
 
 

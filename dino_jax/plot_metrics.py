@@ -21,20 +21,26 @@ PANELS = {  # title: metrics drawn in it (those present in the run)
     "schedules": ("lr", "weight_decay", "momentum", "teacher_temp"),
 }
 FIGSIZE, DPI = (12, 8), 100  # the PNG is 1200 x 800 pixels
+SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # --out's format, from its suffix
 
 
 def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
   """metric -> (steps, values) from <workdir>/metrics.jsonl; a half-written last line (the run
   is writing it, or was killed while it did) is left out."""
   series = {}
-  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  try:
+    lines = path.read_bytes().split(b"\n")
+  except OSError as e:
+    raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+  lines = lines[:-1] if lines and not lines[-1] else lines
   for i, line in enumerate(lines):
     try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
+      row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
       if i == len(lines) - 1:
         break
-      raise ValueError(f"line {i + 1} of {workdir}/metrics.jsonl is not JSON") from None
+      raise ValueError(f"{path}:{i + 1} is not a JSON row (a damaged file)") from None
     for k, v in row.items():
       if k != "step" and isinstance(v, (int, float)):  # not the tags (a phase's name)
         series.setdefault(k, ([], []))
@@ -66,16 +72,19 @@ def main(argv):
   workdir = cli.WORKDIR.value
   if not workdir or not (pathlib.Path(workdir) / "metrics.jsonl").is_file():
     fail(f"{workdir!r} has no metrics.jsonl (pass --workdir of a dino_jax run)")
-  out = flags.FLAGS.out or str(pathlib.Path(workdir) / "curves.png")
   try:
+    out = cli.output_file("--out", flags.FLAGS.out or str(pathlib.Path(workdir) / "curves.png"), SUFFIXES)
     series = read_metrics(workdir)
-  except ValueError as e:
+  except ValueError as e:  # UsageError included
     fail(str(e))
-  plot(series, out)
+  try:
+    plot(series, out)
+  except OSError as e:
+    fail(f"cannot write --out {str(out)!r}: {e.strerror or e}")
   print(f"wrote {out}")
 
 
 if __name__ == "__main__":  # --out defined here: importing this module defines no flag
   flags.declare_key_flag("workdir")  # dino_jax.cli's
-  flags.DEFINE_string("out", None, "PNG path (default: <workdir>/curves.png).")
+  flags.DEFINE_string("out", None, "Figure path, .png (default: <workdir>/curves.png), .pdf, .svg or .jpg.")
   cli.run(main)

@@ -20,12 +20,29 @@ from dino_jax import models
 from dino_jax.errors import UsageError
 
 
+def recorded_config(path: str | os.PathLike) -> dict:
+  """A run's recorded config file (its config.json) as a dict; UsageError naming the file when
+  it cannot be read, is empty or truncated, or holds no JSON object."""
+  try:
+    text = pathlib.Path(path).read_bytes().decode("utf-8")
+    recorded = json.loads(text) if text.strip() else None
+  except OSError as e:
+    raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UsageError(f"{path} is damaged ({e}): restore it from a backup or a config.<step>.json beside it") from None
+  if not isinstance(recorded, dict):
+    raise UsageError(f"{path} is {'empty' if recorded is None else 'not a JSON object'}: restore it from a backup "
+                     "or a config.<step>.json beside it")
+  return recorded
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was made with (its config.json); UsageError when `workdir` is not a run."""
+  """The config a run was made with (its config.json); UsageError when `workdir` is not a run
+  or that file is damaged."""
   config_file = pathlib.Path(workdir) / "config.json"
   if not config_file.is_file():
     raise UsageError(f"{workdir!r} is not a dino_jax run directory (no config.json)")
-  return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  return ml_collections.ConfigDict(recorded_config(config_file))
 
 
 class Backbone:

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 from dino_jax import checkpoints
 from dino_jax import cli
 from dino_jax import config_checks
+from dino_jax import data
 from dino_jax import distill
 from dino_jax import evaluators
 from dino_jax import host_memory
@@ -60,15 +61,20 @@ def main(argv):
   cli.stop_on_signals(trainer.stop_requested)
   try:
     out = trainer.train(cfg, workdir, overridden=config_flags.get_override_values(flags.FLAGS["config"]))
+  except data.ListingStopped as e:  # a stop request before the first step: nothing to save
+    print(str(e))
+    return
   except (UsageError, trainer.DivergenceError) as e:
     fail(str(e))
   except (checkpoints.SaveError, OSError) as e:
     cli.exit_now(str(e))
   print_summary(cfg, out["results"])
+  first, last, total = out["steps"]
+  trained = f"steps {first} -> {last} of {total}" if last > first else f"no step trained (at step {last} of {total})"
   if "preempted_at" in out["results"]:
-    print(f"stopped at step {out['results']['preempted_at']}; workdir {workdir}")
+    print(f"stopped on request: {trained}; rerun the same command to resume; workdir {workdir}")
     return
-  print(f"done in {time.time() - t0:.0f} s; workdir {workdir}")
+  print(f"done in {time.time() - t0:.0f} s: {trained}; workdir {workdir}")
 
 
 if __name__ == "__main__":

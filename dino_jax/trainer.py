@@ -29,6 +29,7 @@ from dino_jax import evaluators
 from dino_jax import learner
 from dino_jax import optim
 from dino_jax import phases
+from dino_jax import runs
 from dino_jax import sharding
 from dino_jax.errors import UsageError
 
@@ -65,12 +66,39 @@ def _row_step(line: str) -> int | None:
     return None
 
 
+def metrics_lines(path: pathlib.Path) -> list[str]:
+  """The lines of a run's metrics.jsonl ([] where there is none); UsageError naming the file
+  and line where it cannot be read as text."""
+  if not path.is_file():
+    return []
+  try:
+    raw = path.read_bytes()
+  except OSError as e:
+    raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+  lines = raw.split(b"\n")
+  for number, line in enumerate(lines, 1):
+    try:
+      line.decode("utf-8")
+    except UnicodeDecodeError:
+      raise UsageError(f"{path}:{number} is not UTF-8 text (a damaged file): delete that line to resume") from None
+  return raw.decode("utf-8").splitlines()
+
+
+def check_run_files(workdir: str) -> None:
+  """The files a resume reads (config.json, metrics.jsonl) are readable: checked before the
+  run writes anything, so a damaged one stops it with one line and is left as it was."""
+  path = pathlib.Path(workdir)
+  if (path / "config.json").is_file():
+    runs.recorded_config(path / "config.json")
+  metrics_lines(path / "metrics.jsonl")
+
+
 def keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
   """Drops the rows of `path` past `step` (written after the checkpoint a resume starts from,
   so written again) and half-written lines, so that every step appears once."""
   if not path.is_file():
     return
-  lines = path.read_text().splitlines()
+  lines = metrics_lines(path)
   kept = [line for line in lines if (s := _row_step(line)) is not None and s <= step]
   if len(kept) < len(lines):
     path.with_name(path.name + ".tmp").write_text("".join(line + "\n" for line in kept))
@@ -125,7 +153,7 @@ def record_config(workdir: str, cfg: ml_collections.ConfigDict, step: int) -> No
   (config.0.json the first one), and the changes are printed."""
   path = pathlib.Path(workdir) / "config.json"
   text = cfg.to_json(indent=2)
-  changes = config_changes(json.loads(path.read_text()), json.loads(text)) if path.is_file() and step else []
+  changes = config_changes(runs.recorded_config(path), json.loads(text)) if path.is_file() and step else []
   if changes:
     if not any(path.parent.glob("config.*.json")):
       path.rename(path.with_name("config.0.json"))
@@ -133,6 +161,28 @@ def record_config(workdir: str, cfg: ml_collections.ConfigDict, step: int) -> No
     print(f"config changed on resuming at step {step} (kept as config.{step}.json; the earlier ones as "
           f"config.<step>.json): {'; '.join(changes)}", flush=True)
   path.write_text(text)
+
+
+MAX_STEPS = 2 ** 31 - 1  # the step counter is an int32 on the devices
+
+
+def schedule_length(cfg: ml_collections.ConfigDict, num_images: int) -> tuple[int, int]:
+  """(steps per epoch, total steps) of a run on `num_images` training images; UsageError for
+  data smaller than one batch and for a schedule of no step (or too many to count)."""
+  if num_images < cfg.batch_size:
+    raise UsageError(f"the training data holds {num_images} images, fewer than one batch of batch_size "
+                     f"{cfg.batch_size}: lower batch_size or add images")
+  steps_per_epoch = cfg.get("epoch_length", 0) or num_images // cfg.batch_size  # DINOv2: 1250
+  total = optim.total_steps(cfg, steps_per_epoch)
+  per_epoch = (f"epoch_length {steps_per_epoch}" if cfg.get("epoch_length", 0) else
+               f"{steps_per_epoch} steps per epoch ({num_images} images // batch_size {cfg.batch_size})")
+  if total < 1:
+    raise UsageError(f"this config trains 0 steps: epochs {cfg.epochs:g} x {per_epoch} rounds to 0; "
+                     f"raise epochs above {0.5 / steps_per_epoch:.3g}")
+  if total > MAX_STEPS:
+    raise UsageError(f"epochs {cfg.epochs:g} x {per_epoch} is {total:.3g} steps, more than the {MAX_STEPS} a run "
+                     "counts")
+  return steps_per_epoch, total
 
 
 def eval_every_steps(name: str, ecfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -176,7 +226,7 @@ def lineage_metadata(mngr, trainer: learner.Trainer) -> dict:
 def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None,
           frozen_teacher: distill.FrozenTeacher | None = None, overridden=()) -> dict:
   """Trains (or resumes) the run in `workdir`, holding its `WorkdirLock`; returns the final
-  state and evaluation results. The config is checked first (one UsageError), and sizes that
+  state, evaluation results and the steps (first, last, schedule's total). The config is checked first (one UsageError), and sizes that
   look unintended are logged (`config_checks.size_warnings`; `overridden`: the keys the command
   line set).
 
@@ -188,16 +238,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = 
   config_checks.check(cfg, mesh.size)  # the one check of the config, before anything is written or compiled
   for warning in config_checks.size_warnings(cfg, overridden):
     logging.warning(warning)
+  check_run_files(workdir)
+  train_src = data.make_source(cfg.data, cfg.data.train_split, interrupt=stop_requested)
+  schedule = schedule_length(cfg, len(train_src))
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   with checkpoints.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-    return _train(cfg, workdir, mesh, max_steps, frozen_teacher)
+    return _train(cfg, workdir, mesh, train_src, schedule, max_steps, frozen_teacher)
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, max_steps: int | None, frozen_teacher) -> dict:
-  train_src = data.make_source(cfg.data, cfg.data.train_split)
+def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, train_src, schedule: tuple[int, int],
+           max_steps: int | None, frozen_teacher) -> dict:
+  steps_per_epoch, total_steps = schedule
   evals = evaluators.make(cfg, mesh, labelled=bool(getattr(train_src, "num_classes", None)))
-  steps_per_epoch = cfg.get("epoch_length", 0) or max(len(train_src) // cfg.batch_size, 1)  # DINOv2: 1250
-  total_steps = optim.total_steps(cfg, steps_per_epoch)
   eval_every = {name: eval_every_steps(name, e, steps_per_epoch) for name, e in cfg.evals.items()}
 
   mngr = checkpoints.checkpoint_manager(workdir, cfg)
@@ -209,6 +261,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, max_steps: int | 
     print(f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, "
           f"mesh {dict(mesh.shape)}, {total_steps} steps", flush=True)
   state = checkpoints.restore_or_keep(mngr, trainer.state)  # refuses another config: nothing written yet
+  if int(state["step"]) > total_steps:
+    raise UsageError(f"{workdir} holds a checkpoint at step {int(state['step'])}, past the end of this config's "
+                     f"schedule ({total_steps} steps): raise epochs to go on training it, or give a new --workdir")
   checkpoints.prune(mngr, cfg.checkpoint.keep)
   lineage = lineage_metadata(mngr, trainer)  # refuses another distillation teacher
   if mngr.latest_step() is None and phases.active(cfg):
@@ -222,6 +277,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, max_steps: int | 
   start_step = int(state["step"])
   if jax.process_index() == 0:
     record_config(workdir, cfg, start_step)
+    if start_step == total_steps:
+      print(f"{workdir} is at the end of its schedule (step {total_steps}): nothing to train"
+            + (", evaluating its teacher again" if evals else ""), flush=True)
   data.save_classes(train_src, workdir)  # the class ids of evaluations and extract
   aug_key = learner.augmentation_key(cfg)
   to_global = lambda tree: jax.tree.map(
@@ -296,4 +354,4 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, max_steps: int | 
     writer.write(end_step, results)
   writer.close()
   mngr.close()
-  return {"state": state, "results": results}
+  return {"state": state, "results": results, "steps": (start_step, end_step, total_steps)}

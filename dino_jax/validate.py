@@ -13,6 +13,31 @@ import math
 from dino_jax.errors import UsageError
 
 
+INT_LIMIT = 2 ** 63  # integers JAX and NumPy hold (seeds, counts, sizes)
+
+
+def numeric_leaves(tree, prefix: str = ""):
+  """(dotted key, value) of every number in a config, in nested sections, lists and tuples too."""
+  if hasattr(tree, "items"):
+    for k, v in tree.items():
+      yield from numeric_leaves(v, f"{prefix}{k}.")
+  elif isinstance(tree, (list, tuple)):
+    for i, v in enumerate(tree):
+      yield from numeric_leaves(v, f"{prefix[:-1]}[{i}].")
+  elif is_number(tree):
+    yield prefix[:-1], tree
+
+
+def finite_numbers(cfg, *, prefix: str = "") -> None:
+  """Every number of a config finite (no nan or inf, e.g. from --config.optim.base_lr=1e999)
+  and every integer within 64 bits."""
+  for key, value in numeric_leaves(cfg, prefix):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise UsageError(f"{key} must be a finite number, not {value!r}")
+    if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
+      raise UsageError(f"{key} {value} is out of range (integers within +-2**63)")
+
+
 def lookup(cfg, key: str):
   """cfg's value at dotted `key` (None where an evaluator config lacks it)."""
   get = lambda c, k: c.get(k) if hasattr(c, "get") else getattr(c, k)

@@ -24,9 +24,9 @@ import pytest  # noqa: E402  (after the environment above)
 
 @pytest.fixture(autouse=True)
 def no_stop_request_left_over():
-  """A test that asks the trainer to stop (train.stop_requested) and fails before the run
+  """A test that asks the trainer to stop (trainer.stop_requested) and fails before the run
   clears it must not stop the next test's runs."""
   yield
-  train = sys.modules.get("dino_jax.train")
+  train = sys.modules.get("dino_jax.trainer")
   if train is not None:
     train.stop_requested.clear()

@@ -8,6 +8,7 @@ import pytest
 from configs import demo_esvit_fashion_mnist
 from configs import dinov2_vits14
 from dino_jax import config_checks
+from dino_jax import config_files
 from dino_jax import convert
 from dino_jax import trainer
 from dino_jax.errors import UsageError
@@ -47,6 +48,13 @@ def no_compiling(monkeypatch):
     (dinov2_vits14, {"mask.mask_prob": 0.0}, r"mask.mask_prob must be in \(0, 1\] while iBOT is on"),
     (dinov2_vits14, {"mask.mask_prob": 0.0, "on_nonfinite": "skip"}, "mask.mask_prob must be in"),
     (dinov2_vits14, {"mask.mask_prob": 0.01}, "mask.mask_prob 0.01 masks none of the 16 global crops of a group"),
+    (None, {"optim.base_lr": float("inf")}, "optim.base_lr must be a finite number, not inf"),
+    (None, {"loss.student_temp": float("nan")}, "loss.student_temp must be a finite number, not nan"),
+    (None, {"aug.blur_sigma": (0.1, float("inf"))}, r"aug.blur_sigma\[1\] must be a finite number, not inf"),
+    (None, {"seed": 2 ** 70}, r"seed 1180591620717411303424 is out of range \(integers within \+-2\*\*63\)"),
+    (None, {"epochs": 1e300}, "epochs 1e[+]300 x 625 steps per epoch .* is 6.25e[+]302 steps, more than the 2147483647"),
+    (None, {"data.workers": 0}, "data.workers must be a positive integer, not 0"),
+    (None, {"evals.knn.temperature": float("nan")}, "evals.knn.temperature must be a finite number, not nan"),
 ])
 def test_bad_config_is_refused_before_compiling(module, override, message, no_compiling, tmp_path):
   cfg = tiny(module, **override) if module else tiny(**override)
@@ -141,6 +149,38 @@ def test_cli_refuses_with_one_line_before_any_work(tmp_path, args, message):
   assert proc.returncode == 2 and len(lines) == 1, err[-2000:]
   assert lines[0].startswith(message.format(workdir=workdir)), lines[0]
   assert not workdir.is_dir() or not any(workdir.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("code,message", [
+    ("def get_config(:\n", r"error: cannot load the config file {path}: {path}:1: SyntaxError: "),
+    ("import no_such_module_anywhere\n", "error: cannot load the config file {path}: ModuleNotFoundError: No module "
+     "named 'no_such_module_anywhere'"),
+    ("def get_config(arg=None):\n  return undefined_name\n", "error: cannot load the config file {path}: NameError: "
+     "name 'undefined_name' is not defined"),
+    ("def get_config(arg=None):\n  pass\n", "error: {path}: get_config returned None, not an "
+     "ml_collections.ConfigDict"),
+])
+def test_broken_config_file_is_one_line_naming_it(tmp_path, code, message):
+  """A config file whose own code fails (syntax, import, a name) or returns nothing: one line
+  naming the file (not a traceback, not "--config is missing")."""
+  path = tmp_path / "my_config.py"
+  path.write_text(code)
+  proc = run_cli("--config", str(path), workdir=tmp_path / "run")
+  try:
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  lines = [line for line in err.strip().splitlines() if not line.startswith("W")]  # ml_collections' warning
+  assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+  assert lines[0].startswith(message.format(path=path)), lines[0]
+  assert not (tmp_path / "run").exists()
+
+
+def test_broken_config_file_from_python_is_a_usage_error(tmp_path):
+  path = tmp_path / "my_config.py"
+  path.write_text("import no_such_module_anywhere\n")
+  with pytest.raises(UsageError, match="cannot load the config file .*my_config.py: ModuleNotFoundError"):
+    config_files.load(str(path))
 
 
 def test_train_called_from_python_checks_the_config_first(tmp_path):

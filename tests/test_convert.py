@@ -250,6 +250,25 @@ def test_wrong_arch_lists_the_mismatched_shapes(tmp_path):
     convert.import_file(file, "dino_vits16", str(tmp_path / "run2"))  # and patch 16: keys are listed first
 
 
+def test_weights_with_nan_are_refused_and_nothing_is_written(tmp_path, monkeypatch):
+  monkeypatch.setitem(convert.ARCHS, "giant_style", GIANT_STYLE)
+  state = numpy_state(torch_reference.OfficialViT(GIANT_STYLE, 4, 0.0, True))
+  state["blocks.1.attn.proj.weight"][3, :2] = [np.nan, np.inf]
+  file = save_safetensors(state, tmp_path / "g.safetensors")
+  with pytest.raises(UsageError, match=r"g.safetensors: \['backbone'\]\['block1'\]\['proj'\]\['kernel'\] "
+                                       "holds 2 non-finite values"):
+    convert.import_file(file, "giant_style", str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_export_out_is_checked_before_any_work(tmp_path):
+  (tmp_path / "folder.pth").mkdir()
+  for out, message in ((tmp_path / "w.npz", "must end with .pth or .safetensors"),
+                       (tmp_path / "folder.pth", "is a folder; give a file path")):
+    with pytest.raises(UsageError, match=message):
+      convert.export_run(str(tmp_path / "not_a_run"), str(out))
+
+
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
   state = numpy_state(official_model("dinov2_vits14"))
   del state["blocks.1.attn.qkv.bias"]

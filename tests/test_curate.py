@@ -1,8 +1,11 @@
 """Curation (DINOv2 App. A): sharded search and k-means against numpy, duplicate groups, the
-pipeline on a tiny demo pool, the manifest source, and bad input."""
+pipeline on a tiny demo pool, the manifest source, resuming (fingerprints, --restart), and bad
+input."""
 import json
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
@@ -161,7 +164,7 @@ def test_cluster_retrieval_is_reproducible(curated, mesh, tmp_path):
   cfg.retrieve.method = "clusters"
   for run in ("a", "b"):
     (tmp_path / run).mkdir()
-    for name in ("embeddings", "kept.npy"):
+    for name in ("embeddings", "kept.npy", "dropped.jsonl", "dedup.fingerprint.json"):
       (tmp_path / run / name).symlink_to(out / name)
     curate.run_retrieve(cfg, tmp_path / run, mesh)
   a, b = ((tmp_path / r / "retrieved.jsonl").read_text() for r in ("a", "b"))
@@ -169,19 +172,98 @@ def test_cluster_retrieval_is_reproducible(curated, mesh, tmp_path):
   assert all(json.loads(line)["reason"].startswith("sampled from a cluster") for line in a.splitlines())
 
 
-def test_embed_resumes_from_its_last_shard(curated, mesh):
+def copy_of(out, tmp_path):
+  """A copy of the curated workdir, for a test that changes it."""
+  return pathlib.Path(shutil.copytree(out, tmp_path / "out"))
+
+
+def test_embed_resumed_with_another_shard_size_holds_every_image_once(curated, mesh, tmp_path):
   cfg, out = curated
-  pool = out / "embeddings" / "pool"
-  before = curate.load_embeddings(out, "pool")
-  shard = pool / "shard_00001.npz"
-  shard.unlink()
+  work = copy_of(out, tmp_path)
+  pool = work / "embeddings" / "pool"
+  before = curate.load_embeddings(work, "pool")
+  first, middle, last = sorted(pool.glob("shard_*.npz"))  # 161 files, 64 a shard
+  middle.unlink()  # as if interrupted: a shard missing, the index not written, a shard half-written
   (pool / "index.txt").unlink()
-  mtime = (pool / "shard_00000.npz").stat().st_mtime_ns
-  curate.run_embed(cfg, out, mesh)
-  after = curate.load_embeddings(out, "pool")
-  assert (pool / "shard_00000.npz").stat().st_mtime_ns == mtime  # kept, not recomputed
-  assert after[1] == before[1]
+  (pool / "shard.tmp.npz").write_bytes(b"half")
+  mtimes = [f.stat().st_mtime_ns for f in (first, last)]
+  cfg = cfg.copy_and_resolve_references()
+  cfg.embed.shard_size = 32
+  curate.run_embed(cfg, work, mesh)
+  after = curate.load_embeddings(work, "pool")
+  assert after[1] == before[1] == (pool / "index.txt").read_text().split()
   np.testing.assert_allclose(after[0], before[0], atol=1e-5)
+  assert [f.stat().st_mtime_ns for f in (first, last)] == mtimes  # kept, not recomputed
+  assert sorted(f.name for f in pool.glob("shard_*.npz")) == [
+      first.name, "shard_0000000064_0000000096.npz", "shard_0000000096_0000000128.npz", last.name]
+  # Shards that do not hold each image once (here one holding images 0-63 named as 100-163) are refused.
+  (pool / "index.txt").unlink()
+  shutil.copy(first, pool / "shard_0000000100_0000000164.npz")
+  with pytest.raises(UsageError, match="do not hold each image of the set once: add --restart embed"):
+    curate.run_embed(cfg, work, mesh)
+
+
+def test_rerun_with_another_backbone_is_refused(curated, backbone_run, mesh, tmp_path):
+  cfg, out = curated
+  work = copy_of(out, tmp_path)
+  other = shutil.copytree(backbone_run, tmp_path / "other_backbone")
+  cfg = cfg.copy_and_resolve_references()
+  cfg.backbone = str(other)
+  changed = re.escape(f"(backbone {pathlib.Path(backbone_run).resolve()} -> {other.resolve()})")
+  with pytest.raises(UsageError, match=f"^embed: the outputs in .* {changed}; add --restart embed "):
+    curate.run_embed(cfg, work, mesh)
+  (work / "embeddings" / "fingerprint.json").unlink()  # as an earlier version left them
+  with pytest.raises(UsageError, match="without a fingerprint .*add --restart embed"):
+    curate.run_embed(cfg, work, mesh)
+  curate.run_stages(cfg, work, ["embed"], ["embed"], mesh)
+  assert curate.read_fingerprint(work, "embed")["embed"]["backbone"] == str(other.resolve())
+  assert not [f for f in ("dropped.jsonl", "kept.npy", "retrieved.jsonl", "summary.json", "scores.json",
+                          "dedup.fingerprint.json") if (work / f).exists()]  # the stages after embed go too
+  assert curate.load_embeddings(work, "pool")[1] == curate.load_embeddings(out, "pool")[1]
+
+
+def test_restart_dedup_redoes_it_and_the_summary_describes_the_new_outputs(curated, mesh, tmp_path):
+  cfg, out = curated
+  work = copy_of(out, tmp_path)
+  cfg = cfg.copy_and_resolve_references()
+  cfg.dedup.threshold = 0.9
+  before = (work / "summary.json").read_text()
+  with pytest.raises(UsageError, match=r"^retrieve: .*\(dedup\.threshold 0\.99999 -> 0\.9\); add --restart dedup "):
+    curate.run_stages(cfg, work, ["manifest"], [], mesh)  # the stages after dedup see it too
+  with pytest.raises(UsageError, match="--restart dedup: dedup is not among the stages to run"):
+    curate.run_stages(cfg, work, ["manifest"], ["dedup"], mesh)
+  with pytest.raises(UsageError, match="--restart takes stages of embed, dedup, retrieve, manifest, not 'bench'"):
+    curate.run_stages(cfg, work, ["bench"], ["bench"], mesh)
+  assert (work / "summary.json").read_text() == before
+  shards = {f: f.stat().st_mtime_ns for f in (work / "embeddings").rglob("*.npz")}
+  curate.run_stages(cfg, work, list(curate.PIPELINE), ["dedup"], mesh)
+  assert {f: f.stat().st_mtime_ns for f in (work / "embeddings").rglob("*.npz")} == shards
+  summary = json.loads((work / "summary.json").read_text())
+  dropped = (work / "dropped.jsonl").read_text().splitlines()
+  duplicates = sum(json.loads(r)["reason"] == "duplicate" for r in dropped)
+  assert summary["dedup_threshold"] == 0.9 and summary["dropped_duplicates"] == duplicates
+  assert duplicates > json.loads(before)["dropped_duplicates"]
+  assert summary["kept_after_dedup"] == summary["pool_images"] - len(dropped)
+  assert summary["retrieved"] == len((work / "retrieved.jsonl").read_text().splitlines())
+  assert summary["manifest_images"] == len((work / "manifest.jsonl").read_text().splitlines())
+  assert curate.read_fingerprint(work, "manifest")["dedup"]["dedup.threshold"] == 0.9
+
+
+def test_cli_rerun_with_another_threshold_is_one_line(curated, tmp_path):
+  cfg, out = curated
+  work = copy_of(out, tmp_path)
+  summary = (work / "summary.json").read_text()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-m", "dino_jax.curate", "--config", "configs/curate_fashion_mnist.py:tiny",
+                         "--workdir", str(work), f"--config.backbone={cfg.backbone}",
+                         f"--config.demo_dir={cfg.demo_dir}", "--config.dedup.threshold=0.9",
+                         "--config.dedup.eval_threshold=0.99999"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      f"error: dedup: the outputs in {work} were made with other inputs or settings (dedup.threshold 0.99999 -> 0.9); "
+      "add --restart dedup to redo dedup and the stages after it, or go back to the earlier ones"]
+  assert "embed: kept" in proc.stdout and (work / "summary.json").read_text() == summary
 
 
 def test_bad_input_is_one_clear_error(curated, mesh, tmp_path):
@@ -197,8 +279,8 @@ def test_bad_input_is_one_clear_error(curated, mesh, tmp_path):
     curate.open_source(empty.seeds, 20)
   (tmp_path / "work" / "embeddings" / "seeds").mkdir(parents=True)
   (tmp_path / "work" / "embeddings" / "seeds" / "index.txt").write_text("")
-  (tmp_path / "work" / "kept.npy").symlink_to(out / "kept.npy")
-  (tmp_path / "work" / "embeddings" / "pool").symlink_to(out / "embeddings" / "pool")
+  for name in ("kept.npy", "dropped.jsonl", "dedup.fingerprint.json", "embeddings/fingerprint.json", "embeddings/pool"):
+    (tmp_path / "work" / name).symlink_to(out / name)
   with pytest.raises(UsageError, match="seed set has no"):
     curate.run_retrieve(cfg, tmp_path / "work", mesh)
 

@@ -1,10 +1,16 @@
 """Image folders as a hostile user makes them: splits with different classes, loose images,
-unreadable or linked class folders, pipes and hung reads, huge PNGs; extract's --out."""
+unreadable or linked class folders, link loops, pipes and hung reads, huge PNGs; malformed
+manifests; extract's --out."""
+import contextlib
 import json
 import logging
 import os
+import pathlib
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import ml_collections
@@ -14,7 +20,6 @@ from PIL import Image
 
 from dino_jax import data
 from dino_jax import evaluators
-from dino_jax import extract
 from dino_jax import runs
 from dino_jax import sharding
 from dino_jax import trainer
@@ -88,27 +93,13 @@ def test_run_saves_its_classes_and_extract_numbers_by_them(tmp_path):
   images = tmp_path / "images"
   write_split(images / "train", "abc")
   write_split(images / "val", "bc")
-  cfg = tiny(**{"data.source": "folder", "data.path": str(images), "batch_size": 8})
+  cfg = tiny(**{"data.source": "folder", "data.path": str(images), "batch_size": 8, "epochs": 1.0})
   trainer.train(cfg, str(tmp_path / "run"), max_steps=0)
   assert json.loads((tmp_path / "run" / "classes.json").read_text()) == ["a", "b", "c"]
   write_split(images / "train", ["0"])  # a class added later must not renumber the run's classes
   classes = runs.run_classes(str(tmp_path / "run"), cfg.data, "folder", str(images))
   np.testing.assert_array_equal(data.make_source(cfg.data, "val", classes).labels, [1] * 4 + [2] * 4)
   assert runs.run_classes(str(tmp_path / "run"), cfg.data, "folder", str(tmp_path)) is None  # other data
-
-
-def test_extract_out_folder_is_made_before_any_work(tmp_path):
-  extract.make_out_folder(str(tmp_path / "not" / "yet" / "feats.npz"))
-  assert (tmp_path / "not" / "yet").is_dir()
-
-
-def test_extract_out_that_cannot_be_written_fails_before_any_work(tmp_path):
-  (tmp_path / "file").write_text("x")
-  proc = subprocess.run([sys.executable, "-m", "dino_jax.extract", "--workdir", str(tmp_path / "no_run"),
-                         "--out", str(tmp_path / "file" / "feats.npz")], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot create the folder of --out")
 
 
 # ------------------------------------------------------------------------------------------
@@ -133,9 +124,125 @@ def test_unreadable_class_folder_is_one_error_naming_it(tmp_path, monkeypatch):
 def test_linked_class_folder_is_listed(tmp_path):
   write_split(tmp_path / "elsewhere", "c")
   write_split(tmp_path / "train", "ab")
-  (tmp_path / "train" / "c").symlink_to(tmp_path / "elsewhere" / "c")
-  src = data.FolderSource(str(tmp_path / "train"), 20)
+  (tmp_path / "train" / "c").symlink_to(tmp_path / "elsewhere" / "c")  # within data.path
+  src = data.make_source(folder_cfg(tmp_path), "train")
   assert src.classes == ["a", "b", "c"] and len(src) == 12 and src.labels[-1] == 2
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+  """TimeoutError in the main thread after `seconds` (a listing that would never end)."""
+  def expire(signum, frame):
+    raise TimeoutError(f"still running after {seconds} s")
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_link_to_the_folder_itself_adds_no_copy_and_no_class(tmp_path, caplog):
+  write_split(tmp_path / "train", "ab")
+  (tmp_path / "train" / "self").symlink_to(".")  # ln -s . train/self
+  with caplog.at_level(logging.WARNING), deadline(30):
+    src = data.make_source(folder_cfg(tmp_path), "train")
+  assert src.classes == ["a", "b"] and len(src) == 8 and sorted(src.labels) == [0] * 4 + [1] * 4
+  assert data.training_classes(folder_cfg(tmp_path)) == ["a", "b"]
+  data.save_classes(src, str(tmp_path))
+  assert json.loads((tmp_path / "classes.json").read_text()) == ["a", "b"]
+  assert "not following 1 folder links that lead back to folders listed already" in caplog.text
+
+
+def test_link_loops_end_quickly_with_each_image_once(tmp_path):
+  write_split(tmp_path / "train", "b")
+  (tmp_path / "train" / "a").symlink_to("..")  # a -> the data folder, above train
+  (tmp_path / "train" / "b" / "c").symlink_to("../b")
+  (tmp_path / "train" / "b" / "d").symlink_to(".")  # with c: 2**40 paths before the kernel says ELOOP
+  t = time.perf_counter()
+  with deadline(30):
+    src = data.make_source(folder_cfg(tmp_path), "train")
+  assert time.perf_counter() - t < 5
+  assert src.classes == ["b"] and [f.relative_to(tmp_path) for f in src.files] == [
+      pathlib.Path("train", "b", f"{i}.png") for i in range(4)]
+
+
+def test_a_real_folder_wins_over_a_link_to_it(tmp_path):
+  write_split(tmp_path / "train", ["z"])
+  (tmp_path / "train" / "a").symlink_to("z")  # listed before z, but a second copy of it
+  (tmp_path / "train" / "z" / "deeper").symlink_to(tmp_path / "train" / "z")
+  src = data.make_source(folder_cfg(tmp_path), "train")
+  assert src.classes == ["z"] and len(src) == 4 and (src.labels == 0).all()
+
+
+def test_links_out_of_the_data_folder_are_read_only_when_allowed(tmp_path, caplog):
+  write_split(tmp_path / "elsewhere", "c")
+  write_split(tmp_path / "data" / "train", "ab")
+  (tmp_path / "data" / "train" / "c").symlink_to(tmp_path / "elsewhere" / "c")
+  (tmp_path / "data" / "train" / "a" / "far.png").symlink_to(tmp_path / "elsewhere" / "c" / "0.png")
+  (tmp_path / "data" / "train" / "b" / "near.png").symlink_to(tmp_path / "data" / "train" / "a" / "0.png")
+  with caplog.at_level(logging.WARNING):
+    src = data.make_source(folder_cfg(tmp_path / "data"), "train")
+  assert src.classes == ["a", "b"] and len(src) == 9  # the link within the data folder is an image
+  warnings = [r.getMessage() for r in caplog.records if "lead out of the data folder" in r.getMessage()]
+  assert len(warnings) == 1 and "skipping 2 links" in warnings[0], caplog.text
+  assert "data.follow_external_symlinks=True" in warnings[0]
+  allowed = data.make_source(folder_cfg(tmp_path / "data", follow_external_symlinks=True), "train")
+  assert allowed.classes == ["a", "b", "c"] and len(allowed) == 14 and (allowed.labels == [0] * 5 + [1] * 5 + [2] * 4).all()
+
+
+TRAIN_ON_A_SLOW_FOLDER = """
+import os, pathlib, sys, time
+root, started, workdir = sys.argv[1:4]
+scandir = os.scandir
+
+def slow_scandir(path="."):  # a slow network filesystem under the data folder
+  if str(path).startswith(root):
+    pathlib.Path(started).touch()
+    time.sleep(0.2)
+  return scandir(path)
+
+os.scandir = slow_scandir
+from dino_jax import cli, train
+sys.argv = ["train", "--config", "configs/demo_fashion_mnist.py:tiny", "--workdir", workdir,
+            "--config.data.source=folder", "--config.data.path=" + root]
+cli.run(train.main)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_request_ends_a_slow_listing_at_once(tmp_path, signum):
+  """`python -m dino_jax.train` stops while it lists a slow data folder: at once, with one line,
+  exit 0 (as any stop on request), nothing trained."""
+  for i in range(100):  # 20 s at 0.2 s a folder
+    (tmp_path / "train" / f"{i:03d}").mkdir(parents=True)
+  started = tmp_path / "started"
+  proc = subprocess.Popen([sys.executable, "-c", TRAIN_ON_A_SLOW_FOLDER, str(tmp_path), str(started),
+                           str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    end = time.time() + 120
+    while time.time() < end and proc.poll() is None and not started.exists():
+      time.sleep(0.02)
+    t = time.perf_counter()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)
+  finally:
+    proc.kill()
+  assert time.perf_counter() - t < 3, err[-3000:]
+  assert proc.returncode == 0 and "Traceback" not in err and "error:" not in err, err[-3000:]
+  expected = f"stopped on request (SIGTERM or Ctrl-C) while listing the images under {tmp_path / 'train'} ("
+  lines = [line for line in out.splitlines() if line.startswith("stopped on request")]
+  assert len(lines) == 1 and re.fullmatch(re.escape(expected) + r"\d+ folders listed\)", lines[0]), out + err[-3000:]
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_stop_request_set_before_the_listing_lists_nothing(tmp_path):
+  write_split(tmp_path / "train", "ab")
+  stop = threading.Event()
+  stop.set()
+  with pytest.raises(data.ListingStopped, match="listing the images under .*train [(]0 folders listed[)]"):
+    data.make_source(folder_cfg(tmp_path), "train", interrupt=stop)
 
 
 def test_pipe_named_like_an_image_is_not_listed(tmp_path, caplog):
@@ -145,6 +252,35 @@ def test_pipe_named_like_an_image_is_not_listed(tmp_path, caplog):
     src = data.FolderSource(str(tmp_path / "train"), 20)
   assert len(src) == 4 and all(f.name != "x.jpg" for f in src.files)
   assert "skipping 1 entries that are not regular files" in caplog.text and "x.jpg" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------
+# Image lists and manifests.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row, problem", [
+    ('{"path": "x.png"', "not a JSON object (Expecting ',' delimiter, column 17)"),
+    ('["x.png"]', 'a JSON list, not an object with a "path"'),
+    ('{"file": "x.png"}', 'no "path"'),
+    ('{"path": 3}', '"path" is 3, not a file path'),
+    (b'{"path": "\xff.png"}', "not UTF-8 text (byte 11)"),
+])
+def test_a_malformed_manifest_line_is_one_error_naming_the_file_and_line(tmp_path, row, problem):
+  manifest = tmp_path / "kept.jsonl"
+  row = row if isinstance(row, bytes) else row.encode()
+  manifest.write_bytes(b'{"path": "0.png", "score": 1.0}\n\n' + row + b'\n{"path": "1.png"}\n')
+  cfg = ml_collections.ConfigDict(dict(source="manifest", path=str(manifest), image_size=20))
+  with pytest.raises(UsageError) as raised:
+    data.make_source(cfg, "")
+  assert str(raised.value) == f"image list {manifest}:3: {problem}"
+
+
+def test_a_well_formed_manifest_lists_its_paths(tmp_path):
+  manifest = tmp_path / "kept.jsonl"
+  manifest.write_text('{"path": "0.png"}\r\n\n{"path": "/abs/1.png", "score": 0.5}\n')
+  src = data.make_source(ml_collections.ConfigDict(dict(source="manifest", path=str(manifest), image_size=20)), "")
+  assert src.files == [tmp_path / "0.png", pathlib.Path("/abs/1.png")]
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,7 +309,7 @@ def test_trainer_reading_a_pipe_stops_with_one_error_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "dino_jax.train", "--config", "configs/demo_fashion_mnist.py:tiny",
                          "--workdir", str(tmp_path / "run"), "--config.data.source=files",
                          f"--config.data.path={tmp_path / 'list.txt'}", "--config.data.read_timeout_s=1",
-                         "--config.evals.knn.every_steps=-1"], cwd=REPO, capture_output=True, text=True,
+                         "--config.epochs=1", "--config.evals.knn.every_steps=-1"], cwd=REPO, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
   error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -299,6 +299,8 @@ def expect_usage_error(fn, message):
     (dict(trg_imname="missing.jpg"), "no image"),
     (dict(trg_kps=[[1.0, 2.0]]), "src_kps has 10 keypoints but trg_kps 1"),
     (dict(trg_bndbox=[5, 5, 1, 9]), "trg_bndbox must be [x1, y1, x2, y2]"),
+    (dict(trg_kps=[[1.0, 1.0]] * 3 + [[1000.0, 2.0]] + [[1.0, 1.0]] * 6), "trg_kps[3] [1000.0, 2.0] lies outside the "),
+    (dict(src_kps=[[-3.0, 1.0]] + [[1.0, 1.0]] * 9), "src_kps[0] [-3.0, 1.0] lies outside the "),
 ])
 def test_bad_pairs_are_one_usage_error(tiny, tmp_path, change, message):
   correspondence.write_synthetic(tmp_path, seed=0, pairs_per_category=1, size=32, keypoints=10)

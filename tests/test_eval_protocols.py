@@ -81,7 +81,7 @@ def small_data(monkeypatch):
   "train" is the test images)."""
   sources = small_sources()
   monkeypatch.setattr(evaluators.common.data, "make_source",
-                      lambda cfg, split, classes=None: sources["train" if split == "train" else "test"])
+                      lambda cfg, split, classes=None, **kw: sources["train" if split == "train" else "test"])
   return sources
 
 
@@ -279,7 +279,8 @@ def trained_run(tmp_path_factory):
   score 160 test images. Returns (workdir, train's result, the test-split patch)."""
   sources = small_sources()
   make_source = data.make_source
-  patched = lambda cfg, split, classes=None: sources[split] if split == "test" else make_source(cfg, split, classes)
+  patched = lambda cfg, split, classes=None, **kw: (sources[split] if split == "test"
+                                                   else make_source(cfg, split, classes, **kw))
   overrides = {"evals.linear_dino.every_steps": 2, "evals.linear_dino.n_last_blocks": 2,
                "evals.linear_dino.train_split": "train", "evals.linear_dino.test_split": "test",
                "evals.linear_dino.epochs": 1, "evals.linear_dino.epoch_length": 2, "evals.linear_dino.batch_size": 32,

@@ -1,6 +1,7 @@
 """Preemption, unfinished checkpoints, broken images, non-finite steps and collapse monitors."""
 import json
 import logging
+import re
 import signal
 import time
 
@@ -32,7 +33,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes(tmp_path):
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
   assert "stopped at step" in out
-  stopped_at = int(out.split("stopped at step")[-1].split(";")[0])
+  stopped_at = int(re.search(r"stopped at step (\d+) on request", out).group(1))
   assert 0 < stopped_at < steps
   assert (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
   resumed = run_cli(*flags, workdir=tmp_path)

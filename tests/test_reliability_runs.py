@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -344,3 +345,80 @@ def test_evaluation_period_in_epochs():
   assert trainer.eval_every_steps("knn", tiny(**{"evals.knn.every_steps": 5}).evals.knn, 78) == 5
   with pytest.raises(UsageError, match="evals.knn: set every_steps \\(5\\) or every_epochs \\(4.0\\), not both"):
     trainer.eval_every_steps("knn", tiny(**{"evals.knn.every_steps": 5, "evals.knn.every_epochs": 4.0}).evals.knn, 78)
+
+
+# ------------------------------------------------------------------------------------------
+# Runs that cannot do their work are refused before they start (issue #29).
+# ------------------------------------------------------------------------------------------
+
+
+def tree_state(folder: pathlib.Path) -> dict:
+  """Every file under `folder` with its size and modification time: what a refused run must not change."""
+  return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def image_folder(root: pathlib.Path, count: int) -> pathlib.Path:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  for i in range(count):
+    (root / "train" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 24, 3), np.uint8)).save(
+        root / "train" / "ab"[i % 2] / f"{i}.png")
+  return root
+
+
+@pytest.mark.parametrize("count,overrides,message", [
+    (40, {"epochs": 0.02}, r"this config trains 0 steps: epochs 0.02 x 2 steps per epoch \(40 images // batch_size "
+     r"16\) rounds to 0; raise epochs above 0.25"),
+    (12, {"epochs": 1.0}, "the training data holds 12 images, fewer than one batch of batch_size 16"),
+    (12, {"epochs": 1.0, "epoch_length": 5}, "the training data holds 12 images, fewer than one batch"),
+])
+def test_run_that_would_train_nothing_is_refused_before_it_starts(tmp_path, count, overrides, message):
+  """A :tiny config on a 40-image folder rounds to 0 steps; 12 images make no batch of 16."""
+  cfg = tiny(**{"data.source": "folder", "data.path": str(image_folder(tmp_path / "data", count)), **overrides})
+  with pytest.raises(UsageError, match=message):
+    trainer.train(cfg, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_resume_past_the_end_of_the_schedule_is_refused_and_changes_nothing(base_run, tmp_path):
+  """A run at step 2 resumed with a 1-step schedule: one line, nothing written or pruned (it used
+  to exit 0 and log the step-2 teacher's evaluation as step 1)."""
+  workdir = copy_of(base_run, tmp_path)
+  before = tree_state(workdir)
+  with pytest.raises(UsageError, match=f"{workdir} holds a checkpoint at step 2, past the end of this config's "
+                                       r"schedule \(1 steps\): raise epochs"):
+    trainer.train(tiny(steps=1, **{"checkpoint.keep": 1}), str(workdir))
+  assert tree_state(workdir) == before
+
+
+def test_finished_run_rerun_says_so(base_run, tmp_path, capsys):
+  workdir = copy_of(base_run, tmp_path)
+  out = trainer.train(tiny(steps=2), str(workdir))
+  assert out["steps"] == (2, 2, 2)
+  assert f"{workdir} is at the end of its schedule (step 2): nothing to train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("config.json", b"", "config.json is empty: restore it"),
+    ("config.json", b'{"seed": 0, "mod', "config.json is damaged .*: restore it"),
+    ("config.json", b"[1, 2]", "config.json is not a JSON object"),
+    ("metrics.jsonl", b'{"step": 1, "loss": 1.0}\n\xff\xfe{"step": 2}\n', r"metrics.jsonl:2 is not UTF-8 text"),
+])
+def test_damaged_run_file_on_resume_is_one_line_and_nothing_is_written(base_run, tmp_path, name, content, message):
+  workdir = copy_of(base_run, tmp_path)
+  (workdir / name).write_bytes(content)
+  before = tree_state(workdir)
+  with pytest.raises(UsageError, match=message):
+    trainer.train(tiny(steps=STEPS, **{"optim.base_lr": 1e-3}), str(workdir))  # a changed config would be recorded
+  assert tree_state(workdir) == before
+
+
+def test_cli_summary_says_which_steps_were_trained(tmp_path):
+  proc = cli(tmp_path / "run", f"--config.epochs={2 / 625}", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    out, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-2000:]
+  assert re.search(rf"done in \d+ s: steps 0 -> 2 of 2; workdir {tmp_path / 'run'}", out), out

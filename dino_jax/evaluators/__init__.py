@@ -81,6 +81,7 @@ def check_one(name: str, ecfg: ml_collections.ConfigDict, cfg: ml_collections.Co
   model only where it will run (`enabled`)."""
   if ecfg.get("type") not in EVALUATORS:
     raise UsageError(f"evals.{name}.type must be one of {', '.join(EVALUATORS)}, not {ecfg.get('type')!r}")
+  validate.finite_numbers(ecfg, prefix=f"evals.{name}.")
   if EVALUATORS[ecfg.type].shards_batches:
     validate.positive_int(ecfg, "batch_size", prefix=f"evals.{name}.")
     if ecfg.batch_size % num_devices:

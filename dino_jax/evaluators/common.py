@@ -176,11 +176,12 @@ def resize_bilinear(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def image_files(folder: str | os.PathLike, what: str) -> list[pathlib.Path]:
-  """The images under `folder` (`data.list_images`, sorted); UsageError naming `what` when the
-  folder is missing or holds none."""
+  """The images under `folder` (`data.list_images`, sorted; a benchmark's links are followed
+  wherever they lead, each folder listed once); UsageError naming `what` when the folder is
+  missing or holds none."""
   if not folder or not os.path.isdir(folder):
     raise UsageError(f"{what}: {str(folder)!r} is not a folder")
-  files = data.list_images(pathlib.Path(folder))
+  files = data.list_images(pathlib.Path(folder), follow_external=True)
   if not files:
     raise UsageError(f"{what}: no images under {str(folder)!r}")
   return files

@@ -63,6 +63,7 @@ categories. `<prefix>_pck10_per_image` (α = 0.1, or the first α) is the mean o
 of each pair's PCK. Raw pixels (params None): each patch's ImageNet-normalized pixels.
 """
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -355,6 +356,21 @@ def _points(value, what: str) -> np.ndarray:
   return x
 
 
+@functools.lru_cache(maxsize=None)
+def image_size(path: pathlib.Path) -> tuple[int, int]:
+  """(width, height) of an image file, from its header."""
+  with Image.open(path) as image:
+    return image.size
+
+
+def check_inside(kps: np.ndarray, size: tuple[int, int], what: str, image: pathlib.Path) -> None:
+  """ValueError naming the first keypoint (x, y) px outside its image (edges included)."""
+  outside = np.flatnonzero((kps < 0).any(axis=1) | (kps[:, 0] > size[0]) | (kps[:, 1] > size[1]))
+  if len(outside):
+    i = outside[0]
+    raise ValueError(f"{what}[{i}] {kps[i].tolist()} lies outside the {size[0]}x{size[1]} image {image.name!r}")
+
+
 def _bbox(value, what: str) -> np.ndarray:
   b = np.asarray(value, np.float64)
   if b.shape != (4,) or not np.isfinite(b).all() or b[2] <= b[0] or b[3] <= b[1]:
@@ -378,9 +394,10 @@ def read_pair(file: pathlib.Path, root: pathlib.Path, features_dir: str, where: 
     trg_bbox = _bbox(d["trg_bndbox"], "trg_bndbox")
     category = str(d["category"])
     images = [root / "JPEGImages" / category / str(d[k]) for k in ("src_imname", "trg_imname")]
-    for image in images:
+    for image, kps, what in zip(images, (src_kps, trg_kps), ("src_kps", "trg_kps")):
       if not image.is_file():
         raise ValueError(f"no image {str(image)!r}")
+      check_inside(kps, image_size(image), what, image)
     features = [None, None]
     if features_dir:
       features = [pathlib.Path(features_dir) / category / (image.stem + ".npy") for image in images]
