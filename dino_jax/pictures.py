@@ -149,12 +149,20 @@ def fuse_features(dino: np.ndarray, extra: np.ndarray) -> np.ndarray:
   return correspondence.fuse([dino, extra], (1.0, 1.0))
 
 
-def correspondences(feats_a: np.ndarray, feats_b: np.ndarray, num_matches: int) -> dict:
+def correspondences(feats_a: np.ndarray, feats_b: np.ndarray, num_matches: int,
+                    foreground: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
   """The `num_matches` most similar mutual nearest neighbours between two patch-feature maps
   [h, w, D]: {"points_a": [K, 2] and "points_b": [K, 2] (row, col) on the patch grids,
-  "similarity": [K] cosine}."""
+  "similarity": [K] cosine}.
+
+  With `foreground` (two bool masks [h, w]), only pairs whose two patches are both foreground
+  are kept, as Amir et al. (2021) keep only salient "best buddies": on plain backgrounds the
+  background patches at the same place are each other's closest matches."""
   idx_a, idx_b, sim = mutual_nearest_neighbours(feats_a.reshape(-1, feats_a.shape[-1]),
                                                 feats_b.reshape(-1, feats_b.shape[-1]))
+  if foreground is not None:
+    keep = foreground[0].reshape(-1)[idx_a] & foreground[1].reshape(-1)[idx_b]
+    idx_a, idx_b, sim = idx_a[keep], idx_b[keep], sim[keep]
   return {"points_a": np.stack(np.divmod(idx_a[:num_matches], feats_a.shape[1]), axis=-1),
           "points_b": np.stack(np.divmod(idx_b[:num_matches], feats_b.shape[1]), axis=-1),
           "similarity": sim[:num_matches]}
@@ -273,10 +281,12 @@ def read_extra_features(paths: list[str]) -> list[np.ndarray]:
 def correspond_command(backbone, images, names, args, out: pathlib.Path) -> list[pathlib.Path]:
   """DIR/correspond.png and .npz: mutual nearest-neighbour patches of the two images."""
   del names
-  feats = list(np.asarray(backbone(images)["patch"]))
+  patches = np.asarray(backbone(images)["patch"])
+  foreground = None if args.threshold is None else tuple(pca_rgb(patches, args.threshold)[1])
+  feats = list(patches)
   if args.extra_features:
     feats = [fuse_features(f, x) for f, x in zip(feats, read_extra_features(args.extra_features))]
-  matches = correspondences(feats[0], feats[1], args.num_matches)
+  matches = correspondences(feats[0], feats[1], args.num_matches, foreground)
   np.savez(out / "correspond.npz", **matches)
   fig = draw_correspondences(images[0], images[1], matches, images.shape[1] // feats[0].shape[0])
   return [save(fig, out / "correspond.png"), out / "correspond.npz"]
@@ -300,7 +310,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--image_size", type=int, help="Input side in px (default: the run's global crop).")
   parser.add_argument("--threshold", type=float,
                       help="attention: share of each head's mass its mask keeps (e.g. 0.6); "
-                           f"pca: foreground threshold on the scaled first component (default {PCA_THRESHOLD}).")
+                           f"pca: foreground threshold on the scaled first component (default {PCA_THRESHOLD}); "
+                           "correspond: keep only matches between patches that pca calls foreground "
+                           "at this threshold (default: all).")
   parser.add_argument("--num_matches", type=int, default=20, help="correspond: matches drawn.")
   parser.add_argument("--extra_features", nargs=2, metavar=("A.npy", "B.npy"),
                       help="correspond: feature maps [h, w, C] fused with the DINO patch features.")

@@ -108,6 +108,21 @@ def test_mutual_nearest_neighbours_find_a_flipped_grid():
   assert matches["points_a"].shape == (10, 2) and mirrored(matches["points_a"], matches["points_b"], 7).all()
 
 
+def test_foreground_keeps_matches_off_a_shared_plain_background():
+  rng = np.random.default_rng(0)
+  background = rng.normal(size=(6, 6, 16))  # the same plain background in both images
+  a, b = background.copy(), background + 0.01 * rng.normal(size=background.shape)
+  a[2:4, 1:5] = rng.normal(size=(2, 4, 16))
+  b[2:4, 1:5] = a[2:4, 1:5][:, ::-1] + 0.5 * rng.normal(size=(2, 4, 16))
+  mask = np.zeros((6, 6), bool)
+  mask[2:4, 1:5] = True
+  unfiltered = pictures.correspondences(a, b, 20)
+  assert not mask[tuple(unfiltered["points_a"][:10].T)].any()  # background pairs rank first
+  matches = pictures.correspondences(a, b, 20, (mask, mask))
+  assert 0 < len(matches["similarity"]) <= 8
+  assert mask[tuple(matches["points_a"].T)].all() and mask[tuple(matches["points_b"].T)].all()
+
+
 def test_fuse_features_resizes_and_normalizes():
   rng = np.random.default_rng(0)
   fused = pictures.fuse_features(rng.normal(size=(4, 4, 8)), rng.normal(size=(8, 8, 3)))
@@ -162,6 +177,16 @@ def test_correspond_command_with_flip_equivariant_extra_features(run, tmp_path):
   fused = np.load(tmp_path / "out" / "correspond.npz")
   assert len(fused["similarity"]) == 20
   assert mirrored(fused["points_a"], fused["points_b"], 8).mean() >= 0.7
+  proc = subprocess.run([sys.executable, "-m", "dino_jax.pictures", "correspond", "--workdir", workdir,
+                         "--images", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--image_size", "32",
+                         "--threshold", "0.5", "--out", str(tmp_path / "fg")],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  backbone = runs.load_backbone(workdir)
+  patches = np.asarray(backbone(pictures.read_images([str(tmp_path / "a.png"), str(tmp_path / "b.png")], 32))["patch"])
+  fg_a, fg_b = pictures.pca_rgb(patches, 0.5)[1]
+  kept = np.load(tmp_path / "fg" / "correspond.npz")
+  assert fg_a[tuple(kept["points_a"].T)].all() and fg_b[tuple(kept["points_b"].T)].all()
 
 
 @pytest.mark.parametrize("args, message", [
