@@ -75,13 +75,11 @@ def metrics_lines(path: pathlib.Path) -> list[str]:
     raw = path.read_bytes()
   except OSError as e:
     raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-  lines = raw.split(b"\n")
-  for number, line in enumerate(lines, 1):
-    try:
-      line.decode("utf-8")
-    except UnicodeDecodeError:
-      raise UsageError(f"{path}:{number} is not UTF-8 text (a damaged file): delete that line to resume") from None
-  return raw.decode("utf-8").splitlines()
+  try:
+    return raw.decode("utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    number = raw.count(b"\n", 0, e.start) + 1
+    raise UsageError(f"{path}:{number} is not UTF-8 text (a damaged file): delete that line to resume") from None
 
 
 def check_run_files(workdir: str) -> None:
@@ -226,9 +224,9 @@ def lineage_metadata(mngr, trainer: learner.Trainer) -> dict:
 def train(cfg: ml_collections.ConfigDict, workdir: str, max_steps: int | None = None,
           frozen_teacher: distill.FrozenTeacher | None = None, overridden=()) -> dict:
   """Trains (or resumes) the run in `workdir`, holding its `WorkdirLock`; returns the final
-  state, evaluation results and the steps (first, last, schedule's total). The config is checked first (one UsageError), and sizes that
-  look unintended are logged (`config_checks.size_warnings`; `overridden`: the keys the command
-  line set).
+  state, evaluation results and the steps (first, last, schedule's total). The config is checked
+  first (one UsageError), and sizes that look unintended are logged
+  (`config_checks.size_warnings`; `overridden`: the keys the command line set).
 
   `max_steps` stops early (after that many total steps) without changing any schedule:
   the way tests and users simulate an interrupted run. `frozen_teacher`: a distillation
