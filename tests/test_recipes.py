@@ -22,6 +22,7 @@ from dino_jax import optim
 from dino_jax import trainer
 from dino_jax.errors import UsageError
 from dino_jax.models import vit
+from tests import torch_step_reference
 from tests.test_train import run_cli
 from tests.test_train import tiny
 
@@ -233,16 +234,6 @@ def torch_names(params, cfg) -> dict[str, tuple[str, tuple]]:
   return names
 
 
-def dinov2_lr_decay_rate(name: str, rate: float, num_layers: int) -> float:
-  """dinov2.utils.param_groups.get_vit_lr_decay_rate for a backbone parameter (force_is_backbone)."""
-  layer_id = num_layers + 1
-  if any(k in name for k in ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")):
-    layer_id = 0
-  elif "blocks." in name and "residual." not in name:
-    layer_id = int(name[name.find("blocks."):].split(".")[1]) + 1
-  return rate ** (num_layers + 1 - layer_id)
-
-
 def test_lr_and_weight_decay_multipliers_follow_the_official_parameter_groups():
   cfg = dinov2_vits14.get_config("tiny")
   cfg.model.update(num_registers=2, depth=3)
@@ -259,7 +250,7 @@ def test_lr_and_weight_decay_multipliers_follow_the_official_parameter_groups():
     if module:  # a head: get_vit_lr_decay_rate with n_blocks = 0 -> 1
       expected_lr = 1.0
     else:
-      expected_lr = dinov2_lr_decay_rate(torch_name, 0.8, cfg.model.depth)
+      expected_lr = torch_step_reference.dino_vit_lr_decay_rate(torch_name, 0.8, cfg.model.depth)
       expected_lr *= 0.2 if "patch_embed" in torch_name else 1.0
     assert lr == pytest.approx(expected_lr, rel=1e-12), flax
     dinov2_wd = not (torch_name.endswith(".bias") or "norm" in torch_name or "gamma" in torch_name)
