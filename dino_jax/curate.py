@@ -117,8 +117,17 @@ def fingerprint_file(workdir: pathlib.Path, stage: str) -> pathlib.Path:
 
 
 def read_fingerprint(workdir: pathlib.Path, stage: str) -> dict | None:
+  """The stored fingerprint of `stage` (None where there is none); UsageError naming a damaged one."""
   path = fingerprint_file(workdir, stage)
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  try:
+    stored = json.loads(path.read_bytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UsageError(f"{path} is damaged ({e}): add --restart {stage} to redo {stage} and the stages after it") from None
+  if not isinstance(stored, dict):
+    raise UsageError(f"{path} is not a JSON object: add --restart {stage} to redo {stage} and the stages after it")
+  return stored
 
 
 def write_fingerprint(workdir: pathlib.Path, stage: str, fingerprint: dict) -> None:

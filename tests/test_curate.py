@@ -36,6 +36,16 @@ def mesh():
   return m
 
 
+@pytest.mark.parametrize("stage, content", [("embed", b'{"embed": {"backbone'), ("dedup", b"\xff\xfe"),
+                                            ("manifest", b"[1, 2]")])
+def test_damaged_fingerprint_is_one_line_naming_it(tmp_path, stage, content):
+  path = curate.fingerprint_file(tmp_path, stage)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(content)
+  with pytest.raises(UsageError, match=f"{re.escape(str(path))} is .*add --restart {stage} "):
+    curate.read_fingerprint(tmp_path, stage)
+
+
 @pytest.mark.parametrize("n,q,k,block", [(203, 37, 5, 8), (50, 9, 50, 4), (8, 3, 1, 1024), (5, 4, 3, 2)])
 def test_sharded_search_equals_exact_numpy_search(mesh, n, q, k, block):
   database, queries = unit_rows(n, 16, 0), unit_rows(q, 16, 1)
