@@ -16,6 +16,8 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   """Shrinks any config to a seconds-long CPU run for tests (the same code paths)."""
   if c.model.name == "swin":  # two stages, window 4: grids 8, 4 on global crops and 4, 2 on local ones
     c.model.update(patch_size=2, width=16, depths=(1, 1), num_heads=(1, 2), window_size=4, image_size=16)
+  elif c.model.name == "resnet":  # ResNet-18's blocks at width 8: maps 8, 4, 2, 1, 1 on global crops
+    c.model.update(depth=18, width=8)
   else:
     c.model.update(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, pos_embed_grid=4,
                    num_registers=min(c.model.num_registers, 2))

@@ -334,7 +334,7 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
   mngr = run_manager(workdir, step)
 
   def read(step):
-    saved = mngr.item_metadata(step)
+    saved = all_saved = mngr.item_metadata(step)
     if not saved:
       raise DamagedCheckpoint("its array metadata cannot be read")
     if not student:
@@ -343,15 +343,26 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
       saved = saved["params"]
     else:
       raise UsageError(f"{workdir!r} holds no student weights (a converted model holds its teacher only)")
+    # A backbone with batch norm: its running statistics too (the train state's "batch_stats").
+    stats = (all_saved.get("batch_stats") or {}).get("student" if student else "teacher", {})
     replicated = sharding.replicated(sharding.make_mesh())
     wanted = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[p]) for p in parts if p in saved}
+    wanted_stats = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stats[p])
+                    for p in parts if p in stats}
     placed = by_name(shardings or {})
-    args = jax.tree_util.tree_map_with_path(
-        lambda path, _: ocp.ArrayRestoreArgs(sharding=placed.get(path_name(path), replicated)), wanted)
+    args = lambda tree, prefix="": jax.tree_util.tree_map_with_path(
+        lambda path, _: ocp.ArrayRestoreArgs(sharding=placed.get(prefix + path_name(path), replicated)), tree)
     nest = (lambda x: {"params": x}) if student else (lambda x: {"teacher": {"value": x}})
-    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=nest(wanted), restore_args=nest(args),
+    item, restore_args = nest(wanted), nest(args(wanted))
+    if wanted_stats:
+      who = "student" if student else "teacher"
+      item["batch_stats"] = {who: wanted_stats}
+      restore_args["batch_stats"] = {who: {p: args(t, f"{p}/batch_stats/") for p, t in wanted_stats.items()}}
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                               partial_restore=True))
-    weights = restored["params"] if student else restored["teacher"]["value"]
+    weights = dict(restored["params"] if student else restored["teacher"]["value"])
+    for p, s in (restored.get("batch_stats") or {}).get("student" if student else "teacher", {}).items():
+      weights[p] = dict(weights[p], batch_stats=s)  # `models.backbone_weights`
     return weights | ({"backbone": with_added_weights(weights["backbone"])} if "backbone" in weights else {})
 
   return read_run(mngr, step, read)

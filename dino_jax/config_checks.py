@@ -61,6 +61,8 @@ def _check_choices(cfg) -> None:
   validate.one_of(cfg, "optim.lr_scaling", optim.LR_SCALING)
   validate.one_of(cfg, "optim.clip_mode", optim.CLIP_MODES)
   validate.one_of(cfg, "optim.freeze_mode", optim.FREEZE_MODES)
+  if "name" in cfg.optim:  # an optim dict without it: AdamW
+    validate.one_of(cfg, "optim.name", optim.OPTIMIZERS)
   validate.one_of(cfg, "model.remat", ("none", *models.REMAT_POLICIES))
   if "drop_path_mode" in cfg.model:  # a model dict without it: per-sample
     validate.one_of(cfg, "model.drop_path_mode", ("sample", "subset"))
@@ -75,7 +77,9 @@ def _check_choices(cfg) -> None:
 
 
 def _check_heads(m: ml_collections.ConfigDict) -> None:
-  """Attention heads split each width evenly (ViT: width; Swin: every stage's width)."""
+  """Attention heads split each width evenly (ViT: width; Swin: every stage's width; a ResNet has none)."""
+  if m.get("name", "vit") == "resnet":
+    return
   if m.get("name", "vit") == "swin":
     if len(m.depths) != len(m.num_heads):
       raise UsageError(f"model.num_heads {tuple(m.num_heads)} must give one head count per stage of "
@@ -162,6 +166,9 @@ def _check_lineage(cfg, backbone) -> None:
                      "(see configs/demo_distill_fashion_mnist.py)")
   if "region" in objectives.active(cfg):
     raise UsageError("distillation (distill.teacher) does not support EsViT's region loss (loss.region_weight)")
+  if "resnet" in (cfg.model.get("name", "vit"), d.get("model", {}).get("name", "vit")):
+    raise UsageError("distillation (distill.teacher) takes ViT or Swin teachers and students (DINOv2 Sec. 5), "
+                     "not ResNets (model.name / distill.model.name)")
   try:
     if d.head.out_dim != cfg.head.out_dim:
       raise UsageError(f"distill.head.out_dim {d.head.out_dim} must equal head.out_dim {cfg.head.out_dim}: "

@@ -61,7 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
                 centering="centering", center_momentum=0.9)
   # lr_scaling: "linear_256" (DINO) or "sqrt_1024" (DINOv2); clip_mode: "per_tensor" (DINO),
   # "per_module" (DINOv2) or "global"; freeze_mode: "skip" (DINO) or "zero_lr" (DINOv2) (dino_jax.optim).
-  c.optim = dict(base_lr=5e-4, lr_scaling="linear_256", min_lr=1e-6, warmup_epochs=10.0, weight_decay=(0.04, 0.4),
+  # name: "adamw" (DINO's ViTs), "sgd" or "lars" (its ResNets); momentum: sgd's and lars' (optim.make_optimizer).
+  c.optim = dict(name="adamw", momentum=0.9, base_lr=5e-4, lr_scaling="linear_256", min_lr=1e-6, warmup_epochs=10.0,
+                 weight_decay=(0.04, 0.4),
                  betas=(0.9, 0.999), clip_grad=3.0, clip_mode="per_tensor", layer_decay=1.0, patch_embed_lr_mult=1.0,
                  freeze_last_layer_epochs=1.0, freeze_mode="skip", teacher_momentum=(0.996, 1.0))
   # Evaluators by name, each type's defaults from its module (dino_jax.evaluators): every_steps N > 0
@@ -116,6 +118,26 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
   c.epoch_length = 1250  # DINOv2's OFFICIAL_EPOCH_LENGTH, whatever the dataset size
   c.per_gpu_batch_size = 64  # ssl_default_config.yaml's batch_size_per_gpu
   c.batch_size = 64 * 32  # on 32 GPUs (the README's ImageNet-1k setup); the sqrt lr rule scales with it
+  c.epochs = 100.0
+  return c
+
+
+def resnet_config(depth: int = 50) -> ml_collections.ConfigDict:
+  """DINO's ResNet recipe (facebookresearch/dino README, "ResNet-50 and other convnets
+  trainings": `main_dino.py --arch resnet50 --optimizer sgd --lr 0.03 --weight_decay 1e-4
+  --weight_decay_end 1e-4 --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14`, 8 GPUs
+  x 64 images, 100 epochs), every other setting main_dino.py's default: a torchvision ResNet
+  whose pooled 2048-d feature feeds a DINO head without batch norm (`--use_bn_in_head` off),
+  SyncBatchNorm in student and teacher (`models.resnet`), lr 0.03 · batch / 256 warmed up over
+  10 epochs, teacher momentum 0.996 -> 1, teacher temperature 0.04, per-tensor clipping at 3,
+  the last layer frozen for the first epoch."""
+  c = base_config()
+  # patch_size: the backbone's output stride, the grid cell the dense tools see (no patches).
+  c.model = dict(name="resnet", depth=depth, width=64, patch_size=32, init_from="", dtype="auto", remat="none",
+                 attention="xla")
+  c.aug.update(global_scale=(0.14, 1.0), local_scale=(0.05, 0.14))
+  c.optim.update(name="sgd", base_lr=0.03, weight_decay=(1e-4, 1e-4))
+  c.batch_size = 512  # 8 GPUs x 64
   c.epochs = 100.0
   return c
 

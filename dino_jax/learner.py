@@ -49,37 +49,61 @@ def make_model(cfg: ml_collections.ConfigDict, batch_sharding=None) -> models.DI
                           head() if "region" in names else None)
 
 
-def initial_params(cfg, model) -> dict:
-  """The student's parameters at initialization, from the config's seed."""
+def initial_variables(cfg, model) -> dict:
+  """The student's variables at initialization, from the config's seed: "params" and, for a
+  backbone with batch norm, "batch_stats" (running mean 0, variance 1)."""
   size = cfg.aug.global_size
   dummy = jnp.zeros((1, size, size, 3))
   kwargs = {}
   if "ibot" in objectives.active(cfg):
     grid = model.backbone.grid(size)
     kwargs = dict(mask=jnp.zeros((1, grid[0] * grid[1]), bool), patch_index=jnp.zeros((1, 1), jnp.int32))
-  return model.init(jax.random.PRNGKey(cfg.seed), dummy, **kwargs)["params"]
+  return dict(model.init(jax.random.PRNGKey(cfg.seed), dummy, **kwargs))
+
+
+def initial_params(cfg, model) -> dict:
+  """The student's parameters at initialization, from the config's seed."""
+  return initial_variables(cfg, model)["params"]
 
 
 def random_init_backbone(cfg, model, shardings) -> dict:
-  """The backbone parameters a run started from, computed again (the `random_init` baseline of
-  the evaluations), placed as `shardings` say."""
-  return jax.jit(lambda: initial_params(cfg, model)["backbone"], out_shardings=shardings)()
+  """The backbone weights a run started from (with its initial running statistics, if any),
+  computed again (the `random_init` baseline of the evaluations), placed as `shardings` say."""
+  def weights():
+    variables = initial_variables(cfg, model)
+    return models.backbone_weights(variables["params"]["backbone"],
+                                   variables.get("batch_stats", {}).get("backbone"))
+  return jax.jit(weights, out_shardings=shardings)()
 
 
 def init_state(cfg, model, tx) -> dict:
-  """The train state pytree: step, rng, student params, optimizer, teacher EMA, centers."""
-  params = initial_params(cfg, model)
+  """The train state pytree: step, rng, student params, optimizer, teacher EMA, centers; for a
+  backbone with batch norm also "batch_stats", the student's and the teacher's running
+  statistics, each moved by its own forward passes (main_dino.py: both models in train mode
+  with SyncBatchNorm; the teacher starts as a copy of the student, buffers included, and its
+  EMA moves parameters only)."""
+  variables = initial_variables(cfg, model)
+  params = variables["params"]
   center = jnp.zeros((cfg.head.out_dim,), jnp.float32)
+  stats = variables.get("batch_stats")
   return {
       "step": jnp.zeros([], jnp.int32),
       "rng": jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1),
       "params": params,
       "opt_state": tx.init(params),
       "teacher": optim.ema(0.0).init(params),
+      **({"batch_stats": {"student": stats, "teacher": jax.tree.map(jnp.copy, stats)}} if stats else {}),
       **{name: optim.ema(0.0).init(center) for name in objectives.centers(cfg)},
       "nonfinite_steps": jnp.zeros([], jnp.int32),  # steps skipped for non-finite loss/grads
       "first_nonfinite_step": jnp.full([], -1, jnp.int32),
   }
+
+
+def teacher_backbone(state) -> dict:
+  """The teacher's backbone weights in `state`: its parameters, with its running statistics
+  under "batch_stats" for a backbone with batch norm (`models.backbone_weights`)."""
+  stats = state.get("batch_stats", {}).get("teacher", {}).get("backbone")
+  return models.backbone_weights(state["teacher"].value["backbone"], stats)
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,14 +159,30 @@ def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, b
         mask, groups, masking.max_masked_per_group(mask.shape[0], groups, mask.shape[1], cfg.mask, stratum))
 
   t_model, t_params = (teacher_model, frozen_params) if distilling else (model, state["teacher"].value)
-  t_out = per_image(jax.lax.stop_gradient(t_model.apply({"params": t_params}, glob, patch_index=index)), b)
+  stats = state.get("batch_stats")
+  if stats:  # batch norm in train mode: the batch's statistics, and the running ones moved (main_dino.py)
+    t_out, t_stats = t_model.apply({"params": t_params, "batch_stats": stats["teacher"]}, glob, patch_index=index,
+                                   mutable=["batch_stats"])
+    t_stats = t_stats["batch_stats"]
+  else:
+    t_out = t_model.apply({"params": t_params}, glob, patch_index=index)
+  t_out = per_image(jax.lax.stop_gradient(t_out), b)
   teacher |= objectives.teacher_targets(t_out, state, temp, cfg, valid)
   if "regions" in t_out:
     teacher["regions"] = t_out["regions"]
 
   def loss_fn(params):
-    run = lambda views, rng, **kw: per_image(model.apply({"params": params}, views, deterministic=False,
-                                                         rngs={"dropout": rng}, **kw), b)
+    student_stats = stats and stats["student"]
+
+    def run(views, rng, **kw):  # one forward of the views of one size, as DINO's MultiCropWrapper
+      nonlocal student_stats
+      variables = {"params": params} | ({"batch_stats": student_stats} if stats else {})
+      out = model.apply(variables, views, deterministic=False, rngs={"dropout": rng},
+                        mutable=["batch_stats"] if stats else False, **kw)
+      if stats:
+        out, student_stats = out[0], out[1]["batch_stats"]
+      return per_image(out, b)
+
     groups = [run(glob, rng_global, mask=mask, patch_index=index)]
     if "local" in batch:
       groups.append(run(sharding.constrain(flat_views(batch["local"]), batch_sharding), rng_local))
@@ -153,15 +193,17 @@ def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, b
       student["regions"] = [g["regions"] for g in groups]
       student["region_logits"] = [g["region_logits"] for g in groups]
     terms = {f"{name}_loss": objectives.OBJECTIVES[name](student, teacher, cfg) for name in names}
-    return sum(objectives.weight(cfg, name) * terms[f"{name}_loss"] for name in names), terms
+    return sum(objectives.weight(cfg, name) * terms[f"{name}_loss"] for name in names), (terms, student_stats)
 
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  (loss, (terms, student_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   momentum = schedules["momentum"](step)
   _, teacher_state = optim.ema(momentum).update(params, state["teacher"])
   new_state = dict(state, params=params, opt_state=opt_state, teacher=teacher_state,
                    **objectives.updated_centers(t_out, state, cfg, valid))
+  if stats:
+    new_state["batch_stats"] = {"student": jax.lax.stop_gradient(student_stats), "teacher": t_stats}
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # A non-finite step leaves the state as it was (only the counters move); the loop then

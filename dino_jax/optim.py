@@ -22,6 +22,7 @@ LR_SCALING = ("linear_256", "sqrt_1024")
 CLIP_MODES = ("per_tensor", "per_module", "global")
 TEACHER_TEMP_STEPS = ("per_step", "per_epoch")
 FREEZE_MODES = ("skip", "zero_lr")
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def warmup_cosine(start: float, peak: float, end: float, warmup: int, total: int) -> optax.Schedule:
@@ -188,33 +189,48 @@ def skip_while_frozen(steps: int, inner: optax.GradientTransformation) -> optax.
   return optax.GradientTransformation(init, update)
 
 
+def is_matrix(params):
+  """True for parameters of more than one dimension (LARS adapts and decays only these)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict, steps_per_epoch: int,
                    backbone) -> optax.GradientTransformation:
-  """AdamW with gradient clipping (`optim.clip_mode`), scheduled decoupled weight decay
-  (`weight_decay_mask`), layer-wise lr decay over `backbone`'s layers and the last-layer freeze
-  for the first `freeze_last_layer_epochs`: `optim.freeze_mode` "skip" (DINO: the last layer
-  and its AdamW moments sit out, `skip_while_frozen`) or "zero_lr" (DINOv2: its lr is 0, its
-  moments still see the gradients)."""
+  """The optimizer `optim.name` names, with gradient clipping (`optim.clip_mode`), scheduled
+  weight decay (`weight_decay_mask`), layer-wise lr decay over `backbone`'s layers and the
+  last-layer freeze for the first `freeze_last_layer_epochs`: `optim.freeze_mode` "skip" (DINO:
+  the last layer and its optimizer state sit out, `skip_while_frozen`) or "zero_lr" (DINOv2: its
+  lr is 0, its moments still see the gradients).
+
+  main_dino.py's three (`--optimizer`): "adamw", AdamW with decoupled weight decay; "sgd",
+  torch.optim.SGD with momentum 0.9 and its L2 weight decay added to the gradient before the
+  momentum; "lars", DINO's `utils.LARS`: that decay, then each matrix's update scaled by the
+  trust ratio 0.001 · |p| / |update| (You et al. 2017, Eq. 6; 1 where a norm is 0), then
+  momentum 0.9, vectors (biases, norms) neither decayed nor adapted. The lr multiplies the
+  momentum buffer (the torch optimizers' order), so an lr schedule does not enter the buffer."""
   o = cfg.optim
+  name = o.get("name", "adamw")
   multiplier = lambda name: layer_lr_multiplier(name, backbone, o.layer_decay, o.patch_embed_lr_mult)
-  adam = lambda: optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1])
-  adamw = lambda moments=None, *after: optax.chain(
-      moments or adam(),
-      optax.add_decayed_weights(schedules["weight_decay"], mask=weight_decay_mask),
-      scale_by_layer(multiplier),
-      optax.scale_by_learning_rate(schedules["lr"]),
-      *after,
-  )
+  decay = lambda: optax.add_decayed_weights(schedules["weight_decay"], mask=weight_decay_mask)
+  if name == "adamw":
+    before, state_part, after = [], lambda: optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1]), [decay()]
+  elif name == "sgd":
+    before, state_part, after = [decay()], lambda: optax.trace(o.get("momentum", 0.9)), []
+  else:
+    trust = optax.masked(optax.scale_by_trust_ratio(trust_coefficient=o.get("lars_eta", 0.001)), is_matrix)
+    before, state_part, after = [decay(), trust], lambda: optax.trace(o.get("momentum", 0.9)), []
+  rule = lambda stateful, *last: optax.chain(
+      *before, stateful, *after, scale_by_layer(multiplier), optax.scale_by_learning_rate(schedules["lr"]), *last)
   frozen_steps = int(o.freeze_last_layer_epochs * steps_per_epoch)
   if o.freeze_mode == "skip":
-    # The frozen layer's AdamW state sits out; the lr and weight-decay schedules follow the
+    # The frozen layer's optimizer state sits out; the lr and weight-decay schedules follow the
     # global step, as main_dino.py sets every group's from the iteration.
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: "last_layer" if is_last_layer(path_name(path)) else "other", params)
-    last_layer = adamw(skip_while_frozen(frozen_steps, adam()), freeze_last_layer(frozen_steps))
-    body = optax.multi_transform({"last_layer": last_layer, "other": adamw()}, labels)
+    last_layer = rule(skip_while_frozen(frozen_steps, state_part()), freeze_last_layer(frozen_steps))
+    body = optax.multi_transform({"last_layer": last_layer, "other": rule(state_part())}, labels)
   else:
-    body = optax.chain(adamw(), freeze_last_layer(frozen_steps))
+    body = optax.chain(rule(state_part()), freeze_last_layer(frozen_steps))
   return optax.chain(clip_gradients(o.clip_mode, o.clip_grad), body)
 
 

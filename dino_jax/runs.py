@@ -63,7 +63,7 @@ class Backbone:
 
   def apply(self, params, images, size: int | None = None) -> dict:
     x = augment.normalize(images) if size is None else augment.preprocess_eval(images, size)
-    out = self.module.apply({"params": params}, x)
+    out = self.module.apply(models.backbone_variables(params), x)
     return {"embedding": out["embedding"], "pooled": jnp.mean(out["patch"], axis=(1, 2)), "patch": out["patch"]}
 
   def __call__(self, images, size: int | None = None) -> dict:

@@ -324,7 +324,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, train_src, schedu
     for name, evaluator in evals.items():
       every = eval_every[name]
       if every > 0 and done % every == 0 and done < end_step:
-        scores = evaluator.run(state["teacher"].value["backbone"])
+        scores = evaluator.run(learner.teacher_backbone(state))
         writer.write(done, scores)
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
   if done < end_step:  # stopped on request (SIGTERM, Ctrl-C or a preemption notice)
@@ -342,7 +342,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, train_src, schedu
 
   if evals and end_step == total_steps and "preempted_at" not in results:
     for evaluator in evals.values():
-      evaluated = {"teacher": state["teacher"].value["backbone"]}
+      evaluated = {"teacher": learner.teacher_backbone(state)}
       if evaluator.ecfg.get("baselines", False):
         evaluated["random_init"] = learner.random_init_backbone(
             cfg, trainer.model, jax.tree.map(lambda x: x.sharding, evaluated["teacher"]))

@@ -35,7 +35,7 @@ def make_feature_fn(backbone, image_size: int, mesh) -> Callable:
     if params is None:
       return images.reshape(images.shape[0], -1).astype(np.float32) / 255.0, labels
     x = augment.preprocess_eval(images, image_size)
-    return backbone.apply({"params": params}, x)["embedding"], labels
+    return backbone.apply(models.backbone_variables(params), x)["embedding"], labels
 
   return features
 
@@ -94,10 +94,11 @@ class DenseFeatures:
     self._keys = jax.jit(self._block_keys, static_argnums=2, **replicated)
 
   def _forward(self, params, images, layers, final_norm):
-    return self.module.apply({"params": params}, augment.normalize(images), layers=layers, final_norm=final_norm)
+    return self.module.apply(models.backbone_variables(params), augment.normalize(images), layers=layers,
+                             final_norm=final_norm)
 
   def _block_keys(self, params, images, block):
-    out, state = self.module.apply({"params": params}, augment.normalize(images), mutable=["keys"])
+    out, state = self.module.apply(models.backbone_variables(params), augment.normalize(images), mutable=["keys"])
     keys = state["keys"][f"block{block}"]["key"][0]  # [B, N, heads, d]
     grid = out["patch"].shape[1:3]
     prefix = keys.shape[1] - grid[0] * grid[1]  # the CLS token and registers

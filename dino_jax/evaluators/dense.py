@@ -50,6 +50,7 @@ from PIL import Image
 
 from dino_jax import augment
 from dino_jax import data
+from dino_jax import models
 from dino_jax import sharding
 from dino_jax import validate
 from dino_jax.errors import UsageError
@@ -260,7 +261,7 @@ class DenseProbe:
 
   def inputs(self, params, images):
     """The frozen backbone's head input [B, h, w, C] of uint8 images [B, H, W, 3]."""
-    out = self.features.module.apply({"params": params}, augment.normalize(images), layers=self.layers,
+    out = self.features.module.apply(models.backbone_variables(params), augment.normalize(images), layers=self.layers,
                                      final_norm=self.final_norm)
     return jax.lax.stop_gradient(probe_inputs(out, self.picks, self.ecfg.cls_token))
 

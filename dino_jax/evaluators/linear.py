@@ -61,7 +61,7 @@ def make_linear_fns(backbone, variants, image_size: int, lrs, steps_per_epoch: i
   num_classifiers = len(variants) * len(lrs)
 
   def features(params, x):
-    out = backbone.apply({"params": params}, sharding.constrain(x, batch), layers=layers)
+    out = backbone.apply(models.backbone_variables(params), sharding.constrain(x, batch), layers=layers)
     return jax.lax.stop_gradient(probe.linear_inputs(out, variants))
 
   @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(replicated, replicated))

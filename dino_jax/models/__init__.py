@@ -11,6 +11,11 @@ whose call `(images, mask=None, deterministic=True, layers=0, final_norm=True)` 
 and which tells `embed_dim`, `num_layers` and `layer_id(param name)` (layer-wise lr decay),
 `grid(image_size)` and `forward_flops(image_size)` (the benchmark). Adding a backbone is one
 module file, one entry below and its configs.
+
+A backbone with batch norm (ResNet) also has a "batch_stats" collection: its running statistics,
+which the train state keeps apart from the parameters (the teacher's EMA moves parameters only)
+and which a backbone's *weights* outside training carry under "batch_stats", as a torch state
+dict carries its buffers (`backbone_variables`, `backbone_weights`).
 """
 import ml_collections
 
@@ -19,10 +24,11 @@ from dino_jax.errors import UsageError
 from dino_jax.models.heads import DINOHead, DINOModel
 from dino_jax.models import layers
 from dino_jax.models.layers import REMAT_POLICIES, compute_dtype
+from dino_jax.models.resnet import ResNet
 from dino_jax.models.swin import Swin
 from dino_jax.models.vit import ViT
 
-BACKBONES = {"vit": ViT, "swin": Swin}
+BACKBONES = {"vit": ViT, "swin": Swin, "resnet": ResNet}
 
 
 def backbone_class(model_cfg: ml_collections.ConfigDict):
@@ -36,3 +42,15 @@ def make_backbone(model_cfg: ml_collections.ConfigDict, subsets=None):
   """The backbone `model_cfg` names; `subsets` (`layers.Subsets`): DINOv2's kept-subset
   stochastic depth and its groups, else the per-sample mask."""
   return backbone_class(model_cfg).from_config(model_cfg, subsets)
+
+
+def backbone_variables(weights: dict) -> dict:
+  """Flax variables of a backbone's weights: {"params": ...} and, where it has batch norm, its
+  running statistics {"batch_stats": ...} (kept in the weights under "batch_stats")."""
+  params = {k: v for k, v in weights.items() if k != "batch_stats"}
+  return {"params": params} | ({"batch_stats": weights["batch_stats"]} if "batch_stats" in weights else {})
+
+
+def backbone_weights(params: dict, batch_stats: dict | None = None) -> dict:
+  """A backbone's weights: its parameters, with its running statistics (if any) under "batch_stats"."""
+  return dict(params, batch_stats=batch_stats) if batch_stats else params
