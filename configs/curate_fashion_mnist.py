@@ -37,7 +37,11 @@ def get_config(arg=None):
   c.search = dict(block_size=1024)  # rows per similarity tile: memory per device ~ block_size^2 floats
   # Cosine thresholds on the backbone's embedding (DINOv2 used 0.6 / 0.45 on SSCD copy-detection
   # descriptors; a DINO embedding is more invariant, so its thresholds are higher).
-  c.dedup = dict(threshold=0.95, eval_threshold=0.95, k=16)
+  # descriptor "sscd": dedup compares SSCD copy-detection descriptors (sscd_weights: the released
+  # sscd_disc_mixup.torchvision.pt) with SSCD's own thresholds (its README: 0.75, copies at 90%
+  # precision); retrieval keeps the backbone's embedding (docs/curation.md).
+  c.dedup = dict(threshold=0.95, eval_threshold=0.95, k=16, descriptor="embedding", sscd_weights="",
+                 sscd_image_size=288, sscd_threshold=0.75, sscd_eval_threshold=0.75)
   c.retrieve = dict(method="knn", k=4, num_clusters=100, clusters_per_seed=1, per_seed=20, iterations=20,
                     seed=0, include_seeds=True)
   c.demo = dict(out=demo_dir, originals=8000, copies_per_kind=200, test_copies=200, noise=400, corrupt=3,

@@ -27,6 +27,16 @@ at the end of stage s; EsViT training checkpoints hold the view head as `head.` 
 head as `head_dense.`, which become the run's `head` and `region_head`), the timm layout
 timm >= 0.9's (`layers.<s>.downsample` at the start of stage s). Relative-position index and
 attention-mask buffers are left out (they are not learned). Swin runs export in timm's layout.
+
+ResNets (`--arch resnet18` ... `resnet152`: He et al. 2016 as torchvision builds them,
+`models.resnet`) convert from torchvision's layout: a torchvision state dict (its classifier
+`fc.` left out, with a log line), DINO's released `dino_resnet50_pretrain.pth` (no `fc.`), or
+DINO's training checkpoint (`module.backbone.` / `module.head.` keys). Batch-norm running
+statistics become the backbone's "batch_stats", saved at `batch_stats/teacher/backbone` of the
+checkpoint as a training run saves them; `num_batches_tracked` is left out (it only counts).
+ResNet runs export in torchvision's layout, `num_batches_tracked` written as 0, so that
+`torchvision.models.resnet50()` with `fc = nn.Identity()` loads the file strictly.
+`read_sscd` reads SSCD's torchvision weight files (`models.sscd`) the same way, for curation.
 """
 import argparse
 import contextlib
@@ -48,6 +58,8 @@ from dino_jax import runs
 from dino_jax.errors import ArgumentParser
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
+from dino_jax.models import resnet
+from dino_jax.models import sscd
 from dino_jax.models import swin
 from dino_jax.models import vit
 
@@ -88,6 +100,13 @@ def _swin_arch(size: str, **kw) -> SwinArch:
   return SwinArch(width, depths, heads, **kw)
 
 
+@dataclasses.dataclass(frozen=True)
+class ResNetArch:
+  """A torchvision ResNet (`torchvision.models.resnet<depth>`, what `--arch resnet*` names)."""
+  depth: int
+  width: int = 64  # the stem's and the first stage's width
+
+
 ARCHS = {
     **{f"dino_vit{s[0]}{p}": _arch(s, p) for s in ("small", "base") for p in (16, 8)},
     **{f"dinov2_vit{s[0]}14{reg}": _arch(s, 14, ffn="swiglu" if s == "giant" else "mlp",
@@ -95,6 +114,7 @@ ARCHS = {
        for s in ("small", "base", "large", "giant") for reg in ("", "_reg")},
     **{f"swin_{s[0]}": _swin_arch(s) for s in ("tiny", "small", "base")},
     **{f"esvit_swin_{s[0]}_w7": _swin_arch(s, norm_eps=1e-6) for s in ("tiny", "small", "base")},
+    **{f"resnet{depth}": ResNetArch(depth) for depth in resnet.RESNET_BLOCKS},
 }
 
 # Position-embedding resize conventions (offset, antialias): the official training code's
@@ -196,6 +216,53 @@ def swin_table(arch: SwinArch, layout: str) -> list[Entry]:
   return table + _layer_norm("norm", "norm")
 
 
+def _conv(flax: str, torch: str) -> Entry:
+  """A convolution without bias: torch [O, I, kh, kw] <-> flax [kh, kw, I, O]."""
+  return (f"{flax}/kernel", f"{torch}.weight", lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
+
+
+def _batch_norm(flax: str, torch: str) -> list[Entry]:
+  """BatchNorm2d: weight, bias -> params scale, bias; running_mean, running_var -> the
+  "batch_stats" mean, var (kept in a backbone's weights under "batch_stats")."""
+  return [(f"{flax}/scale", f"{torch}.weight", _same, _same), (f"{flax}/bias", f"{torch}.bias", _same, _same),
+          (f"batch_stats/{flax}/mean", f"{torch}.running_mean", _same, _same),
+          (f"batch_stats/{flax}/var", f"{torch}.running_var", _same, _same)]
+
+
+def resnet_table(arch: ResNetArch) -> list[Entry]:
+  """Every torchvision ResNet tensor but the classifier `fc` and the `num_batches_tracked`
+  counters: block i of stage s is torch `layer<s>.<i>`, flax `layer<s>_<i>`; its shortcut
+  `downsample.0` (conv) / `.1` (batch norm) is flax `downsample_conv` / `downsample_bn`."""
+  bottleneck, blocks_per_stage = resnet.RESNET_BLOCKS[arch.depth]
+  table = [_conv("conv1", "conv1")] + _batch_norm("bn1", "bn1")
+  for s, count in enumerate(blocks_per_stage, 1):
+    for i in range(count):
+      f, t = f"layer{s}_{i}", f"layer{s}.{i}"
+      for j in range(1, 4 if bottleneck else 3):
+        table += [_conv(f"{f}/conv{j}", f"{t}.conv{j}")] + _batch_norm(f"{f}/bn{j}", f"{t}.bn{j}")
+      if i == 0 and (s > 1 or bottleneck):  # the stride or the width changes: a projection shortcut
+        table += [_conv(f"{f}/downsample_conv", f"{t}.downsample.0")]
+        table += _batch_norm(f"{f}/downsample_bn", f"{t}.downsample.1")
+  return table
+
+
+def resnet_arch_of(state: dict[str, np.ndarray]) -> ResNetArch:
+  """The torchvision ResNet a backbone state dict holds, from its blocks per stage and block
+  kind (`layer1.0.conv3`: bottlenecks); UsageError when they match none of He et al.'s depths."""
+  blocks = [len({m.group(1) for k in state if (m := re.match(rf"layer{s}\.(\d+)\.", k))}) for s in range(1, 5)]
+  bottleneck = "layer1.0.conv3.weight" in state
+  depths = [d for d, layout in resnet.RESNET_BLOCKS.items() if layout == (bottleneck, tuple(blocks))]
+  if not depths or "conv1.weight" not in state:
+    kind = "bottleneck" if bottleneck else "basic"
+    raise UsageError(f"not a torchvision ResNet: {blocks} {kind} blocks per stage match no depth of "
+                     f"{sorted(resnet.RESNET_BLOCKS)} (first keys: {', '.join(list(state)[:5])})")
+  return ResNetArch(depths[0], state["conv1.weight"].shape[0])
+
+
+def resnet_module(arch: ResNetArch) -> resnet.ResNet:
+  return resnet.ResNet(depth=arch.depth, width=arch.width)
+
+
 def swin_module(arch: SwinArch) -> swin.Swin:
   return swin.Swin(arch.patch_size, arch.width, tuple(arch.depths), tuple(arch.num_heads), arch.window_size,
                    arch.image_size, arch.mlp_ratio, norm_eps=arch.norm_eps)
@@ -205,6 +272,14 @@ def _param_shapes(module, size: int) -> dict[str, tuple]:
   """Flax shapes of `module`'s params (built on a size² input)."""
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3))))["params"]
   return {optim.path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+
+
+def _resnet_shapes(arch: ResNetArch) -> dict[str, tuple]:
+  """Flax shapes of a ResNet's params and, under "batch_stats/", its running statistics."""
+  variables = jax.eval_shape(lambda: resnet_module(arch).init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3))))
+  shapes = lambda tree, prefix: {prefix + optim.path_name(p): tuple(x.shape)
+                                 for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return shapes(variables["params"], "") | shapes(variables["batch_stats"], "batch_stats/")
 
 
 def _expected_shapes(arch: Arch, grid: int) -> dict[str, tuple]:
@@ -256,13 +331,26 @@ def _swin_to_flax(state: dict[str, np.ndarray], arch: SwinArch, layout: str) -> 
   return _nest({f: np.asarray(to_f(state[t]), np.float32) for f, t, to_f, _ in table})
 
 
-def to_flax(state: dict[str, np.ndarray], arch: Arch | SwinArch, layout: str = "official") -> dict:
-  """The flax backbone params of a PyTorch backbone state_dict (keys without prefix).
+def _resnet_to_flax(state: dict[str, np.ndarray], arch: ResNetArch) -> dict:
+  classifier = sorted(k for k in state if k.startswith("fc."))
+  if classifier:
+    logging.warning("left out the classifier %s: the backbone ends at its pooled embedding", ", ".join(classifier))
+  state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith(".num_batches_tracked")}
+  table = resnet_table(arch)
+  _check_state(state, table, lambda: _resnet_shapes(arch), "torchvision")
+  return _nest({f: np.asarray(to_f(state[t]), np.float32) for f, t, to_f, _ in table})
+
+
+def to_flax(state: dict[str, np.ndarray], arch: Arch | SwinArch | ResNetArch, layout: str = "official") -> dict:
+  """The flax backbone params of a PyTorch backbone state_dict (keys without prefix); a
+  ResNet's with its running statistics under "batch_stats" (`models.backbone_weights`).
 
   Raises UsageError listing every missing, unexpected or wrongly shaped tensor.
   """
   if isinstance(arch, SwinArch):
     return _swin_to_flax(state, arch, layout)
+  if isinstance(arch, ResNetArch):
+    return _resnet_to_flax(state, arch)
   if "pos_embed" not in state or state["pos_embed"].ndim != 3:
     raise UsageError(f"no [1, N, D] pos_embed among the {len(state)} tensors: not a ViT backbone "
                      f"(first keys: {', '.join(list(state)[:5])})")
@@ -283,12 +371,17 @@ def to_flax(state: dict[str, np.ndarray], arch: Arch | SwinArch, layout: str = "
   return _nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
-def to_torch(params: dict, arch: Arch | SwinArch) -> dict[str, np.ndarray]:
+def to_torch(params: dict, arch: Arch | SwinArch | ResNetArch) -> dict[str, np.ndarray]:
   """The PyTorch state_dict of flax backbone params (inverse of to_flax): official layout
-  for ViTs, timm's for Swin."""
+  for ViTs, timm's for Swin, torchvision's for ResNets (each batch norm's `num_batches_tracked`
+  a 0 int64 scalar, as `load_state_dict(strict=True)` wants it)."""
   flat = {optim.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
   if isinstance(arch, SwinArch):
     return {t: to_t(flat[f]) for f, t, _, to_t in swin_table(arch, "timm")}
+  if isinstance(arch, ResNetArch):
+    state = {t: to_t(flat[f]) for f, t, _, to_t in resnet_table(arch)}
+    return state | {t.removesuffix("running_mean") + "num_batches_tracked": np.zeros((), np.int64)
+                    for t in state if t.endswith(".running_mean")}
   state = {t: to_t(flat[f]) for f, t, _, to_t in backbone_table(arch, "official")}
   pos = flat["pos_embed"].reshape(1, -1, arch.width)
   state["pos_embed"] = np.concatenate([flat["cls_pos_embed"], pos], axis=1)
@@ -390,11 +483,15 @@ def split_state_dict(state: dict[str, np.ndarray]) -> dict[str, dict[str, np.nda
   return parts
 
 
-def run_config(arch: Arch | SwinArch, grid: Optional[int], interpolation: Optional[tuple[float, bool]],
-               head: Optional[dict], ibot_head: Optional[dict] = None):
-  """A config describing the converted model (EsViT's recipe for Swin, DINOv2's for LayerScale
-  models, else DINO's); `grid` and `interpolation` are a ViT position embedding's."""
-  if isinstance(arch, SwinArch):
+def run_config(arch: Arch | SwinArch | ResNetArch, grid: Optional[int],
+               interpolation: Optional[tuple[float, bool]], head: Optional[dict], ibot_head: Optional[dict] = None):
+  """A config describing the converted model (DINO's ResNet recipe for ResNets, EsViT's for Swin,
+  DINOv2's for LayerScale models, else DINO's); `grid` and `interpolation` are a ViT position
+  embedding's."""
+  if isinstance(arch, ResNetArch):
+    cfg = defaults.resnet_config(arch.depth)
+    cfg.model.width = arch.width
+  elif isinstance(arch, SwinArch):
     cfg = defaults.esvit_config("tiny")
     cfg.model.update(patch_size=arch.patch_size, width=arch.width, depths=tuple(arch.depths),
                      num_heads=tuple(arch.num_heads), window_size=arch.window_size, image_size=arch.image_size,
@@ -425,14 +522,22 @@ def check_finite(arrays: dict, path: str) -> None:
 
 
 def write_run(out: str, cfg, teacher: dict) -> pathlib.Path:
-  """A run directory whose step 0 holds `teacher` as the teacher (what the tools restore)."""
+  """A run directory whose step 0 holds `teacher` as the teacher (what the tools restore). A
+  backbone's running statistics (its weights' "batch_stats") are saved apart, at
+  `batch_stats/teacher/backbone`, where a training run's train state keeps them
+  (`checkpoints.restore_weights` puts them back into the weights)."""
   workdir = pathlib.Path(out).resolve()
   if (workdir / "checkpoints").exists():
     raise UsageError(f"{out!r} already has checkpoints; choose a new --out")
   cli.output_folder("--out", out)
   (workdir / "config.json").write_text(cfg.to_json(indent=2))
+  backbone = dict(teacher["backbone"])
+  stats = backbone.pop("batch_stats", None)
+  item = {"teacher": {"value": dict(teacher, backbone=backbone)}}
+  if stats:
+    item["batch_stats"] = {"teacher": {"backbone": stats}}
   mngr = ocp.CheckpointManager(str(workdir / "checkpoints"))
-  mngr.save(0, args=ocp.args.StandardSave({"teacher": {"value": teacher}}))
+  mngr.save(0, args=ocp.args.StandardSave(item))
   mngr.wait_until_finished()
   mngr.close()
   return workdir
@@ -456,7 +561,7 @@ def import_file(path: str, arch_name: str, out: str, layout: str = "official", k
         if name in teacher:
           teacher[name].setdefault("last_layer_gain", np.ones((1, teacher[name]["last_layer"].shape[1]), np.float32))
   check_finite(teacher, path)
-  if isinstance(arch, SwinArch):
+  if isinstance(arch, (SwinArch, ResNetArch)):
     cfg = run_config(arch, None, None, teacher.get("head"))
     return write_run(out, cfg, teacher), sorted(teacher), cfg
   interpolation = INTERPOLATION[interpolation_choice(pos_interpolation, layout, arch, training_checkpoint)]
@@ -465,13 +570,41 @@ def import_file(path: str, arch_name: str, out: str, layout: str = "official", k
   return write_run(out, cfg, teacher), sorted(teacher), cfg
 
 
+def read_sscd(path: str) -> tuple[sscd.SSCD, dict]:
+  """An SSCD descriptor and its Flax variables from facebookresearch/sscd-copy-detection's
+  torchvision weight file (`sscd_*.torchvision.pt`: the state dict of its `Model`, keys
+  `backbone.conv1.weight` ... `backbone.fc.weight` [dim, C], `backbone.fc.bias`), or the same
+  layout without the `backbone.` prefix. The trunk's depth is read from the file (any
+  torchvision ResNet); `fc` becomes the projection."""
+  parts = split_state_dict(read_state_dict(path))
+  state, heads = parts["backbone"], [name for name in HEADS if parts[name]]
+  if heads or "fc.weight" not in state or "fc.bias" not in state:
+    raise UsageError(f"{path}: not an SSCD torchvision model (a ResNet with its projection fc.weight, fc.bias"
+                     + (f"; it holds {', '.join(heads)}" if heads else "; there is no fc") + ")")
+  trunk_state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+  arch = resnet_arch_of(trunk_state)
+  trunk = to_flax(trunk_state, arch)
+  module = sscd.SSCD(arch.depth, arch.width, dim=state["fc.weight"].shape[0])
+  channels = resnet_module(arch).embed_dim
+  if state["fc.weight"].shape != (module.dim, channels) or state["fc.bias"].shape != (module.dim,):
+    raise UsageError(f"{path}: fc.weight {state['fc.weight'].shape}, fc.bias {state['fc.bias'].shape} do not fit "
+                     f"a projection of the {channels} channels of a resnet{arch.depth}")
+  stats = trunk.pop("batch_stats")
+  variables = {"params": {"trunk": trunk, "projection": {"kernel": state["fc.weight"].T, "bias": state["fc.bias"]}},
+               "batch_stats": {"trunk": stats}}
+  check_finite(variables, path)
+  return module, variables
+
+
 def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool = False) -> dict:
   """`--export`: a run's backbone -> state_dict file (.pth or .safetensors): official layout
-  for ViTs, timm's for Swin."""
+  for ViTs, timm's for Swin, torchvision's for ResNets."""
   cli.output_file("--out", out, (".pth", ".safetensors"))
   backbone = runs.load_backbone(workdir, step, student)
   m = backbone.cfg.model
-  if m.get("name", "vit") == "swin":
+  if m.get("name", "vit") == "resnet":
+    arch = ResNetArch(m.depth, m.get("width", 64))
+  elif m.get("name", "vit") == "swin":
     arch = SwinArch(m.width, tuple(m.depths), tuple(m.num_heads), m.window_size, m.patch_size, m.mlp_ratio,
                     m.norm_eps, m.get("image_size", 224))
   else:
@@ -479,7 +612,8 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, student: bool
   state = to_torch(jax.device_get(backbone.params), arch)
   if pathlib.Path(out).suffix.lower() == ".safetensors":
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, out)
+    # C order (transposed kernels); asarray, not ascontiguousarray, keeps 0-d arrays (num_batches_tracked) 0-d
+    save_file({k: np.asarray(v, order="C") for k, v in state.items()}, out)
   else:
     import torch  # pylint: disable=import-outside-toplevel
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, out)  # writable copies
@@ -525,7 +659,10 @@ def main(argv: list[str]):
       workdir, parts, cfg = import_file(args.source, args.arch, args.out, args.layout, args.key, not args.no_head,
                                          args.pos_interpolation)
       m = cfg.model
-      if m.get("name", "vit") == "swin":
+      if m.get("name", "vit") == "resnet":
+        print(f"{args.arch} (torchvision layout): {' + '.join(parts)}, with its batch-norm running statistics "
+              f"-> {workdir}")
+      elif m.get("name", "vit") == "swin":
         print(f"{args.arch} ({args.layout} layout): {' + '.join(parts)} -> {workdir}")
       else:
         print(f"{args.arch} ({args.layout} layout): {' + '.join(parts)}; pos-embed grid {m.pos_embed_grid}, "
@@ -533,7 +670,10 @@ def main(argv: list[str]):
     else:
       result = export_run(args.export, args.out, args.step, args.student)
       m = result["config"].model
-      if m.get("name", "vit") == "swin":
+      if m.get("name", "vit") == "resnet":
+        print(f"{len(result['state'])} tensors of step {result['step']} -> {args.out} (torchvision layout: "
+              f"torchvision.models.resnet{m.depth}() with fc = nn.Identity() loads it with strict=True)")
+      elif m.get("name", "vit") == "swin":
         print(f"{len(result['state'])} tensors of step {result['step']} -> {args.out} (timm layout: "
               f"timm's SwinTransformer with embed_dim={m.width}, depths={tuple(m.depths)}, "
               f"num_heads={tuple(m.num_heads)}, window_size={m.window_size}, LayerNorm eps {m.norm_eps})")

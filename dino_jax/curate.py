@@ -13,7 +13,10 @@ outputs and those of the stages after it first.
             index.txt (image ids), unreadable.txt (skipped files), OUT/embeddings/fingerprint.json
   dedup     pool near-duplicates: k-NN graph with cosine >= dedup.threshold, connected
             components, the first image of each kept; pool images within
-            dedup.eval_threshold of an evaluation image dropped; OUT/dropped.jsonl, kept.npy
+            dedup.eval_threshold of an evaluation image dropped; OUT/dropped.jsonl, kept.npy.
+            dedup.descriptor=sscd compares SSCD copy-detection descriptors instead (DINOv2
+            App. A.3; weights dedup.sscd_weights, thresholds dedup.sscd_threshold and
+            dedup.sscd_eval_threshold), kept in OUT/descriptors/<set>/
   retrieve  pool images near the seed set: retrieve.method=knn (k nearest per seed image,
             for large seed sets) or clusters (k-means of the pool, per_seed images sampled
             from each seed's nearest clusters, for small ones); OUT/retrieved.jsonl
@@ -24,6 +27,7 @@ demo.out), score_demo (pipeline against its ground truth), bench (search and k-m
 on synthetic features).
 """
 import concurrent.futures
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +45,7 @@ import tqdm
 
 from dino_jax import bench
 from dino_jax import cli
+from dino_jax import convert
 from dino_jax import data
 from dino_jax import host_memory
 from dino_jax import runs
@@ -50,13 +55,32 @@ from dino_jax.curation import search
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
 from dino_jax.evaluators import knn
+from dino_jax.models import sscd
 
 PIPELINE = ("embed", "dedup", "retrieve", "manifest")
+DESCRIPTORS = ("embedding", "sscd")  # what dedup compares (dedup.descriptor)
+# The dedup keys of configs written before dedup.descriptor, at their defaults. SSCD's threshold
+# is its README's: sscd_disc_mixup pairs above cosine 0.75 are copies at 90% precision
+# (facebookresearch/sscd-copy-detection, "Using SSCD descriptors"); DINOv2 used 0.6 and 0.45.
+DEDUP_DEFAULTS = dict(descriptor="embedding", sscd_weights="", sscd_image_size=sscd.IMAGE_SIZE,
+                      sscd_threshold=0.75, sscd_eval_threshold=0.75)
 
 
 def embedding(features: dict) -> jax.Array:
   """The global image embedding among the backbone's outputs (`runs.Backbone`)."""
   return features["embedding"]
+
+
+def dedup_config(cfg) -> ml_collections.ConfigDict:
+  """cfg.dedup, with `DEDUP_DEFAULTS` for the keys a config lacks; UsageError for a descriptor
+  other than those of `DESCRIPTORS`, or SSCD without its weights file."""
+  d = ml_collections.ConfigDict(DEDUP_DEFAULTS | cfg.dedup.to_dict())
+  if d.descriptor not in DESCRIPTORS:
+    raise UsageError(f"dedup.descriptor must be one of {', '.join(DESCRIPTORS)}, not {d.descriptor!r}")
+  if d.descriptor == "sscd" and not d.sscd_weights:
+    raise UsageError("dedup.descriptor=sscd needs dedup.sscd_weights: an SSCD torchvision weight file "
+                     "(sscd_disc_mixup.torchvision.pt)")
+  return d
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,19 +154,50 @@ def read_fingerprint(workdir: pathlib.Path, stage: str) -> dict | None:
   return stored
 
 
-def write_fingerprint(workdir: pathlib.Path, stage: str, fingerprint: dict) -> None:
+def write_json(path: pathlib.Path, value) -> None:
+  """Writes `value` to `path` atomically (process 0)."""
   if jax.process_index() == 0:
-    path = fingerprint_file(workdir, stage)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=1))
+    tmp.write_text(json.dumps(value, indent=1))
     os.replace(tmp, path)
 
 
+def write_fingerprint(workdir: pathlib.Path, stage: str, fingerprint: dict) -> None:
+  write_json(fingerprint_file(workdir, stage), fingerprint)
+
+
+def digest(data: bytes) -> str:
+  return "sha256 " + hashlib.sha256(data).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+  del size, mtime_ns  # the cache key: the file as it is now
+  with open(path, "rb") as f:
+    return "sha256 " + hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def file_digest(path: str, what: str) -> str:
+  """sha256 of the file at `path` (config key `what`); UsageError when there is none."""
+  if not os.path.isfile(path):
+    raise UsageError(f"{what}: no file {path!r}")
+  stat = os.stat(path)
+  return _file_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
 def settings(stage: str, cfg) -> dict:
-  """The config values, by key, that the outputs of dedup, retrieve or manifest depend on."""
+  """The config values, by key, that the outputs of dedup, retrieve or manifest depend on. With
+  the SSCD descriptor, dedup's include the weights file (its resolved path and sha256) and the
+  SSCD input size; the embedding's keys are those of earlier versions, whose outputs stay valid."""
   if stage == "dedup":
-    return {"dedup.threshold": cfg.dedup.threshold, "dedup.eval_threshold": cfg.dedup.eval_threshold,
-            "dedup.k": cfg.dedup.k, "eval_sets": list(cfg.eval_sets)}
+    d = dedup_config(cfg)
+    common = {"dedup.k": d.k, "eval_sets": list(cfg.eval_sets)}
+    if d.descriptor == "embedding":
+      return {"dedup.threshold": d.threshold, "dedup.eval_threshold": d.eval_threshold, **common}
+    return {"dedup.descriptor": d.descriptor, "dedup.sscd_weights": str(pathlib.Path(d.sscd_weights).resolve()),
+            "dedup.sscd_weights sha256": file_digest(d.sscd_weights, "dedup.sscd_weights"),
+            "dedup.sscd_image_size": d.sscd_image_size, "dedup.sscd_threshold": d.sscd_threshold,
+            "dedup.sscd_eval_threshold": d.sscd_eval_threshold, **common}
   if stage == "retrieve":
     r = cfg.retrieve
     return {"retrieve.method": r.method, **{f"retrieve.{k}": r[k] for k in RETRIEVE_SETTINGS[r.method]}}
@@ -224,17 +279,17 @@ def view_size(cfg, backbone) -> int:
   return cfg.embed.image_size or backbone.cfg.aug.global_size
 
 
-def embed_set(backbone, source, ids: list[str], out: pathlib.Path, cfg, mesh) -> None:
-  """Embeds the images that no shard in `out` holds yet (resume), embed.shard_size at most per
-  shard_<first>_<end>.npz (features and ids of the readable ones among ids[first:end], the
-  unreadable ids), then writes index.txt and unreadable.txt; UsageError unless the shards hold
-  every image once."""
+def embed_set(describe, source, ids: list[str], out: pathlib.Path, cfg, mesh, decode_size: int) -> None:
+  """Describes (`describe`: global uint8 [B, decode_size, decode_size, 3] images -> [B, D]
+  features, l2-normalized here) the images that no shard in `out` holds yet (resume),
+  embed.shard_size at most per shard_<first>_<end>.npz (features and ids of the readable ones
+  among ids[first:end], the unreadable ids), then writes index.txt and unreadable.txt;
+  UsageError unless the shards hold every image once."""
   batch, shard_size = cfg.embed.batch_size, cfg.embed.shard_size
   if batch % mesh.size or batch % jax.process_count():
     raise UsageError(f"embed.batch_size {batch} is not divisible by the {mesh.size} devices")
   if shard_size % batch:
     raise UsageError(f"embed.shard_size {shard_size} is not a multiple of embed.batch_size {batch}")
-  size = view_size(cfg, backbone)
   local = batch // jax.process_count()
   start = jax.process_index() * local
   to_global = lambda x: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), x)
@@ -256,9 +311,8 @@ def embed_set(backbone, source, ids: list[str], out: pathlib.Path, cfg, mesh) ->
       feats, readable = [], []
       for i in range(lo, hi, batch):
         index = np.arange(i, i + batch)
-        images, ok = read_images(source, np.where(index < hi, index, lo)[start:start + local], pool,
-                                 backbone.cfg.data.image_size)
-        f, ok = gather(embedding(backbone(to_global(images), size)), to_global(ok))
+        images, ok = read_images(source, np.where(index < hi, index, lo)[start:start + local], pool, decode_size)
+        f, ok = gather(describe(to_global(images)), to_global(ok))
         feats.append(np.asarray(f)[index < hi])
         readable.append(np.asarray(ok)[index < hi])
         bar.update(int(np.sum(index < hi)))
@@ -281,7 +335,6 @@ def embed_fingerprint(cfg, backbone, sets: dict) -> dict:
   """embed's fingerprint: the backbone (run directory, checkpoint step loaded, config.json), the
   view size, and each image set's source and ordered image ids ({name: (spec, ids)})."""
   run = pathlib.Path(cfg.backbone).resolve()
-  digest = lambda data: "sha256 " + hashlib.sha256(data).hexdigest()[:16]
 
   def described(spec, ids):
     source = " ".join(str(spec.get(k, "")) for k in ("source", "name", "data_dir", "path", "split") if spec.get(k, ""))
@@ -314,17 +367,20 @@ def run_embed(cfg, workdir: pathlib.Path, mesh) -> None:
   todo = [name for name in sources if not (folder / name / "index.txt").exists()]
   if not todo and jax.process_index() == 0:
     print("embed: kept (its outputs were made with these inputs and settings)")
+  size = view_size(cfg, backbone)
   for name in todo:
     out = folder / name
-    embed_set(backbone, sources[name][1], ids[name], out, cfg, mesh)
+    embed_set(lambda images: embedding(backbone(images, size)), sources[name][1], ids[name], out, cfg, mesh,
+              backbone.cfg.data.image_size)
     skipped = (out / "unreadable.txt").read_text().splitlines() if jax.process_index() == 0 else []
     if skipped:
       print(f"{name}: skipped {len(skipped)} unreadable images (listed in {out / 'unreadable.txt'})")
 
 
-def load_embeddings(workdir: pathlib.Path, name: str) -> tuple[np.ndarray, list[str]]:
-  """(features [N, D] float32, image ids) of an embedded set."""
-  out = workdir / "embeddings" / name
+def load_embeddings(workdir: pathlib.Path, name: str, folder: str = "embeddings") -> tuple[np.ndarray, list[str]]:
+  """(features [N, D] float32, image ids) of an embedded set (`folder` "descriptors": its SSCD
+  descriptors)."""
+  out = workdir / folder / name
   if not (out / "index.txt").exists():
     raise UsageError(f"no finished embeddings of {name!r} in {out}: run the embed stage first")
   parts = [np.load(f) for f in sorted(out.glob("shard_*.npz"))]
@@ -345,36 +401,88 @@ def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def pool_duplicates(pool: np.ndarray, ids: list[str], cfg, mesh) -> dict[int, dict]:
+def dedup_thresholds(made_with: dict) -> tuple[float, float]:
+  """(pool, evaluation-set) cosine thresholds of dedup's fingerprint settings: the SSCD ones
+  with that descriptor."""
+  key = "dedup.sscd_" if made_with.get("dedup.descriptor") == "sscd" else "dedup."
+  return made_with[key + "threshold"], made_with[key + "eval_threshold"]
+
+
+def sscd_descriptors(cfg, workdir: pathlib.Path, mesh, made_with: dict, embedded: dict) -> dict:
+  """{set: (SSCD descriptors, ids)} of the embedded sets ({set: (features, ids)}), row for row.
+
+  OUT/descriptors/<set> holds them as embed's shards; a rerun (--restart dedup to change a
+  threshold) reuses a set's while its made_with.json (weights sha256, input size, image ids)
+  is the same, and recomputes it otherwise. Images are decoded square at
+  dedup.sscd_image_size (`data.to_square_rgb`: shorter side resized, center crop)."""
+  size = made_with["dedup.sscd_image_size"]
+  module, variables = convert.read_sscd(made_with["dedup.sscd_weights"])
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  describe = jax.jit(lambda v, images: module.apply(v, sscd.preprocess(images, size)))
+  sets, found = image_sets(cfg), {}
+  for name, (_, ids) in embedded.items():
+    out = workdir / "descriptors" / name
+    wanted = {"weights": made_with["dedup.sscd_weights sha256"], "image_size": size,
+              "ids": digest("\n".join(ids).encode())}
+    made = out / "made_with.json"
+    fresh = made.exists() and json.loads(made.read_text()) == wanted
+    done = fresh and (out / "index.txt").exists()
+    multihost_utils.sync_global_devices(f"sscd {name} checked")  # by every process, before process 0 changes it
+    if not done:
+      if not fresh and jax.process_index() == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        write_json(made, wanted)
+      multihost_utils.sync_global_devices(f"sscd {name} start")
+      source = open_source(sets[name], size)
+      embed_set(lambda images: describe(variables, images), source, image_ids(source, sets[name]), out, cfg, mesh,
+                size)
+      multihost_utils.sync_global_devices(f"sscd {name} done")  # process 0 wrote the index
+    found[name] = load_embeddings(workdir, name, "descriptors")
+    if found[name][1] != ids:
+      raise UsageError(f"{name}: images read for the SSCD descriptors differ from those embedded (unreadable now?): "
+                       "add --restart embed")
+  return found
+
+
+def pool_duplicates(pool: np.ndarray, ids: list[str], threshold: float, cfg, mesh) -> dict[int, dict]:
   """{dropped row: why} for the pool's near-duplicate groups, one image kept per group."""
   sims, index = search.top_k_search(pool, pool, cfg.dedup.k + 1, mesh, cfg.search.block_size, desc="dedup pool")
-  kept = search.representatives(search.duplicate_groups(sims, index, cfg.dedup.threshold))
+  kept = search.representatives(search.duplicate_groups(sims, index, threshold))
   return {int(i): dict(path=ids[i], reason="duplicate", kept=ids[kept[i]],
                        similarity=round(float(pool[i] @ pool[kept[i]]), 4))
           for i in np.flatnonzero(kept != np.arange(len(pool)))}
 
 
 def eval_copies(pool: np.ndarray, ids: list[str], eval_set: str, eval_feats: np.ndarray, eval_ids: list[str],
-                cfg, mesh) -> dict[int, dict]:
-  """{dropped row: why} for pool images within dedup.eval_threshold of an evaluation image."""
+                threshold: float, cfg, mesh) -> dict[int, dict]:
+  """{dropped row: why} for pool images within `threshold` of an evaluation image."""
   sims, index = search.top_k_search(pool, eval_feats, 1, mesh, cfg.search.block_size, desc=f"dedup {eval_set}")
   return {int(i): dict(path=ids[i], reason="eval_copy", eval_set=eval_set, matched=eval_ids[index[i, 0]],
                        similarity=round(float(sims[i, 0]), 4))
-          for i in np.flatnonzero(sims[:, 0] >= cfg.dedup.eval_threshold)}
+          for i in np.flatnonzero(sims[:, 0] >= threshold)}
 
 
 def run_dedup(cfg, workdir: pathlib.Path, mesh) -> None:
-  search.check_threshold("dedup.threshold", cfg.dedup.threshold)
-  search.check_threshold("dedup.eval_threshold", cfg.dedup.eval_threshold)
+  """Drops the pool's near-duplicates and evaluation-set copies, compared by their embeddings or
+  (dedup.descriptor=sscd) by SSCD descriptors; the rows stay those of the pool's embeddings."""
+  d = dedup_config(cfg)
+  prefix = "sscd_" if d.descriptor == "sscd" else ""
+  for key in ("threshold", "eval_threshold"):
+    search.check_threshold(f"dedup.{prefix}{key}", d[prefix + key])
   made_with = to_make("dedup", cfg, workdir)
   if made_with is None:
     return
-  pool, ids = load_embeddings(workdir, "pool")
-  if not len(pool):
+  threshold, eval_threshold = dedup_thresholds(made_with["dedup"])
+  features = {name: load_embeddings(workdir, name) for name in ("pool", *(f"eval_{e}" for e in cfg.eval_sets))}
+  if not len(features["pool"][0]):
     raise UsageError("the pool is empty: no readable images were embedded")
-  dropped = pool_duplicates(pool, ids, cfg, mesh)
+  if d.descriptor == "sscd":
+    features = sscd_descriptors(cfg, workdir, mesh, made_with["dedup"], features)
+  pool, ids = features["pool"]
+  dropped = pool_duplicates(pool, ids, threshold, cfg, mesh)
   for name in cfg.eval_sets:
-    dropped |= eval_copies(pool, ids, name, *load_embeddings(workdir, f"eval_{name}"), cfg, mesh)
+    dropped |= eval_copies(pool, ids, name, *features[f"eval_{name}"], eval_threshold, cfg, mesh)
   write_jsonl(workdir / "dropped.jsonl", [dropped[i] for i in sorted(dropped)])
   kept = np.ones(len(pool), bool)
   kept[list(dropped)] = False
@@ -468,13 +576,14 @@ def run_manifest(cfg, workdir: pathlib.Path, mesh) -> None:
   unreadable = {name: len((workdir / "embeddings" / name / "unreadable.txt").read_text().splitlines())
                 for name in ("pool", *(f"eval_{e}" for e in dedup["eval_sets"]), "seeds")}
   pool_size = len((workdir / "embeddings" / "pool" / "index.txt").read_text().splitlines())
+  threshold, eval_threshold = dedup_thresholds(dedup)
   summary = dict(backbone=embed["backbone"], backbone_step=embed["backbone step"], pool_images=pool_size,
                  unreadable=unreadable, dropped_duplicates=sum(r["reason"] == "duplicate" for r in dropped),
                  dropped_eval_copies={e: sum(r.get("eval_set") == e for r in dropped) for e in dedup["eval_sets"]},
                  kept_after_dedup=pool_size - len(dropped), seed_images=len(seed_ids),
                  retrieval=made_with["retrieve"]["retrieve.method"], retrieved=len(retrieved),
-                 manifest_images=len(rows), dedup_threshold=dedup["dedup.threshold"],
-                 eval_threshold=dedup["dedup.eval_threshold"])
+                 manifest_images=len(rows), dedup_descriptor=dedup.get("dedup.descriptor", "embedding"),
+                 dedup_threshold=threshold, eval_threshold=eval_threshold)
   write_jsonl(workdir / "manifest.jsonl", rows)
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -17,6 +17,8 @@ from dino_jax import models
 from dino_jax import runs
 from dino_jax import sharding
 from dino_jax import trainer
+from dino_jax.evaluators import linear
+from dino_jax.evaluators import probe
 from dino_jax.models import resnet
 from tests.test_train import TRAIN_STEPS_PER_EPOCH
 from tests.test_train import assert_trees_close
@@ -100,15 +102,26 @@ def test_step_moves_each_models_statistics_by_its_own_passes():
 
 
 def test_sharded_step_equals_unsharded_with_synchronized_batch_norm():
-  """One device and 8: the same update, batch statistics over the global batch (SyncBatchNorm)."""
+  """One device, 8 (data parallel) and 2 x 4 (FSDP, kernels of >= 256 elements split): the same
+  update, batch statistics over the global batch (SyncBatchNorm)."""
   cfg = resnet_tiny()
   s1, m1 = one_step(cfg, jax.devices()[:1], steps=2)
-  s8, m8 = one_step(cfg, jax.devices(), steps=2)
-  for part in ("params", "teacher", "batch_stats", "center"):
-    assert_trees_close(s8[part], s1[part], atol=1e-5)
-  for k in m1:
-    np.testing.assert_allclose(m8[k], m1[k], atol=1e-5, rtol=1e-5, err_msg=k)
+  fsdp = resnet_tiny(**{"mesh.fsdp": 4, "mesh.fsdp_min_size": 256})
+  kernel = learner.build(fsdp, sharding.make_mesh(fsdp), TRAIN_STEPS_PER_EPOCH).state["params"]["backbone"]
+  assert "fsdp" in tuple(kernel["layer4_0"]["conv2"]["kernel"].sharding.spec)
+  for other in (cfg, fsdp):
+    s8, m8 = one_step(other, jax.devices(), steps=2)
+    for part in ("params", "teacher", "batch_stats", "center"):
+      assert_trees_close(s8[part], s1[part], atol=1e-5)
+    for k in m1:
+      np.testing.assert_allclose(m8[k], m1[k], atol=1e-5, rtol=1e-5, err_msg=k)
   assert all(np.isfinite(v) for v in m1.values())
+
+
+def test_linear_protocol_takes_a_resnets_pooled_output():
+  """DINO's eval_linear.py feeds a convnet's pooled output (`model(inp)`), not the last blocks."""
+  cfg = dino_resnet50.get_config()
+  assert linear.linear_variants(cfg.evals.linear_dino, cfg.model) == (probe.Variant(1, False),)
 
 
 def test_kill_9_then_resume_equals_uninterrupted_batch_norm_statistics_included(tmp_path):

@@ -30,14 +30,17 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torchvision
 from torch import nn
 
+from configs import dino_resnet50
 from configs import dino_vits16
 from configs import dinov2_vits14
 from configs import esvit_swin_t
 from dino_jax import convert
 from dino_jax import data
 from dino_jax import learner
+from dino_jax import models
 from dino_jax import objectives
 from dino_jax import sharding
 from tests import test_train
@@ -91,10 +94,10 @@ def step_views(cfg) -> list:
   return _VIEWS[key]
 
 
-def jax_run(cfg):
+def jax_run(cfg, devices=1):
   """Initial state, the steps' batches (views and masks, numpy), the metrics of each step and
-  the final state of dino_jax's trainer on one device."""
-  trainer = learner.build(cfg, sharding.make_mesh(cfg, jax.devices()[:1]), STEPS_PER_EPOCH)
+  the final state of dino_jax's trainer on `devices` devices."""
+  trainer = learner.build(cfg, sharding.make_mesh(cfg, jax.devices()[:devices]), STEPS_PER_EPOCH)
   init = jax.device_get(trainer.state)
   batches = []
   for step, views in enumerate(step_views(cfg)):
@@ -124,14 +127,19 @@ def swin_arch(cfg) -> convert.SwinArch:
 
 # The official module names of dino_jax's heads, per method.
 HEAD_NAMES = {"dino": {"head": "head"}, "dinov2": {"head": "dino_head", "ibot_head": "ibot_head"},
-              "esvit": {"head": "head", "region_head": "head_dense"}}
+              "esvit": {"head": "head", "region_head": "head_dense"}, "dino_resnet": {"head": "head"}}
 
 
-def official_state(params, cfg, method) -> dict:
-  """dino_jax student / teacher params -> the official model's state_dict (numpy), through
-  `convert.to_torch` (backbone) and `ref.head_state_from_flax` (heads)."""
+def official_state(params, cfg, method, stats=None) -> dict:
+  """dino_jax student / teacher params (and a ResNet's running statistics `stats`) -> the
+  official model's state_dict (numpy), through `convert.to_torch` (backbone) and
+  `ref.head_state_from_flax` (heads)."""
   if method == "esvit":
     state = dict(convert.to_torch(params["backbone"], swin_arch(cfg)))
+  elif method == "dino_resnet":
+    weights = models.backbone_weights(params["backbone"], stats["backbone"])
+    arch = convert.ResNetArch(cfg.model.depth, cfg.model.width)
+    state = {f"backbone.{k}": v for k, v in convert.to_torch(weights, arch).items()}
   else:
     state = {f"backbone.{k}": v for k, v in convert.to_torch(params["backbone"], vit_arch(cfg)).items()}
   for flax_name, torch_name in HEAD_NAMES[method].items():
@@ -139,18 +147,23 @@ def official_state(params, cfg, method) -> dict:
   return state
 
 
-def build_torch_model(params, cfg, method) -> nn.Module:
+def build_torch_model(params, cfg, method, stats=None) -> nn.Module:
   m = cfg.model
-  head = lambda: ref.DINOHead(m.width * 2 ** (len(m.depths) - 1) if method == "esvit" else m.width,
-                              cfg.head.out_dim, cfg.head.hidden_dim, cfg.head.bottleneck_dim, cfg.head.num_layers,
-                              cfg.head.norm_last_layer)
+  width = {"esvit": lambda: m.width * 2 ** (len(m.depths) - 1), "dino_resnet": lambda: 512}.get(method, lambda: m.width)
+  head = lambda: ref.DINOHead(width(), cfg.head.out_dim, cfg.head.hidden_dim, cfg.head.bottleneck_dim,
+                              cfg.head.num_layers, cfg.head.norm_last_layer)
   if method == "esvit":
     model = ref.EsViTSwin(swin_arch(cfg), cfg.aug.global_size, head(), head())
+  elif method == "dino_resnet":  # main_dino.py:175-178: torchvision's model, fc replaced by the identity
+    assert m.depth == 18 and m.width == 64
+    backbone = torchvision.models.resnet18()
+    backbone.fc = nn.Identity()
+    model = ref.MultiCropWrapper(backbone, head())
   else:
     backbone = ref.ViTBackbone(vit_arch(cfg), m.pos_embed_grid, mask_token=method == "dinov2")
     model = (ref.MultiCropWrapper(backbone, head()) if method == "dino"
              else nn.ModuleDict({"backbone": backbone, "dino_head": head(), "ibot_head": head()}))
-  ref.load(model, official_state(params, cfg, method))
+  ref.load(model, official_state(params, cfg, method, stats))
   return model
 
 
@@ -191,7 +204,7 @@ def dino_args(cfg):
   assert o.teacher_momentum[1] == 1.0 and loss.center_momentum == 0.9 and loss.student_temp == 0.1
   assert o.lr_scaling == "linear_256" and o.clip_mode == "per_tensor" and o.freeze_mode == "skip"
   assert o.betas == (0.9, 0.999) and o.layer_decay == 1.0 and o.patch_embed_lr_mult == 1.0
-  return ref.namespace(lr=o.base_lr, min_lr=o.min_lr, epochs=integer(cfg.epochs),
+  return ref.namespace(optimizer=o.get("name", "adamw"), lr=o.base_lr, min_lr=o.min_lr, epochs=integer(cfg.epochs),
                        warmup_epochs=integer(o.warmup_epochs),
                        weight_decay=o.weight_decay[0], weight_decay_end=o.weight_decay[1],
                        momentum_teacher=o.teacher_momentum[0], warmup_teacher_temp=loss.teacher_temp[0],
@@ -226,20 +239,21 @@ def dinov2_cfg(cfg):
 def torch_run(cfg, method, init, batches):
   """Per-step loss terms, final student and teacher state_dicts and centers of the reference."""
   torch.manual_seed(0)
-  student = build_torch_model(init["params"], cfg, method)
-  teacher = build_torch_model(init["teacher"].value, cfg, method)
+  stats = init.get("batch_stats", {})
+  student = build_torch_model(init["params"], cfg, method, stats.get("student"))
+  teacher = build_torch_model(init["teacher"].value, cfg, method, stats.get("teacher"))
   if method == "dinov2":
     per_gpu_batch = objectives.group_size(cfg)
     trainer = ref.DINOv2Trainer(student, teacher, dinov2_cfg(cfg), cfg.batch_size // per_gpu_batch)
     metrics = [trainer.step(it, per_gpu(batch, per_gpu_batch)) for it, batch in enumerate(batches)]
     centers = {}
   else:
-    trainer = (ref.DINOTrainer if method == "dino" else ref.EsViTTrainer)(student, teacher, dino_args(cfg))
+    trainer = (ref.EsViTTrainer if method == "esvit" else ref.DINOTrainer)(student, teacher, dino_args(cfg))
     metrics = [trainer.step(it, crop_list(batch)) for it, batch in enumerate(batches)]
     centers = {"center": trainer.loss.center.numpy()[0]}
     if method == "esvit":
       centers["region_center"] = trainer.loss.center_grid.numpy()[0]
-  if method == "dino":
+  if method in ("dino", "dino_resnet"):
     metrics = [m | {"dino_loss": m["loss"]} for m in metrics]
   return metrics, ref.named_numpy(student), ref.named_numpy(teacher), centers
 
@@ -265,28 +279,41 @@ def differences(jax_state: dict, torch_state: dict, start: dict) -> dict:
   rounding of its values (the teacher's updates are small)."""
   assert set(jax_state) == set(torch_state), set(jax_state) ^ set(torch_state)
   out = {}
-  for name in sorted(torch_state):
+  for name in sorted(n for n in torch_state if not n.endswith("num_batches_tracked")):  # a count dino_jax keeps not
     a, b, s = (without_key_bias(name, x[name]) for x in (jax_state, torch_state, start))
     allowed = UPDATE_RTOL * np.max(np.abs(b - s)) + 8 * np.finfo(np.float32).eps * np.max(np.abs(b))
     out[name] = (float(np.max(np.abs(a - b))), float(np.max(np.abs((a - s) - (b - s))) / allowed) if allowed else 0.0)
   return out
 
 
-def assert_equivalent(cfg, method) -> dict:
-  """Runs both and asserts the agreement described above; returns the largest differences."""
+def assert_equivalent(cfg, method, noise_floor=False) -> dict:
+  """Runs both and asserts the agreement described above; returns the largest differences.
+
+  `noise_floor`: dino_jax also runs on 8 devices (another reduction order) and each bound is
+  at least 3x how far its two runs end apart: where the computation amplifies float rounding
+  (batch norm over channels of nearly constant activations), the reference must agree with
+  dino_jax as closely as dino_jax agrees with itself."""
   names = objectives.active(cfg)
   init, batches, jax_metrics, final = jax_run(cfg)
   torch_metrics, student, teacher, centers = torch_run(cfg, method, init, batches)
+  metrics_8 = final_8 = None
+  if noise_floor:
+    _, _, metrics_8, final_8 = jax_run(cfg, devices=8)
   measured = {"loss": 0.0}
   for step, (j, t) in enumerate(zip(jax_metrics, torch_metrics)):
     for key in ["loss"] + [f"{n}_loss" for n in names]:
-      np.testing.assert_allclose(j[key], t[key], rtol=LOSS_RTOL, atol=0, err_msg=f"step {step}: {key}")
+      rtol = LOSS_RTOL if metrics_8 is None else max(LOSS_RTOL, 3 * abs(float(j[key] / metrics_8[step][key]) - 1))
+      np.testing.assert_allclose(j[key], t[key], rtol=rtol, atol=0, err_msg=f"step {step}: {key}")
       measured["loss"] = max(measured["loss"], abs(float(j[key]) - t[key]) / abs(t[key]))
-  start = official_state(init["params"], cfg, method)
-  for what, jax_params, torch_state in (("student", final["params"], student),
-                                        ("teacher", final["teacher"].value, teacher)):
-    diffs = differences(official_state(jax_params, cfg, method), torch_state, start)
-    bad = {k: v for k, v in diffs.items() if v[0] > PARAM_ATOL or v[1] > 1}
+  stats = lambda state, who: state.get("batch_stats", {}).get(who)
+  for what, part in (("student", lambda s: s["params"]), ("teacher", lambda s: s["teacher"].value)):
+    start = official_state(init["params"], cfg, method, stats(init, what))
+    ours = official_state(part(final), cfg, method, stats(final, what))
+    diffs = differences(ours, {"student": student, "teacher": teacher}[what], start)
+    floor = {k: (0.0, 0.0) for k in diffs}
+    if final_8 is not None:
+      floor = differences(ours, official_state(part(final_8), cfg, method, stats(final_8, what)), start)
+    bad = {k: v for k, v in diffs.items() if v[0] > max(PARAM_ATOL, 3 * floor[k][0]) or v[1] > max(1, 3 * floor[k][1])}
     assert not bad, f"{what}: (max abs difference, update difference / allowed) {bad}"
     measured[what] = max(v[0] for v in diffs.values())
     measured[f"{what}_update"] = max(v[1] for v in diffs.values())
@@ -352,3 +379,17 @@ def test_reference_swin_equals_timm_at_the_size_it_is_built_for(window, depths):
   with torch.no_grad():
     np.testing.assert_allclose(reference.forward_features(x)[1].numpy(),
                                model.forward_features(x).flatten(1, 2).numpy(), atol=1e-5)
+
+
+def test_dino_resnet_step_matches_official():
+  """DINO with a ResNet (README's ResNet command): torchvision's ResNet-18 in train mode in
+  student and teacher, each batch norm's running statistics moved by its own model's forward
+  passes (the student's by the global then the local crops, the teacher's by the global crops),
+  the EMA on parameters only, SGD with momentum 0.9 and L2 weight decay on the regularized group,
+  per-tensor clipping, the skipped last layer."""
+  cfg = recipe(dino_resnet50, **{"model.width": 64})
+  assert cfg.optim.name == "sgd" and cfg.model.depth == 18
+  # Batch norm over 32 values per channel in the last stages (1 x 1 maps) amplifies float
+  # rounding: dino_jax alone on 1 and on 8 devices ends 6.2e-5 apart in relative loss at step 4
+  # and ~26% of the largest update apart in some kernels' updates. The bounds take that floor.
+  assert_equivalent(cfg, "dino_resnet", noise_floor=True)

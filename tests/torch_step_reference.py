@@ -460,7 +460,10 @@ class DINOTrainer:
   process holding the whole batch. `args`: the main_dino.py arguments it reads (lr, min_lr,
   epochs, warmup_epochs, weight_decay, weight_decay_end, momentum_teacher, warmup_teacher_temp,
   teacher_temp, warmup_teacher_temp_epochs, clip_grad, freeze_last_layer, out_dim,
-  local_crops_number, batch_size_per_gpu) and niter_per_ep, the data loader's length."""
+  local_crops_number, batch_size_per_gpu, optimizer) and niter_per_ep, the data loader's length.
+  Both models stay in train mode, as main_dino.py leaves them: batch norm (a ResNet's) normalizes
+  by each forward's batch and moves each model's running statistics (the EMA below moves
+  parameters only)."""
 
   def __init__(self, student: nn.Module, teacher: nn.Module, args, loss: nn.Module = None):
     self.student, self.teacher, self.args = student, teacher, args
@@ -468,7 +471,10 @@ class DINOTrainer:
       p.requires_grad = False
     self.loss = loss or DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                                  args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs)
-    self.optimizer = torch.optim.AdamW(get_params_groups(student))
+    if getattr(args, "optimizer", "adamw") == "sgd":  # main_dino.py:224-231
+      self.optimizer = torch.optim.SGD(get_params_groups(student), lr=0, momentum=0.9)
+    else:
+      self.optimizer = torch.optim.AdamW(get_params_groups(student))
     world_size = 1
     self.lr_schedule = cosine_scheduler(args.lr * (args.batch_size_per_gpu * world_size) / 256.0, args.min_lr,
                                         args.epochs, args.niter_per_ep, warmup_epochs=args.warmup_epochs)

@@ -37,8 +37,10 @@ def backbone_blocks(model_cfg: ml_collections.ConfigDict) -> int:
 
 
 def linear_variants(ecfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> tuple:
-  """The classifier inputs (`probe.Variant`) of evaluator config `ecfg` on this backbone."""
-  return probe.protocol_variants(ecfg.protocol, ecfg.get("n_last_blocks", 4), ecfg.get("avgpool_patchtokens", False),
+  """The classifier inputs (`probe.Variant`) of evaluator config `ecfg` on this backbone; a
+  ResNet's pooled output alone (DINO's eval_linear.py: `model(inp)` for convnets)."""
+  n_last_blocks = 1 if model_cfg.get("name", "vit") == "resnet" else ecfg.get("n_last_blocks", 4)
+  return probe.protocol_variants(ecfg.protocol, n_last_blocks, ecfg.get("avgpool_patchtokens", False),
                                  tuple(ecfg.get("grid_blocks", probe.DINOV2_GRID_BLOCKS)),
                                  cls_token=model_cfg.get("name", "vit") == "vit")
 
