@@ -412,10 +412,13 @@ def restore_state_parts(workdir: str, like: dict, step: int | None = None) -> tu
 def init_from_run(state: dict, workdir: str) -> dict:
   """`state` whose student and teacher start from the teacher of run `workdir` (a converted
   PyTorch model or another run): its backbone, which must fit the config (a mask token it lacks
-  keeps its fresh value), and its DINO / iBOT heads where their shapes fit (else fresh)."""
+  keeps its fresh value), with its running statistics (a ResNet's), and its DINO / iBOT heads
+  where their shapes fit (else fresh)."""
   source, _ = restore_weights(workdir, tuple(state["params"]))
   if "backbone" not in source:
     raise UsageError(f"model.init_from={workdir!r}: its checkpoint has no teacher backbone")
+  source["backbone"] = dict(source["backbone"])
+  stats = source["backbone"].pop("batch_stats", None)  # a ResNet's running statistics
   params = dict(state["params"])
   for part, theirs in source.items():
     have, got = shapes_by_name(params[part]), shapes_by_name(theirs)
@@ -431,7 +434,13 @@ def init_from_run(state: dict, workdir: str) -> dict:
                           {k: params[part][k] for k in theirs})  # onto this run's (FSDP) placement
     params[part] = dict(params[part]) | placed
   # Separate buffers for the two copies: the train step donates the whole state.
-  return dict(state, params=params, teacher=state["teacher"]._replace(value=jax.tree.map(jnp.copy, params)))
+  state = dict(state, params=params, teacher=state["teacher"]._replace(value=jax.tree.map(jnp.copy, params)))
+  if stats is not None and "batch_stats" in state:  # both start with the source teacher's running statistics
+    fresh = state["batch_stats"]["student"]["backbone"]
+    placed = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), stats, fresh)
+    state["batch_stats"] = {who: dict(state["batch_stats"][who], backbone=jax.tree.map(jnp.copy, placed))
+                            for who in ("student", "teacher")}
+  return state
 
 
 

@@ -7,7 +7,8 @@ of its own whose config sets `phase.start_from` (the run it continues) and `phas
 
 - "params", "teacher", "opt_state", "centers": these parts of the train state come from the
   other run's checkpoint (`phase.start_step`, default its newest); the rest start fresh (a
-  teacher EMA that is not carried starts from the carried student).
+  teacher EMA that is not carried starts from the carried student). A ResNet's running
+  statistics come with the parameters they belong to.
 - "step": the step count goes on from the other run's step, and every schedule (lr, weight
   decay, momentum, teacher temperature) is this config's, over its `epochs`, read from that
   step on: `epochs` then counts the whole training (all phases) and the phase trains the steps
@@ -45,10 +46,13 @@ def active(cfg: ml_collections.ConfigDict) -> bool:
 
 
 def carried_keys(state: dict, carry) -> list[str]:
-  """The train-state keys of the parts named in `phase.carry` ("centers": every center)."""
+  """The train-state keys of the parts named in `phase.carry` ("centers": every center); a
+  backbone's running statistics ("batch_stats") go with the weights ("params" or "teacher")."""
   keys = []
   for part in carry:
     keys += sorted(k for k in state if k.endswith("center")) if part == "centers" else [part]
+  if "batch_stats" in state and {"params", "teacher"} & set(carry):
+    keys.append("batch_stats")
   return keys
 
 
@@ -78,6 +82,11 @@ def start(state: dict, cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
   fitted = jax.tree_util.tree_map_with_path(lambda path, s, f: _fit(path, s, f, model_cfg=cfg.model), parts, like)
   if "params" in p.carry and "teacher" not in p.carry:  # the EMA starts from the carried student
     fitted["teacher"] = state["teacher"]._replace(value=jax.tree.map(jnp.copy, fitted["params"]))
+    if "batch_stats" in fitted:  # its running statistics too (main_dino.py's start: a copy)
+      student = fitted["batch_stats"]["student"]
+      fitted["batch_stats"] = {"student": student, "teacher": jax.tree.map(jnp.copy, student)}
+  elif "teacher" in p.carry and "params" not in p.carry and "batch_stats" in fitted:
+    fitted["batch_stats"] = dict(fitted["batch_stats"], student=state["batch_stats"]["student"])
   record = {"name": p.name, "start_from": os.path.abspath(p.start_from), "start_step": int(found),
             "carry": list(p.carry)}
   return dict(state, **fitted), record

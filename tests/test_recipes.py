@@ -147,6 +147,29 @@ def test_dino_recipe_is_its_published_arguments(name):
       (4, False) if a["arch"] == "vit_small" else (1, True))
 
 
+def test_dino_resnet50_recipe_is_the_readme_command():
+  """The README's ResNet-50 command (`--arch resnet50 --optimizer sgd --lr 0.03 --weight_decay
+  1e-4 --weight_decay_end 1e-4 --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14`, 8
+  GPUs) on main_dino.py's other defaults: torchvision's ResNet-50, a head without batch norm."""
+  from configs import dino_resnet50
+  a = dict(DINO_DEFAULTS, lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4, global_crops_scale=(0.14, 1.0),
+           local_crops_scale=(0.05, 0.14))
+  c = dino_resnet50.get_config()
+  batch = a["batch_size_per_gpu"] * a["world_size"]
+  assert (c.model.name, c.model.depth, c.model.width, c.optim.name, c.optim.momentum) == ("resnet", 50, 64, "sgd", 0.9)
+  assert (c.epochs, c.batch_size, c.optim.min_lr, c.optim.warmup_epochs) == (
+      a["epochs"], batch, a["min_lr"], a["warmup_epochs"])
+  assert optim.peak_lr(c) == pytest.approx(a["lr"] * batch / 256)
+  assert (c.optim.weight_decay, c.optim.clip_grad, c.optim.clip_mode, c.optim.freeze_mode) == (
+      (a["weight_decay"], a["weight_decay_end"]), a["clip_grad"], "per_tensor", "skip")
+  assert (c.loss.teacher_temp, c.loss.teacher_temp_warmup_epochs, c.loss.centering) == (
+      (a["warmup_teacher_temp"], a["teacher_temp"]), a["warmup_teacher_temp_epochs"], "centering")
+  assert (c.head.norm_last_layer, c.optim.freeze_last_layer_epochs, c.optim.teacher_momentum, c.head.out_dim) == (
+      a["norm_last_layer"], a["freeze_last_layer"], (a["momentum_teacher"], 1.0), a["out_dim"])
+  assert (c.aug.num_local, c.aug.global_scale, c.aug.local_scale) == (
+      a["local_crops_number"], a["global_crops_scale"], a["local_crops_scale"])
+
+
 # ---------------------------------------------------------------------------------------
 # Clipping against torch.
 # ---------------------------------------------------------------------------------------
@@ -325,7 +348,7 @@ def test_epoch_length_sets_the_schedule_and_bad_values_are_one_error(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 RECIPES = ["dino_vits16", "dino_vits16_300ep", "dino_vits8", "dino_vitb16", "dino_vitb8", "dinov2_vitl16_short",
-           "dinov2_vitg14", "dinov2_vits14", "esvit_swin_t"]
+           "dinov2_vitg14", "dinov2_vits14", "esvit_swin_t", "dino_resnet50"]
 
 
 @pytest.mark.parametrize("name", RECIPES)

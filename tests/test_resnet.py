@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from configs import dino_resnet50
+from dino_jax import checkpoints
 from dino_jax import data
 from dino_jax import learner
 from dino_jax import models
+from dino_jax import phases
 from dino_jax import runs
 from dino_jax import sharding
 from dino_jax import trainer
@@ -163,3 +165,23 @@ def test_backbone_weights_round_trip():
   weights = models.backbone_weights(params, stats)
   assert models.backbone_variables(weights) == {"params": params, "batch_stats": stats}
   assert models.backbone_variables(params) == {"params": params} and models.backbone_weights(params) is params
+
+
+def test_init_from_and_phase_carry_the_running_statistics(tmp_path):
+  """`model.init_from` starts student and teacher from the source teacher's weights and running
+  statistics; a phase carries them with the parameters."""
+  cfg = resnet_tiny(steps=2)
+  source = jax.device_get(trainer.train(cfg, str(tmp_path / "source"))["state"])
+  teacher_stats = source["batch_stats"]["teacher"]["backbone"]
+  fresh = learner.build(cfg, sharding.make_mesh(cfg), TRAIN_STEPS_PER_EPOCH).state
+  started = jax.device_get(checkpoints.init_from_run(fresh, str(tmp_path / "source")))
+  for who in ("student", "teacher"):
+    assert_trees_close(started["batch_stats"][who]["backbone"], teacher_stats, atol=0)
+  assert_trees_close(started["params"]["backbone"], source["teacher"].value["backbone"], atol=0)
+
+  phase = resnet_tiny(steps=2, **{"phase.start_from": str(tmp_path / "source"), "phase.carry": ("params",)})
+  fresh = learner.build(phase, sharding.make_mesh(phase), TRAIN_STEPS_PER_EPOCH).state
+  carried, _ = phases.start(fresh, phase)
+  carried = jax.device_get(carried)
+  for who in ("student", "teacher"):  # a teacher not carried starts as a copy of the student
+    assert_trees_close(carried["batch_stats"][who], source["batch_stats"]["student"], atol=0)
