@@ -125,6 +125,17 @@ def per_image(out: dict, b: int) -> dict:
   return grouped
 
 
+def apply_in_train_mode(model, params, stats, views, **kwargs):
+  """(`model`'s outputs on `views`, its running statistics after the pass): with batch norm
+  (`stats`, a ResNet's running statistics) it normalizes by the batch's statistics and moves
+  the running ones, as a PyTorch module in train mode (main_dino.py leaves student and teacher
+  so); without, (outputs, None)."""
+  if not stats:
+    return model.apply({"params": params}, views, **kwargs), None
+  out, moved = model.apply({"params": params, "batch_stats": stats}, views, mutable=["batch_stats"], **kwargs)
+  return out, moved["batch_stats"]
+
+
 def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, batch_sharding=None,
                teacher_model=None):
   """One update of the student by the config's objectives, then the teacher EMA and the centers.
@@ -160,12 +171,7 @@ def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, b
 
   t_model, t_params = (teacher_model, frozen_params) if distilling else (model, state["teacher"].value)
   stats = state.get("batch_stats")
-  if stats:  # batch norm in train mode: the batch's statistics, and the running ones moved (main_dino.py)
-    t_out, t_stats = t_model.apply({"params": t_params, "batch_stats": stats["teacher"]}, glob, patch_index=index,
-                                   mutable=["batch_stats"])
-    t_stats = t_stats["batch_stats"]
-  else:
-    t_out = t_model.apply({"params": t_params}, glob, patch_index=index)
+  t_out, t_stats = apply_in_train_mode(t_model, t_params, stats and stats["teacher"], glob, patch_index=index)
   t_out = per_image(jax.lax.stop_gradient(t_out), b)
   teacher |= objectives.teacher_targets(t_out, state, temp, cfg, valid)
   if "regions" in t_out:
@@ -176,11 +182,8 @@ def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, b
 
     def run(views, rng, **kw):  # one forward of the views of one size, as DINO's MultiCropWrapper
       nonlocal student_stats
-      variables = {"params": params} | ({"batch_stats": student_stats} if stats else {})
-      out = model.apply(variables, views, deterministic=False, rngs={"dropout": rng},
-                        mutable=["batch_stats"] if stats else False, **kw)
-      if stats:
-        out, student_stats = out[0], out[1]["batch_stats"]
+      out, student_stats = apply_in_train_mode(model, params, student_stats, views, deterministic=False,
+                                               rngs={"dropout": rng}, **kw)
       return per_image(out, b)
 
     groups = [run(glob, rng_global, mask=mask, patch_index=index)]
