@@ -343,25 +343,26 @@ def restore_weights(workdir: str, parts: tuple[str, ...], step: int | None = Non
       saved = saved["params"]
     else:
       raise UsageError(f"{workdir!r} holds no student weights (a converted model holds its teacher only)")
-    # A backbone with batch norm: its running statistics too (the train state's "batch_stats").
-    stats = (all_saved.get("batch_stats") or {}).get("student" if student else "teacher", {})
+    # A backbone with batch norm: its running statistics too (the train state's "batch_stats"),
+    # placed as its weights' "batch_stats" in `shardings`.
+    who = "student" if student else "teacher"
+    stats = (all_saved.get("batch_stats") or {}).get(who, {})
+    shape_of = lambda tree: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+    wanted = {p: shape_of(saved[p]) for p in parts if p in saved}
+    wanted_stats = {p: shape_of(stats[p]) for p in parts if p in stats}
     replicated = sharding.replicated(sharding.make_mesh())
-    wanted = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[p]) for p in parts if p in saved}
-    wanted_stats = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stats[p])
-                    for p in parts if p in stats}
     placed = by_name(shardings or {})
     args = lambda tree, prefix="": jax.tree_util.tree_map_with_path(
         lambda path, _: ocp.ArrayRestoreArgs(sharding=placed.get(prefix + path_name(path), replicated)), tree)
     nest = (lambda x: {"params": x}) if student else (lambda x: {"teacher": {"value": x}})
     item, restore_args = nest(wanted), nest(args(wanted))
     if wanted_stats:
-      who = "student" if student else "teacher"
       item["batch_stats"] = {who: wanted_stats}
       restore_args["batch_stats"] = {who: {p: args(t, f"{p}/batch_stats/") for p, t in wanted_stats.items()}}
     restored = mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                               partial_restore=True))
     weights = dict(restored["params"] if student else restored["teacher"]["value"])
-    for p, s in (restored.get("batch_stats") or {}).get("student" if student else "teacher", {}).items():
+    for p, s in restored.get("batch_stats", {}).get(who, {}).items():
       weights[p] = dict(weights[p], batch_stats=s)  # `models.backbone_weights`
     return weights | ({"backbone": with_added_weights(weights["backbone"])} if "backbone" in weights else {})
 
