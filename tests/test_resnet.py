@@ -12,6 +12,7 @@ import torch
 
 from configs import dino_resnet50
 from dino_jax import checkpoints
+from dino_jax import config_checks
 from dino_jax import data
 from dino_jax import learner
 from dino_jax import models
@@ -19,6 +20,7 @@ from dino_jax import phases
 from dino_jax import runs
 from dino_jax import sharding
 from dino_jax import trainer
+from dino_jax.errors import UsageError
 from dino_jax.evaluators import linear
 from dino_jax.evaluators import probe
 from dino_jax.models import resnet
@@ -185,3 +187,14 @@ def test_init_from_and_phase_carry_the_running_statistics(tmp_path):
   carried = jax.device_get(carried)
   for who in ("student", "teacher"):  # a teacher not carried starts as a copy of the student
     assert_trees_close(carried["batch_stats"][who], source["batch_stats"]["student"], atol=0)
+
+
+def test_ibot_and_distillation_are_refused_with_one_line():
+  """A ResNet has no mask token, and DINOv2 distils ViTs: both refused before anything runs."""
+  cfg = resnet_tiny(**{"loss.ibot_weight": 1.0})
+  with pytest.raises(UsageError, match="needs a ViT"):
+    config_checks.check(cfg, 1)
+  cfg = resnet_tiny()
+  cfg.distill = dict(teacher="runs/demo", teacher_step=-1, model=tiny().model.to_dict(), head=cfg.head.to_dict())
+  with pytest.raises(UsageError, match="not ResNets"):
+    config_checks.check(cfg, 1)
