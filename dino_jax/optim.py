@@ -23,6 +23,7 @@ CLIP_MODES = ("per_tensor", "per_module", "global")
 TEACHER_TEMP_STEPS = ("per_step", "per_epoch")
 FREEZE_MODES = ("skip", "zero_lr")
 OPTIMIZERS = ("adamw", "sgd", "lars")
+LARS_ETA = 0.001  # DINO's utils.LARS trust coefficient (main_dino.py keeps its default)
 
 
 def warmup_cosine(start: float, peak: float, end: float, warmup: int, total: int) -> optax.Schedule:
@@ -209,15 +210,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedules: dict, steps_per_ep
   momentum 0.9, vectors (biases, norms) neither decayed nor adapted. The lr multiplies the
   momentum buffer (the torch optimizers' order), so an lr schedule does not enter the buffer."""
   o = cfg.optim
-  name = o.get("name", "adamw")
+  optimizer = o.get("name", "adamw")  # runs recorded before optim.name: AdamW
   multiplier = lambda name: layer_lr_multiplier(name, backbone, o.layer_decay, o.patch_embed_lr_mult)
   decay = lambda: optax.add_decayed_weights(schedules["weight_decay"], mask=weight_decay_mask)
-  if name == "adamw":
+  if optimizer == "adamw":
     before, state_part, after = [], lambda: optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1]), [decay()]
-  elif name == "sgd":
+  elif optimizer == "sgd":
     before, state_part, after = [decay()], lambda: optax.trace(o.get("momentum", 0.9)), []
   else:
-    trust = optax.masked(optax.scale_by_trust_ratio(trust_coefficient=o.get("lars_eta", 0.001)), is_matrix)
+    trust = optax.masked(optax.scale_by_trust_ratio(trust_coefficient=LARS_ETA), is_matrix)
     before, state_part, after = [decay(), trust], lambda: optax.trace(o.get("momentum", 0.9)), []
   rule = lambda stateful, *last: optax.chain(
       *before, stateful, *after, scale_by_layer(multiplier), optax.scale_by_learning_rate(schedules["lr"]), *last)
