@@ -54,7 +54,7 @@ from dino_jax.curation import demo
 from dino_jax.curation import search
 from dino_jax.errors import UsageError
 from dino_jax.errors import fail
-from dino_jax.evaluators import knn
+from dino_jax.models import layers
 from dino_jax.models import sscd
 
 PIPELINE = ("embed", "dedup", "retrieve", "manifest")
@@ -293,7 +293,7 @@ def embed_set(describe, source, ids: list[str], out: pathlib.Path, cfg, mesh, de
   local = batch // jax.process_count()
   start = jax.process_index() * local
   to_global = lambda x: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), x)
-  gather = jax.jit(lambda f, ok: (knn.l2_normalize(f.astype(np.float32)), ok),
+  gather = jax.jit(lambda f, ok: (layers.l2_normalize(f.astype(np.float32)), ok),
                    out_shardings=sharding.replicated(mesh))
   out.mkdir(parents=True, exist_ok=True)
   done = np.zeros(len(ids), bool)

@@ -17,19 +17,16 @@ from dino_jax import validate
 from dino_jax.errors import UsageError
 from dino_jax.evaluators import common
 from dino_jax.evaluators import probe
+from dino_jax.models import layers
 
 DINO_KS = (10, 20, 100, 200)
-
-
-def l2_normalize(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @jax.jit(static_argnames=("num_classes", "ks"))
 def knn_predict_ks(train_features, train_labels, test_features, *, num_classes, ks, temperature):
   """Class predictions [len(ks), n_test] of the weighted vote of the k nearest neighbours,
   for each k of `ks`: one top-max(ks) search, each k voting with its first k."""
-  sim = l2_normalize(test_features) @ l2_normalize(train_features).T
+  sim = layers.l2_normalize(test_features) @ layers.l2_normalize(train_features).T
   top_sim, top_idx = jax.lax.top_k(sim, max(ks))
   weights, labels = jnp.exp(top_sim / temperature), train_labels[top_idx]
   rows = jnp.arange(sim.shape[0])[:, None]

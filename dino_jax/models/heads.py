@@ -32,7 +32,7 @@ class DINOHead(nn.Module):
     for i in range(self.num_layers - 1):
       x = layers.gelu(nn.Dense(self.hidden_dim, kernel_init=layers.LINEAR_INIT, name=f"mlp{i}")(x))
     x = nn.Dense(self.bottleneck_dim, kernel_init=layers.LINEAR_INIT, name=f"mlp{self.num_layers - 1}")(x)
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    x = layers.l2_normalize(x)
     v = self.param("last_layer", layers.torch_default_kernel(), (self.bottleneck_dim, self.out_dim))
     scale = 1.0 / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
     if not self.norm_last_layer:

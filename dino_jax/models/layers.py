@@ -51,6 +51,12 @@ def patch_embedding(width: int, patch_size: int, dtype, name: str = "patch_embed
                  kernel_init=torch_default_kernel(), bias_init=torch_default_bias(3 * patch_size ** 2), name=name)
 
 
+def l2_normalize(x, eps: float = 1e-12):
+  """x / max(||x||, eps) along the last axis: torch.nn.functional.normalize's default (DINO's
+  head before its last layer, SSCD's descriptors, the k-NN's features)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 def gelu(x):
   """The exact GELU (Hendrycks & Gimpel 2016), x·Φ(x) = x/2·(1 + erf(x/√2)), computed as
   PyTorch's `nn.GELU()` does (DINO's and DINOv2's MLPs and heads); `jax.nn.gelu(x,

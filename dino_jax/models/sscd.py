@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dino_jax import augment
+from dino_jax.models import layers
 from dino_jax.models import resnet
 
 IMAGE_SIZE = 288  # sscd/lib/inference.py's default square input
@@ -25,11 +26,6 @@ def gem(x, p: float, eps: float = 1e-6):
   """Generalized-mean pooling of [B, h, w, C] over h·w: mean(max(x, eps) ** p) ** (1 / p)
   (Radenović et al. 2018; sscd/models/gem_pooling.py's GlobalGeMPool2d)."""
   return jnp.mean(jnp.maximum(x, eps) ** p, axis=(1, 2)) ** (1.0 / p)
-
-
-def l2_normalize(x, eps: float = 1e-12):
-  """x / max(||x||, eps) per row: torch.nn.functional.normalize's default."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class SSCD(nn.Module):
@@ -44,7 +40,7 @@ class SSCD(nn.Module):
   @nn.compact
   def __call__(self, images):
     feature_map = resnet.ResNet(depth=self.depth, width=self.width, name="trunk")(images)["patch"]
-    return l2_normalize(nn.Dense(self.dim, name="projection")(gem(feature_map, self.p)))
+    return layers.l2_normalize(nn.Dense(self.dim, name="projection")(gem(feature_map, self.p)))
 
 
 def preprocess(images, size: int = IMAGE_SIZE):
