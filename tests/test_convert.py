@@ -207,6 +207,14 @@ def test_training_checkpoint_teacher_with_head_and_block_chunks(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
+def export_with_cli(source, out) -> str:
+  """`python -m dino_jax.convert --export source --out out`; its stdout (asserting it succeeded)."""
+  result = subprocess.run([sys.executable, "-m", "dino_jax.convert", "--export", str(source), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  return result.stdout
+
+
 def test_export_then_import_is_exact_and_runs_in_pytorch(tmp_path, monkeypatch):
   monkeypatch.setitem(convert.ARCHS, "giant_style", GIANT_STYLE)
   module = models.ViT(14, 64, 2, 4, 96, "swiglu", 4, 1e-5, pos_embed_grid=4, interpolate_offset=0.0,
@@ -216,10 +224,7 @@ def test_export_then_import_is_exact_and_runs_in_pytorch(tmp_path, monkeypatch):
   source = convert.write_run(str(tmp_path / "source"),
                              convert.run_config(GIANT_STYLE, 4, (0.0, True), None), {"backbone": params})
   pth = tmp_path / "exported.pth"
-  result = subprocess.run([sys.executable, "-m", "dino_jax.convert", "--export", str(source), "--out", str(pth)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr
-  assert "interpolate_offset=0.0, interpolate_antialias=True" in result.stdout
+  assert "interpolate_offset=0.0, interpolate_antialias=True" in export_with_cli(source, pth)
   state = torch.load(pth, weights_only=True)
   reference = torch_reference.OfficialViT(GIANT_STYLE, 4, 0.0, True)
   reference.load_state_dict(state)  # strict: exactly the official keys and shapes

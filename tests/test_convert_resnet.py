@@ -20,6 +20,7 @@ from dino_jax import models
 from dino_jax import runs
 from dino_jax.errors import UsageError
 from tests import torch_reference
+from tests.test_convert import export_with_cli
 from tests.test_convert import numpy_state
 from tests.test_convert import relative_error
 
@@ -106,10 +107,8 @@ def test_export_loads_strictly_in_torchvision_and_reimports_exactly(tmp_path):
   model = torchvision_resnet(18, seed=3)
   source, _, _ = convert.import_file(convert_input(model, tmp_path), "resnet18", str(tmp_path / "source"))
   pth = tmp_path / "exported.pth"
-  result = subprocess.run([sys.executable, "-m", "dino_jax.convert", "--export", str(source), "--out", str(pth)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr
-  assert "torchvision.models.resnet18() with fc = nn.Identity() loads it with strict=True" in result.stdout
+  printed = export_with_cli(source, pth)
+  assert "torchvision.models.resnet18() with fc = nn.Identity() loads it with strict=True" in printed
   state = torch.load(pth, weights_only=True)
   assert state["layer2.0.bn1.num_batches_tracked"].dtype == torch.int64
   reference = torchvision.models.resnet18()
