@@ -68,6 +68,8 @@ def _check_choices(cfg) -> None:
     validate.one_of(cfg, "model.drop_path_mode", ("sample", "subset"))
   validate.one_of(cfg, "model.attention", ("xla", "cudnn"))
   validate.one_of(cfg, "model.dtype", DTYPES)
+  if cfg.model.get("packed_crops", False) and cfg.model.get("name", "vit") != "vit":
+    raise UsageError(f"model.packed_crops packs a ViT's tokens; the {cfg.model.name} backbone has no such option")
   if cfg.model.get("scan", False):
     if cfg.model.get("name", "vit") != "vit":
       raise UsageError(f"model.scan runs a ViT's blocks as one loop; the {cfg.model.name} backbone has no such option")

@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
                  init_from="",  # a run directory (e.g. dino_jax.convert's) whose teacher starts the run
                  # Compute dtype: "auto" is bfloat16 on GPUs and TPUs (float32 parameters, softmaxes, losses,
                  # EMA, centers), float32 on CPUs (models.compute_dtype); the other speed knobs: models.ViT.
-                 dtype="auto", remat="none", scan=False, attention="xla")
+                 dtype="auto", remat="none", scan=False, attention="xla",
+                 packed_crops=False)  # True: the student's crops in one packed pass (models.packing)
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, share_ibot_head=False,
                 norm_last_layer=True,  # False: a trainable weight-norm gain (models.DINOHead)
                 ibot_bottleneck_dim=0)  # the iBOT head's, when not bottleneck_dim (DINOv2 ViT-g: 256 vs 384)
@@ -104,7 +105,8 @@ def dinov2_config(size: str) -> ml_collections.ConfigDict:
                  drop_path_uniform=True, drop_path_mode="subset",
                  cls_token_std=1e-6,  # DINOv2's CLS init: normal(1e-6)
                  pos_embed_grid=16, interpolate_offset=0.1, interpolate_antialias=False,  # 224 px / 14
-                 init_from="", dtype="auto", remat="none", scan=size in ("large", "giant"), attention="xla")
+                 init_from="", dtype="auto", remat="none", scan=size in ("large", "giant"), attention="xla",
+                 packed_crops=False)
   c.head = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=384 if size == "giant" else 256,
                 num_layers=3, share_ibot_head=False, norm_last_layer=False, ibot_bottleneck_dim=0)
   # DINOv2's blur: torchvision's 9-tap kernel, applied with p = 1 - p of its arguments (augment).

@@ -142,7 +142,9 @@ def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, b
 
   batch: "global" [B, 2, G, G, 3], "local" [B, N, L, L, 3] views and, with iBOT, "masks"
   [B, 2, num_patches] bool for the student's global crops. `batch_sharding` (the jitted step's)
-  keeps the flattened views split along the batch.
+  keeps the flattened views split along the batch. With `model.packed_crops` the student's
+  global and local crops go through the backbone together, packed (`models.packing`, DINOv2's
+  one pass), from one dropout stream; otherwise one pass per crop size (DINO's MultiCropWrapper).
 
   Distillation (`dino_jax.distill`): the targets come from `frozen_params`, the parameters of
   `teacher_model`, which nothing updates; state["teacher"] is the EMA of the student; the
@@ -180,15 +182,23 @@ def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, b
   def loss_fn(params):
     student_stats = stats and stats["student"]
 
-    def run(views, rng, **kw):  # one forward of the views of one size, as DINO's MultiCropWrapper
+    def run(views, rng, **kw):  # one forward of the views of one size
       nonlocal student_stats
       out, student_stats = apply_in_train_mode(model, params, student_stats, views, deterministic=False,
                                                rngs={"dropout": rng}, **kw)
       return per_image(out, b)
 
-    groups = [run(glob, rng_global, mask=mask, patch_index=index)]
-    if "local" in batch:
-      groups.append(run(sharding.constrain(flat_views(batch["local"]), batch_sharding), rng_local))
+    local = sharding.constrain(flat_views(batch["local"]), batch_sharding) if "local" in batch else None
+    if cfg.model.get("packed_crops", False) and local is not None:  # DINOv2's one pass of all crops
+      chunks = 1 if batch_sharding is None else batch_sharding.mesh.size
+      out, _ = apply_in_train_mode(model, params, None, (glob, local), deterministic=False,
+                                   rngs={"dropout": rng_global}, mask=None if mask is None else (mask, None),
+                                   patch_index=index, pack_chunks=chunks)
+      groups = [per_image(o, b) for o in out]
+    else:  # one pass per crop size, as DINO's MultiCropWrapper
+      groups = [run(glob, rng_global, mask=mask, patch_index=index)]
+      if local is not None:
+        groups.append(run(local, rng_local))
     student = {"logits": jnp.concatenate([g["logits"] for g in groups], 1), "embedding": groups[0]["embedding"]}
     if "patch_logits" in groups[0]:
       student["patch_logits"] = groups[0]["patch_logits"]

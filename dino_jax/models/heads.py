@@ -62,9 +62,21 @@ class DINOModel(nn.Module):
   ibot_head: Optional[DINOHead] = None
   region_head: Optional[DINOHead] = None
 
-  def __call__(self, images, mask=None, patch_index=None, deterministic: bool = True):
-    feats = self.backbone(images, mask=mask, deterministic=deterministic)
-    out = {"embedding": feats["embedding"], "logits": self.head(feats["embedding"])}
+  def __call__(self, images, mask=None, patch_index=None, deterministic: bool = True, pack_chunks: int = 1):
+    """With `images` a tuple of crop batches (a ViT's packed pass, `models.packing`): a tuple of
+    outputs, one per size, the DINO head run once on all their embeddings as DINOv2 runs it;
+    `mask` and `patch_index` belong to the first size (the global crops)."""
+    if not isinstance(images, (tuple, list)):
+      feats = self.backbone(images, mask=mask, deterministic=deterministic)
+      return self.outputs(feats, self.head(feats["embedding"]), patch_index)
+    feats = self.backbone(tuple(images), mask=mask, deterministic=deterministic, pack_chunks=pack_chunks)
+    logits = self.head(jnp.concatenate([f["embedding"] for f in feats]))
+    ends = np.cumsum([f["embedding"].shape[0] for f in feats])[:-1]
+    return tuple(self.outputs(f, lg, patch_index if i == 0 else None)
+                 for i, (f, lg) in enumerate(zip(feats, jnp.split(logits, ends))))
+
+  def outputs(self, feats, logits, patch_index=None):
+    out = {"embedding": feats["embedding"], "logits": logits}
     patches = feats["patch"].reshape(feats["patch"].shape[0], -1, feats["patch"].shape[-1])
     if patch_index is not None:  # positions in each group's (image's, or device's images') patches
       grouped = patches.reshape(patch_index.shape[0], -1, patches.shape[-1])

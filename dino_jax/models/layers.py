@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dino_jax.models import packing
+
 
 def compute_dtype(name: str):
   """`model.dtype` as a JAX dtype; "auto": bfloat16 on GPUs and TPUs (the mixed precision of the
@@ -147,11 +149,19 @@ REMAT_POLICIES = {  # what a rematerialized block keeps from its forward pass
 
 
 
-def residual(x, branch, rate: float, deterministic: bool, make_rng, subsets: Optional[Subsets] = None):
+def residual(x, branch, rate: float, deterministic: bool, make_rng, subsets: Optional[Subsets] = None,
+             packed: Optional[tuple] = None):
   """x + branch(x) with stochastic depth at `rate`: with `subsets`, DINOv2's kept-subset form at
   any rate above 0 (its `NestedTensorBlock.forward_nested`, the student's training path;
-  `subset_drop_path`), else the per-sample mask (DINO's and EsViT's DropPath). Call inside a
-  compact module; `make_rng` is that module's."""
+  `subset_drop_path`), else the per-sample mask (DINO's and EsViT's DropPath). With `packed`
+  ((`packing.PackedLayout`, segment ids): x holds crops packed in rows) the same draws per crop,
+  applied as a scale of each crop's tokens (`packing.crop_drop_scale`; the dropped crops' branch
+  is computed, then zeroed). Call inside a compact module; `make_rng` is that module's."""
+  if not deterministic and rate > 0 and packed is not None:
+    layout, segments = packed
+    scale = packing.crop_drop_scale(make_rng("dropout"), layout, rate, subsets.groups if subsets else None)
+    update = branch(x)
+    return x + update * packing.token_scale(scale, segments).astype(update.dtype)
   if not deterministic and rate > 0 and subsets is not None:
     return subset_drop_path(x, branch, rate, make_rng("dropout"), subsets)
   return x + DropPath(rate)(branch(x), deterministic)

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from dino_jax.models import layers
+from dino_jax.models import packing
 from dino_jax.models.layers import (LayerScale, Mlp, REMAT_POLICIES, SwiGLU, patch_embedding, residual,
                                     trunc_normal)
 
@@ -88,9 +89,10 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
   subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth, else per sample
+  packed_layout: Optional[packing.PackedLayout] = None  # x holds crops packed in rows (`segments`: their ids)
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, segments=None):
     d = x.shape[-1]
 
     def attention(x):
@@ -100,7 +102,10 @@ class Block(nn.Module):
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       if self.is_mutable_collection("keys"):  # the "key" facet (SD-DINO's correspondence features)
         self.sow("keys", "key", k)
-      h = layers.attention(q, k, v, implementation=self.attention)
+      bias = None
+      if segments is not None:  # each packed crop attends to itself
+        bias = packing.attention_bias(segments, jnp.float32 if self.attention == "xla" else q.dtype)
+      h = layers.attention(q, k, v, bias=bias, implementation=self.attention)
       if self.is_mutable_collection("intermediates"):  # attention maps for inspection
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
         self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
@@ -112,8 +117,9 @@ class Block(nn.Module):
       h = (SwiGLU if self.ffn == "swiglu" else Mlp)(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
       return LayerScale(self.layerscale, name="ls2")(h) if self.layerscale is not None else h
 
+    packed = None if segments is None else (self.packed_layout, segments)
     for branch in (attention, feed_forward):
-      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.subsets)
+      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.subsets, packed)
     return x
 
 
@@ -131,6 +137,12 @@ class ViT(nn.Module):
   each block sows its attention keys [B, N, heads, d] ("key" facet). The CLS token's
   position embedding (slot 0 of the official `pos_embed`) is its own parameter,
   `cls_pos_embed`, as there: both it and the CLS token are trained and decayed.
+
+  `images` may be a tuple of crop batches of different sizes (`mask` then a tuple too, None
+  for a size without): their tokens go through the blocks together, packed in rows with
+  attention masked per crop as DINOv2's `NestedTensorBlock` runs its crops (`models.packing`;
+  `pack_chunks` consecutive parts of the batch, one per device, packed apart), and the call
+  returns one output dict per size, each what the unpacked call gives.
   """
   patch_size: int = 16
   width: int = 384
@@ -154,51 +166,74 @@ class ViT(nn.Module):
   subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth (training), else per sample
 
   @nn.compact
-  def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0, final_norm: bool = True):
-    b = images.shape[0]
-    x = patch_embedding(self.width, self.patch_size, self.dtype, stride=self.patch_stride)(images)
-    grid = x.shape[1:3]
-    x = x.reshape(b, -1, self.width)
-    if mask is not None:
+  def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0, final_norm: bool = True,
+               pack_chunks: int = 1):
+    packed = isinstance(images, (tuple, list))  # crops of several sizes in one pass (`models.packing`)
+    crops = tuple(images) if packed else (images,)
+    masks = tuple(mask) if packed and mask is not None else (mask,) + (None,) * (len(crops) - 1)
+    embed = patch_embedding(self.width, self.patch_size, self.dtype, stride=self.patch_stride)
+    patches = [embed(crops[0])]  # the parameters are created in the order of the unpacked call
+    mask_token = None
+    if any(m is not None for m in masks):
       mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, self.width))
-      x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
-    pos = self.param("pos_embed", trunc_normal(0.02), (1, self.pos_embed_grid, self.pos_embed_grid, self.width))
-    pos = resize_pos_embed(pos, grid, self.interpolate_offset, self.interpolate_antialias)
-    x = x + pos.reshape(1, -1, self.width).astype(x.dtype)
+    pos_embed = self.param("pos_embed", trunc_normal(0.02), (1, self.pos_embed_grid, self.pos_embed_grid, self.width))
     cls = self.param("cls_token", trunc_normal(self.cls_token_std), (1, 1, self.width))
     cls = cls + self.param("cls_pos_embed", trunc_normal(0.02), (1, 1, self.width))
-    prefix = [jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype)]
+    reg = None
     if self.num_registers:
-      reg = self.param("register_tokens", nn.initializers.normal(1e-6),
-                       (1, self.num_registers, self.width))
-      prefix.append(jnp.broadcast_to(reg, (b, self.num_registers, self.width)).astype(x.dtype))
-    x = jnp.concatenate(prefix + [x], axis=1)
+      reg = self.param("register_tokens", nn.initializers.normal(1e-6), (1, self.num_registers, self.width))
+    patches += [embed(c) for c in crops[1:]]
+
+    def tokens(x, mask):  # [b, h, w, D] patch embeddings -> [b, N, D] tokens with CLS, registers, positions
+      b, grid = x.shape[0], x.shape[1:3]
+      x = x.reshape(b, -1, self.width)
+      if mask is not None:
+        x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
+      pos = resize_pos_embed(pos_embed, grid, self.interpolate_offset, self.interpolate_antialias)
+      x = x + pos.reshape(1, -1, self.width).astype(x.dtype)
+      prefix = [jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype)]
+      if reg is not None:
+        prefix.append(jnp.broadcast_to(reg, (b, self.num_registers, self.width)).astype(x.dtype))
+      return jnp.concatenate(prefix + [x], axis=1)
+
+    xs = [tokens(x, m) for x, m in zip(patches, masks)]
+    grids = [x.shape[1:3] for x in patches]
     norm = nn.LayerNorm(epsilon=1e-6, name="norm")
     n_prefix = 1 + self.num_registers
-    outputs = lambda x: {"embedding": x[:, 0], "registers": x[:, 1:n_prefix],
-                         "patch": x[:, n_prefix:].reshape(b, *grid, self.width)}
+    outputs = lambda x, grid: {"embedding": x[:, 0], "registers": x[:, 1:n_prefix],
+                               "patch": x[:, n_prefix:].reshape(x.shape[0], *grid, self.width)}
+    inspected = self.is_mutable_collection("intermediates") or self.is_mutable_collection("keys")
+    layout = segments = None
+    if packed:
+      if layers or inspected:
+        raise ValueError("a packed pass gives the final outputs only (no intermediate layers, keys or attention)")
+      layout = packing.PackedLayout(tuple(x.shape[:2] for x in xs), pack_chunks)
+      x, segments = layout.pack(xs), jnp.asarray(layout.segment_ids())
+    else:
+      x = xs[0]
     intermediate = []
     block_args = lambda i: (self.num_heads, self.mlp_dim, self.ffn, self.layerscale, self.block_rate(i), self.dtype,
-                            self.attention, self.subsets)
-    inspected = self.is_mutable_collection("intermediates") or self.is_mutable_collection("keys")
+                            self.attention, self.subsets, layout)
     if self.scan and not (self.is_initializing() or layers or inspected):
-      x = self.scan_blocks(Block(*block_args(0), parent=None), x, deterministic)
+      x = self.scan_blocks(Block(*block_args(0), parent=None), x, deterministic, segments)
     else:
       block = Block if self.remat == "none" else nn.remat(Block, static_argnums=(2,),
                                                           policy=REMAT_POLICIES[self.remat])
       for i in range(self.depth):
-        x = block(*block_args(i), name=f"block{i}")(x, deterministic)
+        x = block(*block_args(i), name=f"block{i}")(x, deterministic, segments)
         if i >= self.depth - layers:
-          intermediate.append(outputs((norm(x) if final_norm else x).astype(jnp.float32)))
-    out = outputs(norm(x).astype(jnp.float32))
-    return out | ({"intermediate": intermediate} if layers else {})
+          intermediate.append(outputs((norm(x) if final_norm else x).astype(jnp.float32), grids[0]))
+    x = norm(x).astype(jnp.float32)
+    if packed:
+      return tuple(outputs(x, grid) for x, grid in zip(layout.unpack(x), grids))
+    return outputs(x, grids[0]) | ({"intermediate": intermediate} if layers else {})
 
   def block_rate(self, i: int) -> float:
     """Block i's stochastic-depth rate: DINO's torch.linspace(0, rate, depth), or every block
     at the rate (DINOv2's drop_path_uniform)."""
     return self.drop_path_rate * (1.0 if self.drop_path_uniform else i / max(self.depth - 1, 1))
 
-  def scan_blocks(self, block: Block, x, deterministic: bool):
+  def scan_blocks(self, block: Block, x, deterministic: bool, segments=None):
     """The blocks as one `jax.lax.scan` over their parameters stacked on a new leading axis, so
     XLA compiles one block, not `depth` (big_vision's scan; ViT-L/g compile 2-4x faster).
     The parameters keep their stored layout (block0 .. block{depth-1}): checkpoints, the
@@ -212,7 +247,8 @@ class ViT(nn.Module):
 
     def body(x, inputs):
       p, key = inputs
-      return block.apply({"params": p}, x, deterministic, rngs=None if key is None else {"dropout": key}), None
+      return block.apply({"params": p}, x, deterministic, segments,
+                         rngs=None if key is None else {"dropout": key}), None
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)

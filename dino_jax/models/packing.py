@@ -1,0 +1,139 @@
+"""All crops of a step through a ViT in one pass, as DINOv2's `NestedTensorBlock` runs them.
+
+DINOv2 (Oquab et al. 2023) concatenates the tokens of the global and the local crops along
+the sequence and gives attention a block-diagonal mask (xFormers' `BlockDiagonalMask`), so
+each block is one call whatever the crop sizes. Here the crops are packed into rows of the
+longest crop's token count L:
+
+  a crop of L tokens (a global crop) fills a row;
+  a crop of N < L tokens shares a row with L // N - 1 others of its size (local crops),
+  the row's tail and any missing crop filled with zero tokens;
+
+and each row's attention is masked to its crops (`segment_ids`, `attention_mask`): a token
+attends to the tokens of its own crop only, pad tokens to pad tokens. Matmuls, norms and
+FFNs run on every row at once; attention costs rows x L^2 instead of the crops' sum of N^2
+(`PackedLayout.attention_cost` says how much more). Crops are packed within each of
+`chunks` consecutive parts of the batch (one per device), so packing moves no data between
+devices.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PAD = -1  # segment id of pad tokens (the row's tail, and crops that fill a row's last slots)
+MASKED_LOGIT = -1e4  # added to logits across crops: exp() of it underflows to 0 in float32, fits float16
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+  """Where each crop's tokens sit in the packed rows.
+
+  sizes: (crops, tokens per crop) of each crop size, in the order given, crops counted over
+  the whole batch; chunks: the batch's consecutive parts packed apart (crops of each size
+  divide evenly between them). Crops are numbered in that order: size 0's, then size 1's...
+  """
+  sizes: tuple[tuple[int, int], ...]
+  chunks: int = 1
+
+  def __post_init__(self):
+    for crops, _ in self.sizes:
+      if crops % self.chunks:
+        raise ValueError(f"{crops} crops do not divide into {self.chunks} chunks")
+
+  @property
+  def row_length(self) -> int:
+    return max(tokens for _, tokens in self.sizes)
+
+  def per_row(self, i: int) -> int:
+    """Crops of size i in a row."""
+    return self.row_length // self.sizes[i][1]
+
+  def rows(self, i: int) -> int:
+    """Rows of size i's crops in each chunk."""
+    return math.ceil(self.sizes[i][0] // self.chunks / self.per_row(i))
+
+  @property
+  def num_rows(self) -> int:
+    return self.chunks * sum(self.rows(i) for i in range(len(self.sizes)))
+
+  @property
+  def num_crops(self) -> int:
+    return sum(crops for crops, _ in self.sizes)
+
+  def pack(self, xs, pad_value=0):
+    """[crops_i, tokens_i, ...] per size -> [num_rows, row_length, ...] (NumPy in, NumPy out)."""
+    xp = np if all(isinstance(x, np.ndarray) for x in xs) else jnp
+    parts = []
+    for i, x in enumerate(xs):
+      crops, tokens = self.sizes[i]
+      k, rows, feat = self.per_row(i), self.rows(i), x.shape[2:]
+      no_pad = [(0, 0)] * len(feat)
+      x = x.reshape(self.chunks, crops // self.chunks, tokens, *feat)
+      x = xp.pad(x, [(0, 0), (0, rows * k - x.shape[1]), (0, 0)] + no_pad, constant_values=pad_value)
+      x = x.reshape(self.chunks, rows, k * tokens, *feat)
+      parts.append(xp.pad(x, [(0, 0), (0, 0), (0, self.row_length - k * tokens)] + no_pad,
+                          constant_values=pad_value))
+    packed = xp.concatenate(parts, axis=1)
+    return packed.reshape(self.num_rows, self.row_length, *packed.shape[3:])
+
+  def unpack(self, packed) -> list:
+    """[num_rows, row_length, ...] -> [crops_i, tokens_i, ...] per size (`pack`'s inverse)."""
+    feat = packed.shape[2:]
+    packed = packed.reshape(self.chunks, -1, self.row_length, *feat)
+    out, start = [], 0
+    for i, (crops, tokens) in enumerate(self.sizes):
+      k, rows = self.per_row(i), self.rows(i)
+      x = packed[:, start:start + rows, :k * tokens].reshape(self.chunks, rows * k, tokens, *feat)
+      out.append(x[:, :crops // self.chunks].reshape(crops, tokens, *feat))
+      start += rows
+    return out
+
+  def segment_ids(self) -> np.ndarray:
+    """[num_rows, row_length] int32: each token's crop number, PAD for pad tokens."""
+    ids, first = [], 0
+    for crops, tokens in self.sizes:
+      ids.append(np.repeat(np.arange(first, first + crops, dtype=np.int32)[:, None], tokens, axis=1))
+      first += crops
+    return self.pack(ids, pad_value=PAD)
+
+  def attention_cost(self) -> float:
+    """Attention's FLOPs packed over the crops' own (rows x L^2 / sum of crops x N^2)."""
+    return self.num_rows * self.row_length ** 2 / sum(crops * tokens ** 2 for crops, tokens in self.sizes)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+  """[rows, L] segment ids -> [rows, 1, L, L] bool: query and key in the same crop (or both pads)."""
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def attention_bias(segment_ids: jax.Array, dtype) -> jax.Array:
+  """The mask as an additive bias on the logits, 0 within a crop and MASKED_LOGIT across."""
+  return jnp.where(attention_mask(segment_ids), 0.0, MASKED_LOGIT).astype(dtype)
+
+
+def crop_drop_scale(rng, layout: PackedLayout, rate: float, groups: int | None) -> jax.Array:
+  """Stochastic depth per crop on packed rows: [num_crops + 1] scales of each crop's residual
+  branch (the last, 0, for pad tokens). With `groups` (DINOv2's kept subsets, `layers.Subsets`)
+  each group of consecutive crops of one size keeps k = max(int(n (1 - rate)), 1) of its n,
+  scaled by n / k, as `layers.subset_drop_path` draws them; else each crop is kept with
+  probability 1 - rate and scaled by 1 / (1 - rate) (DINO's DropPath)."""
+  scales = []
+  for i, (crops, _) in enumerate(layout.sizes):
+    key = jax.random.fold_in(rng, i)
+    if groups is None:
+      keep = 1.0 - rate
+      scales.append(jax.random.bernoulli(key, keep, (crops,)).astype(jnp.float32) / keep)
+      continue
+    n = crops // groups
+    k = max(int(n * (1.0 - rate)), 1)
+    order = jnp.argsort(jax.random.uniform(key, (groups, n)), axis=1)[:, :k]
+    scales.append(jax.nn.one_hot(order, n).sum(1).reshape(crops) * (n / k))
+  return jnp.concatenate(scales + [jnp.zeros((1,))])
+
+
+def token_scale(scale: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """Per-crop scales [num_crops + 1] at each packed token, [rows, L, 1]."""
+  return jnp.take(scale, jnp.where(segment_ids < 0, scale.shape[0] - 1, segment_ids))[..., None]
