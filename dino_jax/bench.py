@@ -31,7 +31,7 @@ also traces one more step with `jax.profiler` after the timed ones (TensorBoard'
 plugin or Perfetto open the trace) and prints the XLA ops that took the most device time.
 """
 import collections
-import concurrent.futures
+import contextlib
 import json
 import os
 import pathlib
@@ -415,8 +415,25 @@ def photo_jpegs(folder: pathlib.Path, count: int) -> None:
     Image.fromarray(rgb).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def loader_benchmark(cfg: ml_collections.ConfigDict, images: int, workers: int, repeats: int = 3) -> dict:
-  """Host-side decode + crop throughput of the config's crops (`data.read_views`)."""
+def gil_meter():
+  """gil_load (a small C extension that times the GIL's lock calls) when this process was started
+  under it, `python -m gil_load -m dino_jax.bench ...` after `pip install gil_load`; else None."""
+  if "gil_load" not in os.environ.get("LD_PRELOAD", ""):
+    return None
+  import gil_load  # pylint: disable=import-outside-toplevel
+  gil_load.init()
+  return gil_load
+
+
+def loader_benchmark(cfg: ml_collections.ConfigDict, images: int, workers: int, processes: int = 0,
+                     repeats: int = 3) -> dict:
+  """Host-side throughput of the loader the trainer runs (`data.train_batches`): steps of
+  `images` images cut into the config's crops by `workers` threads in this process or, with
+  `processes`, by that many grain worker processes of `workers` threads each. Images/s is the
+  median of `repeats` windows of 4 x max(processes, 1) steps, after a first window that also
+  takes the steps made ahead while the workers started. Under gil_load (`gil_meter`), also the
+  share of that time this process's threads held the GIL: with threads, 1 / share bounds what
+  more threads can gain on any host."""
   specs = crops.crop_specs(cfg.aug)
   with tempfile.TemporaryDirectory() as tmp:
     if cfg.data.source == "folder":
@@ -425,17 +442,26 @@ def loader_benchmark(cfg: ml_collections.ConfigDict, images: int, workers: int, 
       photo_jpegs(pathlib.Path(tmp), images)
       source, what = data.FolderSource(tmp, cfg.data.image_size), f"{images} generated 500x375 JPEGs"
     count = min(images, len(source))
-    times = []
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for r in range(repeats + 1):  # the first pass warms the file cache and the threads
+    meter = gil_meter()
+    window, rates = 4 * max(processes, 1), []
+    batches = data.train_batches(source, count, cfg.seed, 0, specs, workers=workers, worker_processes=processes)
+    with contextlib.closing(batches):
+      next(batches)  # the workers have started
+      if meter:
+        meter.start()
+      for _ in range(repeats + 1):  # the first window also empties the batches made ahead while starting
         start = time.perf_counter()
-        data.read_views(source, np.arange(count), np.arange(count), r, cfg.seed, specs, pool)
-        times.append(time.perf_counter() - start)
-  seconds = statistics.median(times[1:])
-  cores = min(workers, os.cpu_count() or 1)
-  return {"loader": what, "images": count, "workers": workers, "cores_used": cores,
+        for _ in range(window):
+          next(batches)
+        rates.append(window * count / (time.perf_counter() - start))
+      if meter:
+        meter.stop()
+  rate = statistics.median(rates[1:])
+  cores = min(workers * max(processes, 1), os.cpu_count() or 1)
+  return {"loader": what, "images": count, "workers": workers, "processes": processes, "cores_used": cores,
           "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
-          "images_per_s": count / seconds, "images_per_s_per_core": count / seconds / cores}
+          "images_per_s": rate, "images_per_s_per_core": rate / cores, "windows": rates[1:],
+          "gil_held_share": meter.get()[0]["held"] if meter else None}
 
 
 # --config (with --config.key=value overrides) is the flag dino_jax.train defines.
@@ -446,7 +472,10 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for 
 _JSON = flags.DEFINE_string("json", "", "Append the result as a JSON line to this file.")
 _LOADER = flags.DEFINE_bool("loader", False, "Time the host's decode + crops instead of the train step.")
 _LOADER_IMAGES = flags.DEFINE_integer("loader_images", 256, "Images per timed pass of --loader.")
-_LOADER_WORKERS = flags.DEFINE_integer("loader_workers", 0, "Threads of --loader (0: the config's data.workers).")
+_LOADER_WORKERS = flags.DEFINE_integer("loader_workers", 0, "Threads of --loader (0: the config's data.workers), "
+                                      "per process with --loader_processes.")
+_LOADER_PROCESSES = flags.DEFINE_integer("loader_processes", -1, "Loader worker processes of --loader (grain; -1: the "
+                                         "config's data.worker_processes; 0: threads in this process).")
 _MEMORY = flags.DEFINE_bool("memory", False, "Compile only and report the step's per-device memory (any device "
                             "count: fake CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N).")
 _FIND_MAX_BATCH = flags.DEFINE_bool("find_max_batch", False, "Search the largest per-device batch whose step fits "
@@ -517,14 +546,18 @@ def main(argv):
       write_json(result)
       return
     if _LOADER.value:
-      if _LOADER_IMAGES.value < 1 or _LOADER_WORKERS.value < 0:
-        raise UsageError("--loader_images must be >= 1 and --loader_workers >= 0")
+      if _LOADER_IMAGES.value < 1 or _LOADER_WORKERS.value < 0 or _LOADER_PROCESSES.value < -1:
+        raise UsageError("--loader_images must be >= 1, --loader_workers >= 0 and --loader_processes >= -1")
       cfg = cli.CONFIG.value
-      result = loader_benchmark(cfg, _LOADER_IMAGES.value, _LOADER_WORKERS.value or cfg.data.get("workers", 8))
-      print(f"{result['loader']}, crops {result['crops']}: {result['images_per_s']:.1f} images/s with "
-            f"{result['workers']} threads on {result['cores_used']} cores = {result['images_per_s_per_core']:.1f} "
-            "images/s per core")
-      print(json.dumps(result))
+      processes = _LOADER_PROCESSES.value if _LOADER_PROCESSES.value >= 0 else cfg.data.get("worker_processes", 0)
+      result = loader_benchmark(cfg, _LOADER_IMAGES.value, _LOADER_WORKERS.value or cfg.data.get("workers", 8),
+                                processes)
+      makers = f"{processes} processes x {result['workers']} threads" if processes else f"{result['workers']} threads"
+      gil = result["gil_held_share"]
+      print(f"{result['loader']}, crops {result['crops']}: {result['images_per_s']:.1f} images/s with {makers} on "
+            f"{result['cores_used']} cores = {result['images_per_s_per_core']:.1f} images/s per core"
+            + ("" if gil is None else f"; this process held the GIL {100 * gil:.0f}% of the time"))
+      write_json(result)
       return
     if _FIND_MAX_BATCH.value:
       limit = _MEMORY_LIMIT.value or device_limit_gib()

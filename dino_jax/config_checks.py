@@ -37,6 +37,8 @@ def _check_counts(cfg, num_devices: int) -> None:
     validate.positive_int(cfg, key)
   if "workers" in cfg.data:
     validate.positive_int(cfg, "data.workers")
+  if "worker_processes" in cfg.data:
+    validate.positive_int(cfg, "data.worker_processes", zero=True)
   validate.positive_number(cfg, "epochs")
   length = cfg.get("epoch_length", 0)
   if isinstance(length, bool) or not isinstance(length, int) or length < 0:

@@ -10,7 +10,9 @@ process reads its own contiguous slice of the global batch.
 """
 import atexit
 import concurrent.futures
+import contextlib
 import functools
+import itertools
 import json
 import multiprocessing
 import multiprocessing.pool
@@ -31,6 +33,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 CLASSES_FILE = "classes.json"  # in a run directory: the training split's class names, by id
 READ_TIMEOUT_S = 60.0  # default data.read_timeout_s: the longest a single image file may take to read
 READER_THREADS = 32  # threads that read image files, shared by every source and caller
+WORKERS_CLOSE_S = 10.0  # the longest the loader waits for its worker processes to close
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -157,6 +160,23 @@ class FilesSource:
   def skipped(self) -> int:
     """How many distinct files were found unreadable so far."""
     return len(self._unreadable)
+
+  @property
+  def unreadable(self) -> frozenset:
+    """The indices of the files found unreadable so far."""
+    with self._lock:
+      return frozenset(self._unreadable)
+
+  def add_unreadable(self, indices) -> None:
+    """Counts files another process (a loader worker) found unreadable."""
+    with self._lock:
+      self._unreadable.update(int(i) for i in indices)
+
+  def __getstate__(self):  # pickled into loader worker processes: all but the lock
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
 
   def _decode(self, i, finish=None):
     with Image.open(self.files[i]) as im:
@@ -492,15 +512,72 @@ def read_crops(source, indices, positions, step: int, seed: int, spec: crops.Cro
   return np.stack([views[0] for views, _ in items]), np.array([label for _, label in items], np.int32)
 
 
+def step_views(step: int, *, source, global_batch: int, seed: int, specs: list[crops.CropSpec],
+               positions: np.ndarray, pool=None) -> dict:
+  """The crops (`read_views`) of this process's `positions` in the global batch of `step`."""
+  indices = batch_indices(len(source), global_batch, step, seed)[positions]
+  return read_views(source, indices, positions, step, seed, specs, pool)
+
+
+@functools.cache
+def _batch_pool(pid: int, threads: int) -> concurrent.futures.ThreadPoolExecutor:
+  """The threads that make one batch's crops in a loader worker process (one pool per process)."""
+  del pid
+  return concurrent.futures.ThreadPoolExecutor(threads)
+
+
+class _WorkerStepViews:
+  """`step_views` as a loader worker process runs it (`grain` pickles it into each worker): the
+  images of a step decoded by the worker's own `threads`, and the files it found unreadable so
+  far ("unreadable", its `FilesSource.unreadable`), which the trainer's process adds to its count."""
+
+  def __init__(self, threads: int, **kwargs):
+    self.threads, self.kwargs = threads, kwargs
+
+  def __call__(self, step: int) -> dict:
+    pool = _batch_pool(os.getpid(), self.threads) if self.threads > 1 else None
+    views = step_views(int(step), pool=pool, **self.kwargs)
+    unreadable = getattr(self.kwargs["source"], "unreadable", ())
+    return views | {"unreadable": np.array(sorted(unreadable), np.int64)}
+
+
+def _worker_process_batches(source, first_step: int, processes: int, threads: int, **kwargs):
+  """(step, crops) from `first_step` on, made by `processes` grain worker processes in turn
+  (`grain.MapDataset` over steps, `mp_prefetch`): each worker makes whole steps, every
+  `processes`-th one, and grain hands them over in step order. A worker's exception reaches
+  here with its type and message; a worker that dies is grain's RuntimeError naming its exit code."""
+  import grain  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():  # a library caller without absl.app: grain's workers read its flags
+    flags.FLAGS.mark_as_parsed()
+  steps = grain.MapDataset.range(first_step, first_step + 2 ** 40)
+  # Each worker makes one step at a time (its images on its own threads), one step ahead.
+  made = steps.map(_WorkerStepViews(threads, source=source, **kwargs)).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  iterator = iter(made.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=1)))
+  try:
+    for step in itertools.count(first_step):
+      views = {k: np.array(v) for k, v in next(iterator).items()}  # out of grain's shared memory, freed now
+      unreadable = views.pop("unreadable")
+      if hasattr(source, "add_unreadable"):
+        source.add_unreadable(unreadable)
+      yield step, views
+  finally:
+    iterator.close()
+
+
 def train_batches(source, global_batch: int, seed: int, start_step: int, specs: list[crops.CropSpec],
                   process_index: int = 0, process_count: int = 1, prefetch: int = 2,
-                  workers: int = 8, interrupt: threading.Event | None = None):
-  """Yields (step, this process's crops `read_views`) from `start_step` on, made ahead in
-  threads; ends when `interrupt` is set while it waits for a batch (a stop requested during
-  a slow read)."""
+                  workers: int = 8, interrupt: threading.Event | None = None, worker_processes: int = 0):
+  """Yields (step, this process's crops `read_views`) from `start_step` on, made ahead: by
+  `workers` threads in this process, or with `worker_processes` by that many loader processes
+  (grain), each with `workers` threads; ends when `interrupt` is set while it waits for a batch
+  (a stop requested during a slow read). Either way a step's crops are `step_views` of the step."""
   if global_batch % process_count:
     raise UsageError(f"batch_size {global_batch} is not divisible by {process_count} processes")
   local = global_batch // process_count
+  make = dict(global_batch=global_batch, seed=seed, specs=specs,
+              positions=np.arange(process_index * local, (process_index + 1) * local))
   q = queue.Queue(maxsize=prefetch)
   stop = threading.Event()
 
@@ -513,17 +590,22 @@ def train_batches(source, global_batch: int, seed: int, start_step: int, specs: 
 
   def produce():
     try:
+      if worker_processes:
+        with contextlib.closing(_worker_process_batches(source, start_step, worker_processes, workers, **make)) as made:
+          for item in made:
+            put(item)
+            if stop.is_set():
+              return
       with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         step = start_step
         while not stop.is_set():
-          positions = np.arange(process_index * local, (process_index + 1) * local)
-          idx = batch_indices(len(source), global_batch, step, seed)[positions]
-          put((step, read_views(source, idx, positions, step, seed, specs, pool)))
+          put((step, step_views(step, source=source, pool=pool, **make)))
           step += 1
     except Exception as e:  # pylint: disable=broad-except  (re-raised in the consumer)
       put(e)
 
-  threading.Thread(target=produce, daemon=True).start()
+  producer = threading.Thread(target=produce, daemon=True)
+  producer.start()
   try:
     while True:
       try:
@@ -537,3 +619,5 @@ def train_batches(source, global_batch: int, seed: int, start_step: int, specs: 
       yield item
   finally:
     stop.set()
+    if worker_processes:  # let it close the workers and their shared memory (unless a read hangs)
+      producer.join(timeout=WORKERS_CLOSE_S)

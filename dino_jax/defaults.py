@@ -32,10 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = "stop"  # or "skip": a step with non-finite loss/gradients is not applied
 
   # image_size: the square evaluations decode to (shorter side, center crop); training crops come
-  # from the full image. workers: loader threads per process (decode + crops; docs/performance.md).
+  # from the full image. workers: loader threads per process (decode + crops; docs/performance.md);
+  # worker_processes: 0, or that many loader processes (grain), each with `workers` threads.
   # follow_external_symlinks: read links in an image folder that lead out of data.path (else skipped, with a warning).
   c.data = dict(source="tfds", name="imagenet2012", path="", data_dir="", image_size=256,
-                train_split="train", read_timeout_s=60.0, workers=8,  # a longer image read stops the run (dino_jax.data)
+                train_split="train", read_timeout_s=60.0, workers=8, worker_processes=0,  # a longer image read stops the run (dino_jax.data)
                 follow_external_symlinks=False)
   # drop_path_mode: "sample" (DINO's and EsViT's per-sample DropPath) or "subset" (DINOv2: the
   # branches run on a kept subset of each group's samples, models.layers.subset_drop_path).

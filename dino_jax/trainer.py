@@ -287,7 +287,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, train_src, schedu
   end_step = total_steps if max_steps is None else min(max_steps, total_steps)
   batches = data.train_batches(train_src, cfg.batch_size, cfg.seed, start_step, crops.crop_specs(cfg.aug),
                                jax.process_index(), jax.process_count(), workers=cfg.data.get("workers", 8),
-                               interrupt=stop_requested)
+                               interrupt=stop_requested, worker_processes=cfg.data.get("worker_processes", 0))
   # The bar moves at log steps, where the host waits for the device: between them, asynchronous
   # dispatch runs ahead of the computation and the rate would swing.
   bar = tqdm.tqdm(total=end_step, initial=start_step, desc="train", unit="step",

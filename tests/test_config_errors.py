@@ -54,6 +54,7 @@ def no_compiling(monkeypatch):
     (None, {"seed": 2 ** 70}, r"seed 1180591620717411303424 is out of range \(integers within \+-2\*\*63\)"),
     (None, {"epochs": 1e300}, "epochs 1e[+]300 x 625 steps per epoch .* is 6.25e[+]302 steps, more than the 2147483647"),
     (None, {"data.workers": 0}, "data.workers must be a positive integer, not 0"),
+    (None, {"data.worker_processes": -1}, "data.worker_processes must be a non-negative integer, not -1"),
     (None, {"evals.knn.temperature": float("nan")}, "evals.knn.temperature must be a finite number, not nan"),
 ])
 def test_bad_config_is_refused_before_compiling(module, override, message, no_compiling, tmp_path):
