@@ -169,6 +169,7 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
       "mfu": achieved / (peak * jax.device_count()) if peak else None,
       "peak_memory_gib": (peak_memory_bytes() or 0) / 2 ** 30 or None,
       "compiled_memory": compiled_memory(compiled_step.compiled),
+      "xla_cost": xla_cost(compiled_step.compiled),
       "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
   } | profile
 
@@ -312,6 +313,16 @@ def compiled_memory(compiled) -> dict:
   out = {k: getattr(m, f"{k}_size_in_bytes") / GIB for k in ("argument", "output", "alias", "temp")}
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
+
+
+def xla_cost(compiled) -> dict | None:
+  """XLA's own count of a compiled program's work (`cost_analysis`): TFLOP and GB accessed
+  (bytes read and written by its ops, a measure of the non-matmul traffic an A/B removes)."""
+  cost = compiled.cost_analysis()
+  if not cost:  # a backend without the analysis
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"tflop": cost.get("flops", 0.0) / 1e12, "gb_accessed": cost.get("bytes accessed", 0.0) / 1e9}
 
 
 def abstract_batch(cfg, trainer) -> dict:

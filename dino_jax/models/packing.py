@@ -9,10 +9,11 @@ longest crop's token count L:
   a crop of N < L tokens shares a row with L // N - 1 others of its size (local crops),
   the row's tail and any missing crop filled with zero tokens;
 
-and each row's attention is masked to its crops (`segment_ids`, `attention_mask`): a token
-attends to the tokens of its own crop only, pad tokens to pad tokens. Matmuls, norms and
-FFNs run on every row at once; attention costs rows x L^2 instead of the crops' sum of N^2
-(`PackedLayout.attention_cost` says how much more). Crops are packed within each of
+and each token attends to the tokens of its own crop only. Matmuls, norms and FFNs run on
+every row at once. Attention runs per crop size on the crops themselves (`attention_per_crop`,
+XLA's), or on the packed rows with a block-diagonal mask (`segment_ids`, `attention_mask`; pad
+tokens attend to pad tokens) for the fused kernels in MASKED, at rows x L^2 instead of the
+crops' sum of N^2 (`PackedLayout.attention_cost` says how much more). Crops are packed within each of
 `chunks` consecutive parts of the batch (one per device), so packing moves no data between
 devices.
 """
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 PAD = -1  # segment id of pad tokens (the row's tail, and crops that fill a row's last slots)
+MASKED = ("cudnn",)  # attention implementations that take the packed rows with the mask (else per crop)
 MASKED_LOGIT = -1e4  # added to logits across crops: exp() of it underflows to 0 in float32, fits float16
 
 
@@ -102,6 +104,14 @@ class PackedLayout:
   def attention_cost(self) -> float:
     """Attention's FLOPs packed over the crops' own (rows x L^2 / sum of crops x N^2)."""
     return self.num_rows * self.row_length ** 2 / sum(crops * tokens ** 2 for crops, tokens in self.sizes)
+
+
+def attention_per_crop(q, k, v, layout: PackedLayout, attend):
+  """Each packed crop's attention over its own tokens ([rows, L, heads, d] each), computed per
+  crop size on the crops themselves (`attend` over [crops, N, heads, d]) and packed back: the
+  block-diagonal attention without the work of its masked blocks, which xFormers' kernels skip too."""
+  crops = zip(layout.unpack(q), layout.unpack(k), layout.unpack(v))
+  return layout.pack([attend(*qkv) for qkv in crops])
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:

@@ -10,6 +10,7 @@ biases, the position embedding (patches and the CLS slot) trunc_normal(0.02), th
 trunc_normal(0.02) (DINO) or normal(1e-6) (DINOv2; `cls_token_std`), registers normal(1e-6), the
 mask token zeros, LayerScale 1e-5, and the patch embedding at PyTorch's Conv2d default.
 """
+import functools
 import re
 from typing import Optional
 
@@ -102,10 +103,13 @@ class Block(nn.Module):
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       if self.is_mutable_collection("keys"):  # the "key" facet (SD-DINO's correspondence features)
         self.sow("keys", "key", k)
-      bias = None
-      if segments is not None:  # each packed crop attends to itself
-        bias = packing.attention_bias(segments, jnp.float32 if self.attention == "xla" else q.dtype)
-      h = layers.attention(q, k, v, bias=bias, implementation=self.attention)
+      attend = functools.partial(layers.attention, implementation=self.attention)
+      if segments is None:
+        h = attend(q, k, v)
+      elif self.attention in packing.MASKED:  # the packed rows, masked to each crop
+        h = attend(q, k, v, bias=packing.attention_bias(segments, jnp.float32 if self.attention == "xla" else q.dtype))
+      else:  # each crop over its own tokens
+        h = packing.attention_per_crop(q, k, v, self.packed_layout, attend)
       if self.is_mutable_collection("intermediates"):  # attention maps for inspection
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
         self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
