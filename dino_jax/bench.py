@@ -249,6 +249,7 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
   device = bench_pytorch.check_comparable(cfg, jax.default_backend())
   cfg = cfg.copy_and_resolve_references()
   cfg.mesh.fsdp = 1
+  cfg.model.dtype = models.compute_dtype(cfg.model.dtype).name  # "auto" as training resolves it, for both sides
   config_checks.check(cfg, 1)
   trainer = learner.build(cfg, sharding.make_mesh(cfg, jax.devices()[:1]), steps_per_epoch=1000)
   batch = random_batches(cfg, trainer)(0)

@@ -6,7 +6,8 @@ finish)` hands the opened original image to `finish` instead (training cuts its 
 it, `crops.views`). The loader's batch for step `s` depends only on (seed, s): global sample
 positions s*B ... (s+1)*B-1 walk through one seeded permutation per epoch, and each image's
 crops are drawn from (seed, s, position), so resuming at step s needs nothing but s. Each
-process reads its own contiguous slice of the global batch.
+process reads its own contiguous slice of the global batch, made by threads in the process or
+by loader worker processes (grain), each making whole steps.
 """
 import atexit
 import concurrent.futures
@@ -596,11 +597,12 @@ def train_batches(source, global_batch: int, seed: int, start_step: int, specs: 
             put(item)
             if stop.is_set():
               return
-      with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        step = start_step
-        while not stop.is_set():
-          put((step, step_views(step, source=source, pool=pool, **make)))
-          step += 1
+      else:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+          step = start_step
+          while not stop.is_set():
+            put((step, step_views(step, source=source, pool=pool, **make)))
+            step += 1
     except Exception as e:  # pylint: disable=broad-except  (re-raised in the consumer)
       put(e)
 

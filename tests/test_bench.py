@@ -149,7 +149,9 @@ def test_against_pytorch_times_both_steps_on_the_tiny_config(module):
   pytest.importorskip("torch")
   from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel
   cfg = module.get_config("tiny")
+  cfg.model.dtype = "auto"  # the recipes' default: float32 on this CPU, on both sides
   result = bench.against_pytorch(cfg, steps=2, warmup=1, peak_tflops=1.0)
+  assert result["dtype"] == "float32"
   assert result["torch_device"] == "cpu" and result["devices"] == 1 and len(result["jax_step_s"]) == 2
   assert result["ibot"] == (module is dinov2_vits14)
   assert result["speedup"] == pytest.approx(result["torch_step_s_median"] / result["jax_step_s_median"])

@@ -143,8 +143,8 @@ class ViT(nn.Module):
   `cls_pos_embed`, as there: both it and the CLS token are trained and decayed.
 
   `images` may be a tuple of crop batches of different sizes (`mask` then a tuple too, None
-  for a size without): their tokens go through the blocks together, packed in rows with
-  attention masked per crop as DINOv2's `NestedTensorBlock` runs its crops (`models.packing`;
+  for a size without): their tokens go through the blocks together, packed in rows, each crop
+  attending to its own tokens, as DINOv2's `NestedTensorBlock` runs its crops (`models.packing`;
   `pack_chunks` consecutive parts of the batch, one per device, packed apart), and the call
   returns one output dict per size, each what the unpacked call gives.
   """
