@@ -151,6 +151,33 @@ def test_packed_drop_path_keeps_whole_crops_as_dinov2_draws_them():
   assert (np.asarray(token)[layout.segment_ids() == packing.PAD] == 0).all()
 
 
+@pytest.mark.parametrize("chunks,groups", [(1, 2), (2, 4), (2, 2)])
+def test_kept_subset_drop_path_computes_only_the_kept_crops_and_equals_the_scaled_form(chunks, groups):
+  """DINOv2's index_select / index_add on packed rows: the branch sees only the kept crops
+  (packed in a smaller layout), and the result is every crop's branch scaled by
+  `crop_drop_scale` with the same draws."""
+  layout = packing.PackedLayout(((8, 7), (24, 3)), chunks)
+  x = jax.random.normal(jax.random.PRNGKey(0), (layout.num_rows, layout.row_length, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 2, 2))
+  seen = []
+
+  def branch(tokens, packed):  # attention within each crop, then a token-wise nonlinearity
+    sub, _ = packed
+    seen.append(sub)
+    q, k, v = (jnp.einsum("rld,dhe->rlhe", tokens, w[:, i]) for i in range(3))
+    return jnp.tanh(packing.attention_per_crop(q, k, v, sub, layers.attention).reshape(tokens.shape))
+
+  rng = jax.random.PRNGKey(7)
+  got = packing.kept_subset_drop_path(x, branch, 0.4, rng, layout, groups)
+  scale = packing.crop_drop_scale(rng, layout, 0.4, groups)
+  segments = jnp.asarray(layout.segment_ids())
+  want = x + branch(x, (layout, segments)) * packing.token_scale(scale, segments)
+  ids = layout.segment_ids()
+  np.testing.assert_allclose(np.asarray(got)[ids >= 0], np.asarray(want)[ids >= 0], atol=1e-6)
+  kept = [max(int(crops // groups * (1 - 0.4)), 1) * groups for crops, _ in layout.sizes]
+  assert [crops for crops, _ in seen[0].sizes] == kept  # the branch ran on the kept crops alone
+
+
 def test_packed_block_leaves_dropped_crops_unchanged():
   """A crop whose branches are both dropped leaves the block as it came in."""
   layout = packing.PackedLayout(((4, 5), (8, 3)))
@@ -183,10 +210,20 @@ def test_packed_train_step_equals_one_pass_per_size(module):
       np.testing.assert_allclose(m_pack[k], m_sep[k], atol=1e-5, rtol=1e-5, err_msg=k)
 
 
-def test_packed_train_step_with_drop_path_runs():
-  cfg = conditioned(dinov2_vits14, **{"model.packed_crops": True, "model.drop_path_rate": 0.3})
-  _, metrics = one_step(cfg, jax.devices(), steps=1)
-  assert all(np.isfinite(v) for v in metrics.values())
+@pytest.mark.parametrize("per_gpu", [8, 2], ids=["2_groups", "8_groups"])
+def test_packed_train_step_with_kept_subsets_is_the_same_on_one_and_eight_devices(per_gpu):
+  """DINOv2's kept subsets in the packed pass: one device gathers the kept crops; eight devices
+  gather within each device's rows (8 groups) or, with 2 groups, compute every crop and zero the
+  dropped ones. The draws are the same, so the steps are. (Without KoLeo: its -log of the
+  nearest distance magnifies the two layouts' rounding to 7e-4 of the loss.)"""
+  cfg = conditioned(dinov2_vits14, **{"model.packed_crops": True, "model.drop_path_rate": 0.3,
+                                      "per_gpu_batch_size": per_gpu, "loss.koleo_weight": 0.0})
+  s1, m1 = one_step(cfg, jax.devices()[:1], steps=1)
+  s8, m8 = one_step(cfg, jax.devices(), steps=1)
+  assert_trees_close(s8["params"], s1["params"], atol=1e-5)
+  for k in m1:
+    np.testing.assert_allclose(m8[k], m1[k], atol=1e-5, rtol=1e-5, err_msg=k)
+  assert all(np.isfinite(v) for v in m1.values())
 
 
 def test_packed_crops_needs_a_vit():

@@ -154,13 +154,19 @@ def residual(x, branch, rate: float, deterministic: bool, make_rng, subsets: Opt
   """x + branch(x) with stochastic depth at `rate`: with `subsets`, DINOv2's kept-subset form at
   any rate above 0 (its `NestedTensorBlock.forward_nested`, the student's training path;
   `subset_drop_path`), else the per-sample mask (DINO's and EsViT's DropPath). With `packed`
-  ((`packing.PackedLayout`, segment ids): x holds crops packed in rows) the same draws per crop,
-  applied as a scale of each crop's tokens (`packing.crop_drop_scale`; the dropped crops' branch
-  is computed, then zeroed). Call inside a compact module; `make_rng` is that module's."""
-  if not deterministic and rate > 0 and packed is not None:
+  ((`packing.PackedLayout`, segment ids): x holds crops packed in rows, and `branch(x, packed)`
+  takes them) the same draws per crop: the kept subsets' branch computed on those crops alone
+  (`packing.kept_subset_drop_path`) where each device's groups are whole, else every crop's
+  branch scaled per crop (`packing.crop_drop_scale`). Call inside a compact module; `make_rng`
+  is that module's."""
+  if packed is not None:
     layout, segments = packed
+    if deterministic or rate == 0:
+      return x + branch(x, packed)
+    if subsets is not None and subsets.groups % layout.chunks == 0:
+      return packing.kept_subset_drop_path(x, branch, rate, make_rng("dropout"), layout, subsets.groups)
     scale = packing.crop_drop_scale(make_rng("dropout"), layout, rate, subsets.groups if subsets else None)
-    update = branch(x)
+    update = branch(x, packed)
     return x + update * packing.token_scale(scale, segments).astype(update.dtype)
   if not deterministic and rate > 0 and subsets is not None:
     return subset_drop_path(x, branch, rate, make_rng("dropout"), subsets)

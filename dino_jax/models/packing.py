@@ -124,24 +124,67 @@ def attention_bias(segment_ids: jax.Array, dtype) -> jax.Array:
   return jnp.where(attention_mask(segment_ids), 0.0, MASKED_LOGIT).astype(dtype)
 
 
-def crop_drop_scale(rng, layout: PackedLayout, rate: float, groups: int | None) -> jax.Array:
-  """Stochastic depth per crop on packed rows: [num_crops + 1] scales of each crop's residual
-  branch (the last, 0, for pad tokens). With `groups` (DINOv2's kept subsets, `layers.Subsets`)
-  each group of consecutive crops of one size keeps k = max(int(n (1 - rate)), 1) of its n,
-  scaled by n / k, as `layers.subset_drop_path` draws them; else each crop is kept with
-  probability 1 - rate and scaled by 1 / (1 - rate) (DINO's DropPath)."""
-  scales = []
+def kept_crops(rng, layout: PackedLayout, rate: float, groups: int) -> list[jax.Array]:
+  """DINOv2's kept subsets on packed crops: for each crop size, [groups, k] indices of the crops
+  each group of n consecutive crops keeps, k = max(int(n (1 - rate)), 1), drawn as
+  `layers.subset_drop_path` draws them."""
+  kept = []
   for i, (crops, _) in enumerate(layout.sizes):
-    key = jax.random.fold_in(rng, i)
-    if groups is None:
-      keep = 1.0 - rate
-      scales.append(jax.random.bernoulli(key, keep, (crops,)).astype(jnp.float32) / keep)
-      continue
     n = crops // groups
     k = max(int(n * (1.0 - rate)), 1)
-    order = jnp.argsort(jax.random.uniform(key, (groups, n)), axis=1)[:, :k]
-    scales.append(jax.nn.one_hot(order, n).sum(1).reshape(crops) * (n / k))
+    kept.append(jnp.argsort(jax.random.uniform(jax.random.fold_in(rng, i), (groups, n)), axis=1)[:, :k])
+  return kept
+
+
+def crop_drop_scale(rng, layout: PackedLayout, rate: float, groups: int | None) -> jax.Array:
+  """Stochastic depth per crop on packed rows: [num_crops + 1] scales of each crop's residual
+  branch (the last, 0, for pad tokens). With `groups` each group's `kept_crops` scaled by n / k
+  and the others 0; else each crop kept with probability 1 - rate and scaled by 1 / (1 - rate)
+  (DINO's DropPath)."""
+  if groups is not None:
+    scales = [jax.nn.one_hot(k, crops // groups).sum(1).reshape(crops) * (crops // groups / k.shape[1])
+              for k, (crops, _) in zip(kept_crops(rng, layout, rate, groups), layout.sizes)]
+  else:
+    keep = 1.0 - rate
+    scales = [jax.random.bernoulli(jax.random.fold_in(rng, i), keep, (crops,)).astype(jnp.float32) / keep
+              for i, (crops, _) in enumerate(layout.sizes)]
   return jnp.concatenate(scales + [jnp.zeros((1,))])
+
+
+def kept_subset_drop_path(x, branch, rate: float, rng, layout: PackedLayout, groups: int):
+  """x + stochastic-depth branch on packed rows computing the branch only for the kept crops,
+  as DINOv2's `drop_add_residual_stochastic_depth_list` does (`index_select`, the branch on the
+  kept crops packed together, `index_add` scaled by n / k): the kept crops' tokens are gathered
+  into the rows of a smaller layout, `branch(tokens, (that layout, its segment ids))` runs on
+  them, and its output is added back. Each device's chunk gathers from itself (`groups` a
+  multiple of `layout.chunks`). Draws and result are `crop_drop_scale`'s, without the dropped
+  crops' work."""
+  chunks, per_chunk = layout.chunks, groups // layout.chunks
+  kept = kept_crops(rng, layout, rate, groups)
+  sub = PackedLayout(tuple((chunks * per_chunk * k.shape[1], tokens) for k, (_, tokens) in zip(kept, layout.sizes)),
+                     chunks)
+  # Within one chunk: the flat position of every token of every crop in the full and the sub rows.
+  one = PackedLayout(tuple((crops // chunks, tokens) for crops, tokens in layout.sizes))
+  full_positions = one.unpack(np.arange(one.num_rows * one.row_length).reshape(one.num_rows, -1))
+  dummy = one.num_rows * one.row_length  # where pad tokens of the sub rows read and write
+  index = []
+  for i, (k, (crops, _)) in enumerate(zip(kept, layout.sizes)):
+    n = crops // groups
+    local = (k + n * (jnp.arange(groups) % per_chunk)[:, None]).reshape(chunks, -1)  # a chunk's crop numbers
+    index.append(jnp.asarray(full_positions[i])[local].reshape(-1, full_positions[i].shape[1]))
+  index = sub.pack(index, pad_value=dummy).reshape(chunks, -1)  # [chunks, sub rows x L]
+  flat = x.reshape(chunks, -1, x.shape[-1])
+  flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)
+  tokens = jnp.take_along_axis(flat, index[..., None], axis=1).reshape(sub.num_rows, sub.row_length, -1)
+  segments = sub.segment_ids()
+  update = branch(tokens, (sub, jnp.asarray(segments)))
+  scale = np.array([crops // groups / (k.shape[1]) for k, (crops, _) in zip(kept, layout.sizes)] + [0.0])
+  crop_size = np.repeat(np.arange(len(layout.sizes)), [c for c, _ in sub.sizes])
+  update = update * jnp.asarray(scale[np.where(segments < 0, -1, crop_size[np.maximum(segments, 0)])][..., None],
+                                update.dtype)
+  added = jax.vmap(lambda f, i, u: f.at[i].add(u))(flat, index, update.reshape(chunks, -1, update.shape[-1])
+                                                  .astype(flat.dtype))
+  return added[:, :-1].reshape(x.shape)
 
 
 def token_scale(scale: jax.Array, segment_ids: jax.Array) -> jax.Array:

@@ -96,7 +96,7 @@ class Block(nn.Module):
   def __call__(self, x, deterministic: bool = True, segments=None):
     d = x.shape[-1]
 
-    def attention(x):
+    def attention(x, packed=None):  # packed: (layout, segment ids) of crops packed in x's rows
       h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
       qkv = nn.DenseGeneral((3, self.num_heads, d // self.num_heads), dtype=self.dtype,
                             kernel_init=layers.LINEAR_INIT, name="qkv")(h)
@@ -104,19 +104,20 @@ class Block(nn.Module):
       if self.is_mutable_collection("keys"):  # the "key" facet (SD-DINO's correspondence features)
         self.sow("keys", "key", k)
       attend = functools.partial(layers.attention, implementation=self.attention)
-      if segments is None:
+      if packed is None:
         h = attend(q, k, v)
       elif self.attention in packing.MASKED:  # the packed rows, masked to each crop
-        h = attend(q, k, v, bias=packing.attention_bias(segments, jnp.float32 if self.attention == "xla" else q.dtype))
+        h = attend(q, k, v, bias=packing.attention_bias(packed[1], jnp.float32 if self.attention == "xla" else q.dtype))
       else:  # each crop over its own tokens
-        h = packing.attention_per_crop(q, k, v, self.packed_layout, attend)
+        h = packing.attention_per_crop(q, k, v, packed[0], attend)
       if self.is_mutable_collection("intermediates"):  # attention maps for inspection
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
         self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
       h = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, kernel_init=layers.LINEAR_INIT, name="proj")(h)
       return LayerScale(self.layerscale, name="ls1")(h) if self.layerscale is not None else h
 
-    def feed_forward(x):
+    def feed_forward(x, packed=None):
+      del packed  # token by token
       h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
       h = (SwiGLU if self.ffn == "swiglu" else Mlp)(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
       return LayerScale(self.layerscale, name="ls2")(h) if self.layerscale is not None else h
