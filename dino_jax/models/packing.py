@@ -176,12 +176,11 @@ def kept_subset_drop_path(x, branch, rate: float, rng, layout: PackedLayout, gro
   flat = x.reshape(chunks, -1, x.shape[-1])
   flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)
   tokens = jnp.take_along_axis(flat, index[..., None], axis=1).reshape(sub.num_rows, sub.row_length, -1)
-  segments = sub.segment_ids()
-  update = branch(tokens, (sub, jnp.asarray(segments)))
-  scale = np.array([crops // groups / (k.shape[1]) for k, (crops, _) in zip(kept, layout.sizes)] + [0.0])
-  crop_size = np.repeat(np.arange(len(layout.sizes)), [c for c, _ in sub.sizes])
-  update = update * jnp.asarray(scale[np.where(segments < 0, -1, crop_size[np.maximum(segments, 0)])][..., None],
-                                update.dtype)
+  segments = jnp.asarray(sub.segment_ids())
+  update = branch(tokens, (sub, segments))
+  scale = np.concatenate([np.full(kept_here, crops // groups / k.shape[1]) for k, (crops, _), (kept_here, _)
+                          in zip(kept, layout.sizes, sub.sizes)] + [np.zeros(1)])  # per kept crop, n / k
+  update = update * token_scale(jnp.asarray(scale, jnp.float32), segments).astype(update.dtype)
   added = jax.vmap(lambda f, i, u: f.at[i].add(u))(flat, index, update.reshape(chunks, -1, update.shape[-1])
                                                   .astype(flat.dtype))
   return added[:, :-1].reshape(x.shape)
