@@ -373,19 +373,36 @@ def test_intermediate_layers_before_the_final_norm(vit_with_params):
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_xla_attention_is_jax_dot_product_attention(dtype, tol):
-  """`layers.attention(..., "xla")`, written out in the [B, H, N, d] layout, computes what
-  `jax.nn.dot_product_attention` does, with a bias (Swin's) and without, gradients included."""
+  """`layers.attention(..., "xla")`, written out in the [B, H, N, d] layout with its own
+  backward pass, computes what `jax.nn.dot_product_attention` does, with a bias (Swin's, or
+  broadcast over heads, or without a batch axis) and without, gradients of the bias included."""
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 17, 3, 8)), dtype) for _ in range(3))
-  for bias in (None, jnp.asarray(rng.normal(size=(1, 3, 17, 17)), dtype)):
-    ours = lambda q, k, v: layers.attention(q, k, v, bias)
-    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias)
-    np.testing.assert_allclose(np.asarray(ours(q, k, v), np.float32), np.asarray(ref(q, k, v), np.float32),
+  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32)))
+  for shape in (None, (1, 3, 17, 17), (2, 1, 17, 17), (3, 17, 17)):
+    bias = None if shape is None else jnp.asarray(rng.normal(size=shape), dtype)
+    args = (q, k, v) if bias is None else (q, k, v, bias)
+    ours = lambda q, k, v, b=None: layers.attention(q, k, v, b)
+    ref = lambda q, k, v, b=None: jax.nn.dot_product_attention(q, k, v, bias=b)
+    np.testing.assert_allclose(np.asarray(ours(*args), np.float32), np.asarray(ref(*args), np.float32),
                                rtol=tol, atol=tol)
-    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32)))
-    for g, g_ref in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v),
-                        jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
-      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=tol, atol=tol)
+    argnums = tuple(range(len(args)))
+    grads, grads_ref = jax.grad(loss(ours), argnums)(*args), jax.grad(loss(ref), argnums)(*args)
+    for g, g_ref in zip(grads, grads_ref):
+      assert g.shape == g_ref.shape and g.dtype == g_ref.dtype
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=tol,
+                                 atol=tol * max(1.0, float(jnp.max(jnp.abs(g_ref.astype(jnp.float32))))))
+
+
+def test_xla_attention_under_remat_and_jit():
+  """The custom backward pass of the XLA attention composes with `jax.checkpoint` and `jit`."""
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 9, 2, 4)), jnp.float32) for _ in range(3))
+  fn = lambda q, k, v: jnp.sum(layers.attention(q, k, v) ** 2)
+  ref = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v) ** 2)
+  for g, g_ref in zip(jax.jit(jax.grad(jax.checkpoint(fn), argnums=(0, 1, 2)))(q, k, v),
+                      jax.grad(ref, argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
