@@ -4,8 +4,9 @@ The same work as `learner.train_step` on the same shapes, the way facebookresear
 `SSLMetaArch` does it in eager PyTorch: timm's ViT as the backbone (DINOv2 layout: LayerScale,
 SwiGLU, registers; a mask token put in after the patch embedding), two weight-normalized
 projection heads (DINO and iBOT), the teacher on the two global crops, the student on the
-masked global crops and the local crops, the iBOT head only on the masked tokens (gathered,
-as the official code does), the losses of the papers' equations, per-module gradient clipping,
+masked global crops and the local crops, the student's DINO head once on all crops' CLS
+tokens, the iBOT heads on the masked tokens gathered into a buffer of the masks' upper bound of
+rows (as the official code runs them), the losses of the papers' equations, per-module gradient clipping,
 AdamW and the teacher EMA (`torch._foreach_*`, as the official code). The heads and losses are
 written here for the benchmark from the papers' equations; only the backbone is a library's.
 
@@ -15,7 +16,9 @@ architecture. Needs torch and timm (pip install -e '.[test]').
 import ml_collections
 import numpy as np
 
+from dino_jax import masking
 from dino_jax import models
+from dino_jax import objectives
 from dino_jax.errors import UsageError
 
 try:
@@ -141,6 +144,14 @@ def sinkhorn_knopp(logits, temp, iters=3):
   return (q * n).t()
 
 
+def padded_head(head: nn.Module, tokens, rows: int):
+  """The iBOT head on the masked tokens as the official step runs it: on a buffer of `rows`
+  (the official collate's `upperbound`), the padding rows' outputs dropped."""
+  buffer = tokens.new_zeros(rows, tokens.shape[-1])
+  buffer[:len(tokens)] = tokens
+  return head(buffer)[:len(tokens)]
+
+
 def cross_entropy(targets, logits, temp):
   return -(targets * F.log_softmax(logits.float() / temp, dim=-1)).sum(-1)
 
@@ -196,15 +207,15 @@ class TorchStep:
         t_probs = self.targets(t_logits, "dino").chunk(2)
         if masks is not None:
           patches = t_tokens[:, 1 + cfg.model.num_registers:][masks]
-          t_patch = self.targets((self.teacher.ibot_head or self.teacher.head)(patches), "ibot")
+          t_patch = self.targets(padded_head(self.teacher.ibot_head or self.teacher.head, patches, self.upperbound(masks)), "ibot")
       s_tokens = self.student.tokens(batch["global"], masks)
-      s_logits = list(self.student.head(s_tokens[:, 0]).chunk(2))
-      if "local" in batch:
-        s_logits += self.student.head(self.student.tokens(batch["local"])[:, 0]).chunk(len(batch["local"]) // b)
+      cls = [s_tokens[:, 0]] + ([self.student.tokens(batch["local"])[:, 0]] if "local" in batch else [])
+      s_logits = list(self.student.head(torch.cat(cls)).chunk(len(cls[0]) // b + sum(len(c) for c in cls[1:]) // b))
       pairs = [(t, s) for t in range(2) for s in range(len(s_logits)) if s != t]
       loss = sum(cross_entropy(t_probs[t], s_logits[s], cfg.loss.student_temp).mean() for t, s in pairs) / len(pairs)
       if masks is not None:
-        s_patch = (self.student.ibot_head or self.student.head)(s_tokens[:, 1 + cfg.model.num_registers:][masks])
+        s_patch = padded_head(self.student.ibot_head or self.student.head,
+                              s_tokens[:, 1 + cfg.model.num_registers:][masks], self.upperbound(masks))
         per_image = masks.sum(1, keepdim=True).expand_as(masks)[masks].clamp(min=1)
         ibot = (cross_entropy(t_patch, s_patch, cfg.loss.student_temp) / per_image).sum() / len(masks)
         loss = loss + cfg.loss.ibot_weight * ibot
@@ -223,6 +234,13 @@ class TorchStep:
       torch._foreach_mul_(teacher, momentum)  # pylint: disable=protected-access
       torch._foreach_add_(teacher, student, alpha=1 - momentum)  # pylint: disable=protected-access
     return float(loss.detach())
+
+  def upperbound(self, masks) -> int:
+    """Rows of the iBOT heads' buffer: the most patches the masks of the 2B global crops
+    ([2B, P]) can hold, as the official collate's `upperbound` and the JAX step's padding on
+    one device (`masking.max_masked_per_group`)."""
+    return masking.max_masked_per_group(masks.shape[0], 1, masks.shape[1], self.cfg.mask,
+                                        objectives.group_size(self.cfg) * 2)
 
   def targets(self, logits, name: str):
     """The teacher's targets: Sinkhorn-Knopp (DINOv2) or the centered softmax (DINO, with the

@@ -188,6 +188,38 @@ def test_against_pytorch_lays_views_and_masks_out_crop_major():
       assert bool(out["masks"][j * b + i, i * v + j]) and int(out["masks"][j * b + i].sum()) == 1
 
 
+def test_against_pytorch_runs_the_ibot_heads_on_the_official_upperbound_buffer():
+  """As the official step: the teacher's and the student's iBOT heads each see the collate's
+  `upperbound` rows per GPU (sum over its masked images of int(P * the top of their ratio's
+  slice); here the batch of 2 official GPUs),
+  the student's DINO head one batch of all crops' CLS tokens; padding changes no real row."""
+  pytest.importorskip("torch")
+  import torch  # pylint: disable=import-outside-toplevel
+  from dino_jax import bench_pytorch  # pylint: disable=import-outside-toplevel
+  cfg = dinov2_vits14.get_config("tiny")
+  trainer = learner.build(cfg, sharding.make_mesh(cfg, jax.devices()[:1]), steps_per_epoch=10)
+  host = jax.device_get(bench.random_batches(cfg, trainer)(0))
+  torch_step = bench_pytorch.TorchStep(cfg, "cpu")
+  batch = torch_step.inputs({k: v for k, v in host.items() if k != "masks"}, host["masks"])
+  images, patches = batch["masks"].shape
+  gpu_images = 2 * cfg.per_gpu_batch_size  # the global crops of one official GPU, which has its own buffer
+  tops = np.linspace(*cfg.mask.mask_ratio, int(gpu_images * cfg.mask.mask_prob) + 1)[1:]
+  upperbound = images // gpu_images * sum(int(patches * top) for top in tops)
+  assert torch_step.upperbound(batch["masks"]) == upperbound > int(batch["masks"].sum())
+  rows = {}
+  for name, net in (("teacher", torch_step.teacher), ("student", torch_step.student)):
+    for head in ("head", "ibot_head"):
+      getattr(net, head).register_forward_hook(
+          lambda module, args, out, key=(name, head): rows.setdefault(key, []).append(len(args[0])))
+  torch_step(batch)
+  b = cfg.batch_size
+  assert rows == {("teacher", "head"): [2 * b], ("teacher", "ibot_head"): [upperbound],
+                  ("student", "head"): [(2 + cfg.aug.num_local) * b], ("student", "ibot_head"): [upperbound]}
+  tokens = torch.randn(5, cfg.model.width)
+  head = torch_step.student.ibot_head
+  torch.testing.assert_close(bench_pytorch.padded_head(head, tokens, 9), head(tokens), rtol=1e-5, atol=1e-6)
+
+
 def test_against_pytorch_refuses_steps_it_does_not_rebuild():
   pytest.importorskip("torch")
   from configs import esvit_swin_t  # pylint: disable=import-outside-toplevel
