@@ -282,7 +282,8 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
   peak = (peak_tflops or PEAK_TFLOPS.get(kind) or 0) * 1e12
   mfu = lambda seconds: flops / seconds / peak if peak else None  # model FLOPs (train_step_flops)
   return {"device": kind, "devices": 1, "torch_device": device,
-          "torch_threads": bench_pytorch.num_threads(), "dtype": cfg.model.dtype, "batch_size": cfg.batch_size,
+          "torch_threads": bench_pytorch.num_threads(),
+          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "dtype": cfg.model.dtype, "batch_size": cfg.batch_size,
           "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
           "head_out_dim": cfg.head.out_dim, "ibot": cfg.loss.ibot_weight > 0, "student_params_m": jax_params / 1e6,
           "steps_timed": steps, "compile_s": compile_s, "tflop_per_step": flops / 1e12,

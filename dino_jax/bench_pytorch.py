@@ -13,6 +13,8 @@ written here for the benchmark from the papers' equations; only the backbone is 
 The student's parameter count is checked against the JAX state's, so both sides train the same
 architecture. Needs torch and timm (pip install -e '.[test]').
 """
+import os
+
 import ml_collections
 import numpy as np
 
@@ -20,6 +22,10 @@ from dino_jax import masking
 from dino_jax import models
 from dino_jax import objectives
 from dino_jax.errors import UsageError
+
+# The steps alternate with JAX's: OpenMP threads that wait busily after each of PyTorch's ops
+# would hold the cores XLA's threads need next (JAX's backbone pass 8% slower; PyTorch's no faster).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch first starts its threads
 
 try:
   import timm

@@ -1,6 +1,7 @@
 """dino_jax.bench: the analytical FLOP count against XLA's, and the command on the tiny config
 (no timing assertions)."""
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -153,6 +154,7 @@ def test_against_pytorch_times_both_steps_on_the_tiny_config(module):
   result = bench.against_pytorch(cfg, steps=2, warmup=1, peak_tflops=1.0)
   assert result["dtype"] == "float32"
   assert result["torch_device"] == "cpu" and result["devices"] == 1 and len(result["jax_step_s"]) == 2
+  assert result["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"]  # PASSIVE unless the caller chose
   assert result["ibot"] == (module is dinov2_vits14)
   assert result["speedup"] == pytest.approx(result["torch_step_s_median"] / result["jax_step_s_median"])
   assert result["jax_images_per_s"] == pytest.approx(16 / result["jax_step_s_median"])
