@@ -105,8 +105,9 @@ def test_a_run_made_before_the_package_resumes_extracts_and_evaluates(tmp_path):
   backbone = runs.load_backbone(str(tmp_path / "read"))
   out = jax.device_get(backbone(expected["images"], 16))
   assert backbone.step == 6
-  np.testing.assert_array_equal(out["embedding"], expected["embedding"])
-  np.testing.assert_array_equal(out["patch"], expected["patch"])
+  # To float32 rounding: the order of the model's arithmetic may change (the attention's did).
+  np.testing.assert_allclose(out["embedding"], expected["embedding"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["patch"], expected["patch"], rtol=1e-5, atol=1e-5)
   resumed = trainer.train(demo_fashion_mnist.get_config("tiny"), str(tmp_path / "resumed"))  # the old run's config
   assert int(resumed["state"]["step"]) == 12 and 0 < resumed["results"]["knn_top1_teacher"] <= 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(resumed["state"]["params"])))
