@@ -206,6 +206,7 @@ class TorchStep:
     """One update; returns the loss."""
     cfg, b = self.cfg, batch["global"].shape[0] // 2
     masks = batch.get("masks") if self.ibot else None
+    rows = self.upperbound(masks) if masks is not None else 0  # the iBOT heads' buffer
     with torch.autocast(self.device.type, self.autocast or torch.bfloat16, enabled=self.autocast is not None):
       with torch.no_grad():
         t_tokens = self.teacher.tokens(batch["global"])
@@ -213,15 +214,15 @@ class TorchStep:
         t_probs = self.targets(t_logits, "dino").chunk(2)
         if masks is not None:
           patches = t_tokens[:, 1 + cfg.model.num_registers:][masks]
-          t_patch = self.targets(padded_head(self.teacher.ibot_head or self.teacher.head, patches, self.upperbound(masks)), "ibot")
+          t_patch = self.targets(padded_head(self.teacher.ibot_head or self.teacher.head, patches, rows), "ibot")
       s_tokens = self.student.tokens(batch["global"], masks)
       cls = [s_tokens[:, 0]] + ([self.student.tokens(batch["local"])[:, 0]] if "local" in batch else [])
-      s_logits = list(self.student.head(torch.cat(cls)).chunk(len(cls[0]) // b + sum(len(c) for c in cls[1:]) // b))
+      s_logits = list(self.student.head(torch.cat(cls)).chunk(sum(len(c) for c in cls) // b))
       pairs = [(t, s) for t in range(2) for s in range(len(s_logits)) if s != t]
       loss = sum(cross_entropy(t_probs[t], s_logits[s], cfg.loss.student_temp).mean() for t, s in pairs) / len(pairs)
       if masks is not None:
         s_patch = padded_head(self.student.ibot_head or self.student.head,
-                              s_tokens[:, 1 + cfg.model.num_registers:][masks], self.upperbound(masks))
+                              s_tokens[:, 1 + cfg.model.num_registers:][masks], rows)
         per_image = masks.sum(1, keepdim=True).expand_as(masks)[masks].clamp(min=1)
         ibot = (cross_entropy(t_patch, s_patch, cfg.loss.student_temp) / per_image).sum() / len(masks)
         loss = loss + cfg.loss.ibot_weight * ibot
