@@ -44,7 +44,7 @@ def make_model(cfg: ml_collections.ConfigDict, batch_sharding=None) -> models.DI
   subsets = None
   if cfg.model.get("drop_path_mode", "sample") == "subset":
     subsets = models.layers.Subsets(cfg.batch_size // objectives.group_size(cfg), batch_sharding)
-  return models.DINOModel(models.make_backbone(cfg.model, subsets), head(),
+  return models.DINOModel(models.make_backbone(cfg.model, subsets, batch_sharding), head(),
                           head(h.get("ibot_bottleneck_dim", 0) or h.bottleneck_dim) if separate_ibot else None,
                           head() if "region" in names else None)
 

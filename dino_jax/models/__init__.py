@@ -38,10 +38,11 @@ def backbone_class(model_cfg: ml_collections.ConfigDict):
   return BACKBONES[name]
 
 
-def make_backbone(model_cfg: ml_collections.ConfigDict, subsets=None):
+def make_backbone(model_cfg: ml_collections.ConfigDict, subsets=None, batch_sharding=None):
   """The backbone `model_cfg` names; `subsets` (`layers.Subsets`): DINOv2's kept-subset
-  stochastic depth and its groups, else the per-sample mask."""
-  return backbone_class(model_cfg).from_config(model_cfg, subsets)
+  stochastic depth and its groups, else the per-sample mask; `batch_sharding`: the train
+  step's, which a ViT's blocks keep their activations in."""
+  return backbone_class(model_cfg).from_config(model_cfg, subsets, batch_sharding)
 
 
 def backbone_variables(weights: dict) -> dict:

@@ -228,7 +228,9 @@ class Swin(nn.Module):
   # What the trainer and the tools ask of every backbone.
 
   @classmethod
-  def from_config(cls, m: ml_collections.ConfigDict, subsets: Optional[layers.Subsets] = None) -> "Swin":
+  def from_config(cls, m: ml_collections.ConfigDict, subsets: Optional[layers.Subsets] = None,
+                  batch_sharding=None) -> "Swin":
+    del batch_sharding  # only the ViT's blocks constrain it
     return cls(patch_size=m.patch_size, width=m.width, depths=tuple(m.depths), num_heads=tuple(m.num_heads),
                window_size=m.window_size, image_size=m.get("image_size", 224), mlp_ratio=m.mlp_ratio,
                drop_path_rate=m.drop_path_rate,

@@ -91,10 +91,14 @@ class Block(nn.Module):
   attention: str = "xla"
   subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth, else per sample
   packed_layout: Optional[packing.PackedLayout] = None  # x holds crops packed in rows (`segments`: their ids)
+  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's: x stays split by sample
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, segments=None):
     d = x.shape[-1]
+    if self.batch_sharding is not None and segments is None and not self.is_initializing():
+      # Else XLA may follow FSDP's weight layout through a scan (ViT-L: 61 GiB, not 25, per device).
+      x = jax.lax.with_sharding_constraint(x, self.batch_sharding)
 
     def attention(x, packed=None):  # packed: (layout, segment ids) of crops packed in x's rows
       h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
@@ -169,6 +173,7 @@ class ViT(nn.Module):
   scan: bool = False  # the train step runs the blocks as one jax.lax.scan (`scan_blocks`)
   attention: str = "xla"  # layers.attention: "xla" or "cudnn" (GPU, bf16)
   subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth (training), else per sample
+  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's: each block's input split by sample
 
   @nn.compact
   def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0, final_norm: bool = True,
@@ -218,7 +223,7 @@ class ViT(nn.Module):
       x = xs[0]
     intermediate = []
     block_args = lambda i: (self.num_heads, self.mlp_dim, self.ffn, self.layerscale, self.block_rate(i), self.dtype,
-                            self.attention, self.subsets, layout)
+                            self.attention, self.subsets, layout, self.batch_sharding)
     if self.scan and not (self.is_initializing() or layers or inspected):
       x = self.scan_blocks(Block(*block_args(0), parent=None), x, deterministic, segments)
     else:
@@ -267,14 +272,15 @@ class ViT(nn.Module):
   # What the trainer and the tools ask of every backbone.
 
   @classmethod
-  def from_config(cls, m: ml_collections.ConfigDict, subsets: Optional[layers.Subsets] = None) -> "ViT":
+  def from_config(cls, m: ml_collections.ConfigDict, subsets: Optional[layers.Subsets] = None,
+                  batch_sharding: Optional[jax.sharding.NamedSharding] = None) -> "ViT":
     return cls(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                mlp_dim=m.mlp_dim, ffn=m.ffn, num_registers=m.num_registers, layerscale=m.layerscale,
                drop_path_rate=m.drop_path_rate, drop_path_uniform=m.get("drop_path_uniform", False),
                cls_token_std=m.get("cls_token_std", 1e-6), pos_embed_grid=m.pos_embed_grid,
                interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
                dtype=layers.compute_dtype(m.dtype), remat=m.remat, scan=m.get("scan", False), attention=m.attention,
-               subsets=subsets)
+               subsets=subsets, batch_sharding=batch_sharding)
 
   @property
   def embed_dim(self) -> int:
