@@ -126,27 +126,21 @@ def subset_drop_path(x, branch, rate: float, rng, subsets: Subsets = Subsets()):
   """x + stochastic-depth branch(x) computing the branch only for the kept samples (DINOv2's
   `drop_add_residual_stochastic_depth`): each group of n consecutive samples (`subsets`) draws
   a random k = max(int(n (1 - rate)), 1) of them; they go through `branch` and their outputs
-  are added back scaled by n / k. With `subsets.batch_sharding` the kept samples stay split
-  over the devices: a device's own where each device holds whole groups; where a group spans
-  devices, the groups' kept samples (padded to a multiple of the devices) spread evenly over
-  them, gathered and returned as FSDP gathers weights (left to XLA, gathering them onto every
-  device ran the whole group's branch on each: 7x ViT-S's step memory at 8 of 64 per device)."""
+  are added back scaled by n / k. With `subsets.batch_sharding` each device computes on its own
+  samples: its groups' kept ones where each device holds whole groups; where a group spans
+  devices, all of them, the dropped ones scaled by 0 (the same draws and result; gathering a
+  group's kept samples across devices would hold the whole batch's activations on each)."""
   groups, sharding = subsets.groups, subsets.batch_sharding
   n = x.shape[0] // groups
   k = max(int(n * (1.0 - rate)), 1)
   order = jnp.argsort(jax.random.uniform(rng, (groups, n)), axis=1)[:, :k]
   local = lambda a: jax.lax.with_sharding_constraint(a, sharding) if sharding is not None else a
-  exact = jax.lax.Precision.HIGHEST  # a selection: no bf16 rounding of the activations
   if sharding is not None and groups % sharding.mesh.size:  # a group spans devices
-    rows = -(-groups * k // sharding.mesh.size) * sharding.mesh.size
-    kept = (order + n * jnp.arange(groups)[:, None]).reshape(-1)  # each kept sample's place in x
-    pick = jnp.pad(jax.nn.one_hot(kept, x.shape[0], dtype=x.dtype), ((0, rows - kept.size), (0, 0)))
-    flat = local(x).reshape(x.shape[0], -1)
-    subset = local(jnp.einsum("kb,bf->kf", pick, flat, precision=exact).reshape(rows, *x.shape[1:]))
-    update = local(branch(subset).astype(x.dtype) * (n / k)).reshape(rows, -1)  # zero rows' pads dropped
-    return local(x + jnp.einsum("kb,kf->bf", pick, update, precision=exact).reshape(x.shape))
+    scale = jax.nn.one_hot(order, n, dtype=x.dtype).sum(1).reshape((-1,) + (1,) * (x.ndim - 1)) * (n / k)
+    return local(x + branch(local(x)).astype(x.dtype) * scale)
   pick = local(jax.nn.one_hot(order, n, dtype=x.dtype))  # [groups, k, n]: batched matmuls, no gathers
   grouped = local(x.reshape(groups, n, -1))
+  exact = jax.lax.Precision.HIGHEST  # a selection: no bf16 rounding of the activations
   subset = jnp.einsum("gkn,gnf->gkf", pick, grouped, precision=exact).reshape(groups * k, *x.shape[1:])
   update = branch(subset).reshape(groups, k, -1).astype(x.dtype) * (n / k)
   return (grouped + jnp.einsum("gkn,gkf->gnf", pick, update, precision=exact)).reshape(x.shape)
