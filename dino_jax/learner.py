@@ -41,10 +41,10 @@ def make_model(cfg: ml_collections.ConfigDict, batch_sharding=None) -> models.DI
                                                              h.get("norm_last_layer", True))
   names = objectives.active(cfg)
   separate_ibot = "ibot" in names and not h.share_ibot_head
-  subsets = None
+  subset_groups = None
   if cfg.model.get("drop_path_mode", "sample") == "subset":
-    subsets = models.layers.Subsets(cfg.batch_size // objectives.group_size(cfg), batch_sharding)
-  return models.DINOModel(models.make_backbone(cfg.model, subsets, batch_sharding), head(),
+    subset_groups = cfg.batch_size // objectives.group_size(cfg)
+  return models.DINOModel(models.make_backbone(cfg.model, subset_groups, batch_sharding), head(),
                           head(h.get("ibot_bottleneck_dim", 0) or h.bottleneck_dim) if separate_ibot else None,
                           head() if "region" in names else None)
 

@@ -276,8 +276,7 @@ def test_subset_drop_path_keeps_each_device_subset_local():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   x = jax.device_put(jax.random.normal(jax.random.key(0), (32, 5, 16)), sharding)
-  step = jax.jit(lambda x, key: layers.subset_drop_path(x, lambda v: v @ jnp.eye(16), 0.5, key,
-                                                        layers.Subsets(8, sharding)))
+  step = jax.jit(lambda x, key: layers.subset_drop_path(x, lambda v: v @ jnp.eye(16), 0.5, key, 8, sharding))
   out = step(x, jax.random.key(1))
   changed = np.any(np.asarray(out != x), axis=(1, 2)).reshape(8, 4)
   assert (changed.sum(axis=1) == 2).all()  # 2 of each device's 4 samples
@@ -294,7 +293,7 @@ def test_subset_drop_path_over_a_group_spanning_devices_stays_on_each_device():
   x = jax.random.normal(jax.random.key(0), (32, 5, 16))
   w = jax.random.normal(jax.random.key(2), (16, 16))
   branch = lambda v: jnp.tanh(v @ w)
-  step = jax.jit(lambda x, key: layers.subset_drop_path(x, branch, 0.4, key, layers.Subsets(1, sharding)))
+  step = jax.jit(lambda x, key: layers.subset_drop_path(x, branch, 0.4, key, 1, sharding))
   sharded = jax.device_put(x, sharding)
   for seed in range(3):
     expected = layers.subset_drop_path(x, branch, 0.4, jax.random.key(seed))
@@ -333,9 +332,9 @@ def test_subsets_at_every_rate_above_0_with_subsets_and_never_without(monkeypatc
   original = layers.subset_drop_path
   monkeypatch.setattr(layers, "subset_drop_path", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
   images = jnp.zeros((4, 16, 16, 3))
-  for rate, subsets in ((0.1, layers.Subsets(2)), (0.4, layers.Subsets()), (0.4, None)):
+  for rate, groups in ((0.1, 2), (0.4, 1), (0.4, None)):
     vit = models.ViT(patch_size=4, width=32, depth=4, num_heads=2, mlp_dim=64, pos_embed_grid=4, drop_path_rate=rate,
-                     subsets=subsets)
+                     subset_groups=groups)
     params = vit.init(jax.random.key(0), images)
     vit.apply(params, images, deterministic=False, rngs={"dropout": jax.random.key(1)})
   rising = lambda r: [r * 1 / 3] * 2 + [r * 2 / 3] * 2 + [r] * 2  # attention and FFN of blocks 1-3
@@ -346,7 +345,7 @@ def test_subsets_are_drawn_within_each_group():
   """Two groups of 4 samples (two official GPUs' crops): 2 of each group's 4 go through the branch."""
   x = jax.random.normal(jax.random.key(0), (8, 3, 4))
   for seed in range(5):
-    out = layers.subset_drop_path(x, lambda v: v + 1.0, 0.5, jax.random.key(seed), layers.Subsets(2))
+    out = layers.subset_drop_path(x, lambda v: v + 1.0, 0.5, jax.random.key(seed), 2)
     changed = np.any(np.asarray(out != x), axis=(1, 2)).reshape(2, 4)
     assert (changed.sum(axis=1) == 2).all()
 

@@ -182,7 +182,7 @@ def test_packed_block_leaves_dropped_crops_unchanged():
   """A crop whose branches are both dropped leaves the block as it came in."""
   layout = packing.PackedLayout(((4, 5), (8, 3)))
   block = models.vit.Block(num_heads=2, mlp_dim=16, drop_path=0.5, packed_layout=layout,
-                           subsets=layers.Subsets(groups=2))
+                           subset_groups=2)
   x = jax.random.normal(jax.random.PRNGKey(0), (layout.num_rows, layout.row_length, 8))
   segments = jnp.asarray(layout.segment_ids())
   params = block.init(jax.random.PRNGKey(1), x, True, segments)

@@ -6,6 +6,7 @@ timm shifts before padding, EsViT (and dino_jax) pad before shifting: timm is th
 where windows divide the grid, the small EsViT-style module below where they do not.
 """
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from configs import esvit_swin_t
 from dino_jax import convert
+from dino_jax import learner
 from dino_jax import models
 from dino_jax import runs
 from dino_jax.models import swin
@@ -233,13 +236,30 @@ def test_a_token_reaches_exactly_its_window(n, build, shifted, token, rows, cols
 
 
 def test_stochastic_depth_with_remat(tiny_params):
-  module = tiny(drop_path_rate=0.3, remat="full")  # rates 0, 0.1 (per-sample mask), 0.2, 0.3 (kept subsets)
+  module = tiny(drop_path_rate=0.3, remat="full")  # rates 0, 0.1, 0.2, 0.3, per-sample masks
   x = images(32, batch=4)
   train = jax.jit(lambda p, rng: module.apply({"params": p}, x, deterministic=False, rngs={"dropout": rng}))
   trained = train(tiny_params, jax.random.PRNGKey(1))["embedding"]
   plain = jax.jit(tiny().apply)({"params": tiny_params}, x)["embedding"]
   assert np.isfinite(trained).all() and not np.allclose(trained, plain)
 
+
+
+def test_the_train_steps_swin_draws_kept_subsets_on_each_devices_own_samples():
+  """With DINOv2's kept subsets (`model.drop_path_mode=subset`) the train step's Swin gets the
+  groups and the step's batch sharding. One group spanning 8 devices then runs each device's
+  branches on its own samples, with no collective (without the sharding: an all-reduce)."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  cfg = esvit_swin_t.get_config("tiny")
+  cfg.model.drop_path_mode, cfg.model.drop_path_rate = "subset", 0.3
+  module = learner.make_model(cfg, sharding).backbone
+  assert (module.subset_groups, module.batch_sharding) == (1, sharding)  # per_gpu_batch_size 0: one group
+  x = jax.device_put(images(16, batch=16), sharding)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), x[:2])
+  train = jax.jit(lambda p, x, rng: module.apply(p, x, deterministic=False, rngs={"dropout": rng})["embedding"])
+  hlo = train.lower(params, x, jax.random.PRNGKey(1)).compile().as_text()
+  assert not re.search(r"all-reduce|all-gather|all-to-all|collective-permute", hlo)
 
 @pytest.mark.parametrize("size", [224, 96])
 def test_flops_formula_matches_xla_cost_analysis(size):

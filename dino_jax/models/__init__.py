@@ -1,7 +1,7 @@
 """Backbones by name (`model.name`) and the heads put on them.
 
-Every backbone is a Flax module built by `Backbone.from_config(model_config, subsets)`
-whose call `(images, mask=None, deterministic=True, layers=0, final_norm=True)` returns
+Every backbone is a Flax module built by
+`Backbone.from_config(model_config, subset_groups, batch_sharding)` whose call `(images, mask=None, deterministic=True, layers=0, final_norm=True)` returns
 
   "embedding"     [B, D]        the global embedding (CLS token, or pooled where there is none)
   "patch"         [B, h, w, D]  its patch / region tokens on their grid
@@ -38,11 +38,12 @@ def backbone_class(model_cfg: ml_collections.ConfigDict):
   return BACKBONES[name]
 
 
-def make_backbone(model_cfg: ml_collections.ConfigDict, subsets=None, batch_sharding=None):
-  """The backbone `model_cfg` names; `subsets` (`layers.Subsets`): DINOv2's kept-subset
-  stochastic depth and its groups, else the per-sample mask; `batch_sharding`: the train
-  step's, which a ViT's blocks keep their activations in."""
-  return backbone_class(model_cfg).from_config(model_cfg, subsets, batch_sharding)
+def make_backbone(model_cfg: ml_collections.ConfigDict, subset_groups=None, batch_sharding=None):
+  """The backbone `model_cfg` names; `subset_groups`: DINOv2's kept-subset stochastic depth
+  drawn in that many groups of the batch, else (None) the per-sample mask; `batch_sharding`:
+  the train step's, which the kept subsets are drawn on and a ViT's blocks keep their
+  activations in."""
+  return backbone_class(model_cfg).from_config(model_cfg, subset_groups, batch_sharding)
 
 
 def backbone_variables(weights: dict) -> dict:

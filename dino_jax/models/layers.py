@@ -1,6 +1,5 @@
 """Building blocks shared by the backbones: initializers, FFNs, LayerScale, stochastic depth,
 remat policies."""
-import dataclasses
 import math
 from typing import Optional
 
@@ -112,30 +111,22 @@ class DropPath(nn.Module):
     return x * mask / keep
 
 
-@dataclasses.dataclass(frozen=True)
-class Subsets:
-  """DINOv2's kept-subset stochastic depth (`subset_drop_path`) and how its draws are grouped:
-  each of `groups` groups of consecutive samples draws its own subset (DINOv2: one GPU's crops
-  of one size, the official per-GPU batch whatever the device count here); with
-  `batch_sharding` (the train step's), groups that divide over its devices stay on them."""
-  groups: int = 1
-  batch_sharding: Optional[jax.sharding.NamedSharding] = None
-
-
-def subset_drop_path(x, branch, rate: float, rng, subsets: Subsets = Subsets()):
+def subset_drop_path(x, branch, rate: float, rng, groups: int = 1,
+                     batch_sharding: Optional[jax.sharding.NamedSharding] = None):
   """x + stochastic-depth branch(x) computing the branch only for the kept samples (DINOv2's
-  `drop_add_residual_stochastic_depth`): each group of n consecutive samples (`subsets`) draws
-  a random k = max(int(n (1 - rate)), 1) of them; they go through `branch` and their outputs
-  are added back scaled by n / k. With `subsets.batch_sharding` each device computes on its own
-  samples: its groups' kept ones where each device holds whole groups; where a group spans
-  devices, all of them, the dropped ones scaled by 0 (the same draws and result; gathering a
-  group's kept samples across devices would hold the whole batch's activations on each)."""
-  groups, sharding = subsets.groups, subsets.batch_sharding
+  `drop_add_residual_stochastic_depth`): each of `groups` groups of n consecutive samples
+  (DINOv2: one GPU's crops of one size, the official per-GPU batch whatever the device count
+  here) draws a random k = max(int(n (1 - rate)), 1) of them; they go through `branch` and
+  their outputs are added back scaled by n / k. With `batch_sharding` (the train step's) each
+  device computes on its own samples: its groups' kept ones where each device holds whole
+  groups; where a group spans devices, all of them, the dropped ones scaled by 0 (the same
+  draws and result; gathering a group's kept samples across devices would hold the whole
+  batch's activations on each)."""
   n = x.shape[0] // groups
   k = max(int(n * (1.0 - rate)), 1)
   order = jnp.argsort(jax.random.uniform(rng, (groups, n)), axis=1)[:, :k]
-  local = lambda a: jax.lax.with_sharding_constraint(a, sharding) if sharding is not None else a
-  if sharding is not None and groups % sharding.mesh.size:  # a group spans devices
+  local = lambda a: jax.lax.with_sharding_constraint(a, batch_sharding) if batch_sharding is not None else a
+  if batch_sharding is not None and groups % batch_sharding.mesh.size:  # a group spans devices
     scale = jax.nn.one_hot(order, n, dtype=x.dtype).sum(1).reshape((-1,) + (1,) * (x.ndim - 1)) * (n / k)
     return local(x + branch(local(x)).astype(x.dtype) * scale)
   pick = local(jax.nn.one_hot(order, n, dtype=x.dtype))  # [groups, k, n]: batched matmuls, no gathers
@@ -152,13 +143,12 @@ REMAT_POLICIES = {  # what a rematerialized block keeps from its forward pass
 }
 
 
-
-
-def residual(x, branch, rate: float, deterministic: bool, make_rng, subsets: Optional[Subsets] = None,
-             packed: Optional[tuple] = None):
-  """x + branch(x) with stochastic depth at `rate`: with `subsets`, DINOv2's kept-subset form at
-  any rate above 0 (its `NestedTensorBlock.forward_nested`, the student's training path;
-  `subset_drop_path`), else the per-sample mask (DINO's and EsViT's DropPath). With `packed`
+def residual(x, branch, rate: float, deterministic: bool, make_rng, subset_groups: Optional[int] = None,
+             packed: Optional[tuple] = None, batch_sharding: Optional[jax.sharding.NamedSharding] = None):
+  """x + branch(x) with stochastic depth at `rate`: with `subset_groups`, DINOv2's kept-subset
+  form drawn in that many groups at any rate above 0 (its `NestedTensorBlock.forward_nested`,
+  the student's training path; `subset_drop_path`, on `batch_sharding`'s devices), else the
+  per-sample mask (DINO's and EsViT's DropPath). With `packed`
   ((`packing.PackedLayout`, segment ids): x holds crops packed in rows, and `branch(x, packed)`
   takes them) the same draws per crop: the kept subsets' branch computed on those crops alone
   (`packing.kept_subset_drop_path`) where each device's groups are whole, else every crop's
@@ -168,13 +158,13 @@ def residual(x, branch, rate: float, deterministic: bool, make_rng, subsets: Opt
     layout, segments = packed
     if deterministic or rate == 0:
       return x + branch(x, packed)
-    if subsets is not None and subsets.groups % layout.chunks == 0:
-      return packing.kept_subset_drop_path(x, branch, rate, make_rng("dropout"), layout, subsets.groups)
-    scale = packing.crop_drop_scale(make_rng("dropout"), layout, rate, subsets.groups if subsets else None)
+    if subset_groups is not None and subset_groups % layout.chunks == 0:
+      return packing.kept_subset_drop_path(x, branch, rate, make_rng("dropout"), layout, subset_groups)
+    scale = packing.crop_drop_scale(make_rng("dropout"), layout, rate, subset_groups)
     update = branch(x, packed)
     return x + update * packing.token_scale(scale, segments).astype(update.dtype)
-  if not deterministic and rate > 0 and subsets is not None:
-    return subset_drop_path(x, branch, rate, make_rng("dropout"), subsets)
+  if not deterministic and rate > 0 and subset_groups is not None:
+    return subset_drop_path(x, branch, rate, make_rng("dropout"), subset_groups, batch_sharding)
   return x + DropPath(rate)(branch(x), deterministic)
 
 

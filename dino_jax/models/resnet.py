@@ -146,9 +146,9 @@ class ResNet(nn.Module):
   # What the trainer and the tools ask of every backbone.
 
   @classmethod
-  def from_config(cls, m: ml_collections.ConfigDict, subsets: Optional[layers.Subsets] = None,
+  def from_config(cls, m: ml_collections.ConfigDict, subset_groups: Optional[int] = None,
                   batch_sharding=None) -> "ResNet":
-    del subsets, batch_sharding  # no stochastic depth; only the ViT's blocks constrain the batch sharding
+    del subset_groups, batch_sharding  # no stochastic depth
     if m.depth not in RESNET_BLOCKS:
       raise ValueError(f"model.depth of a ResNet must be one of {sorted(RESNET_BLOCKS)}, not {m.depth}")
     return cls(depth=m.depth, width=m.get("width", 64), dtype=layers.compute_dtype(m.dtype))

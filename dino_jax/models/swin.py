@@ -18,6 +18,7 @@ import re
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -81,7 +82,8 @@ class SwinBlock(nn.Module):
   norm_eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
-  subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth, else per sample
+  subset_groups: Optional[int] = None  # DINOv2's kept-subset stochastic depth in that many groups, else per sample
+  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's: where the kept subsets are drawn
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -120,7 +122,8 @@ class SwinBlock(nn.Module):
       return Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
 
     for branch in (attention, feed_forward):
-      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.subsets)
+      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.subset_groups,
+                   batch_sharding=self.batch_sharding)
     return x
 
 
@@ -154,7 +157,8 @@ class SwinStage(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"
   attention: str = "xla"
-  subsets: Optional[layers.Subsets] = None
+  subset_groups: Optional[int] = None
+  batch_sharding: Optional[jax.sharding.NamedSharding] = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -165,7 +169,8 @@ class SwinStage(nn.Module):
     outputs = []
     for j in range(self.depth):
       x = block(self.num_heads, self.window_size, j % 2 == 1, self.build_grid, self.mlp_ratio, self.drop_paths[j],
-                self.norm_eps, self.dtype, self.attention, self.subsets, name=f"block{j}")(x, deterministic)
+                self.norm_eps, self.dtype, self.attention, self.subset_groups, self.batch_sharding,
+                name=f"block{j}")(x, deterministic)
       outputs.append(x)
     return outputs
 
@@ -197,7 +202,8 @@ class Swin(nn.Module):
   dtype: jnp.dtype = jnp.float32  # compute dtype (bfloat16 for speed); parameters stay float32
   remat: str = "none"  # rematerialize each block in the backward pass: "none", "full" or "dots"
   attention: str = "xla"  # layers.attention: "xla" or "cudnn" (GPU, bf16)
-  subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth (training), else per sample
+  subset_groups: Optional[int] = None  # DINOv2's kept-subset stochastic depth (training) in that many groups
+  batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's: where the kept subsets are drawn
 
   @nn.compact
   def __call__(self, images, mask=None, deterministic: bool = True, layers: int = 0, final_norm: bool = True):
@@ -213,7 +219,8 @@ class Swin(nn.Module):
     for s, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       first = sum(self.depths[:s])
       blocks += SwinStage(depth, heads, self.window_size, s > 0, tuple(rates[first:first + depth]), build_grids[s],
-                          self.mlp_ratio, self.norm_eps, self.dtype, self.remat, self.attention, self.subsets,
+                          self.mlp_ratio, self.norm_eps, self.dtype, self.remat, self.attention, self.subset_groups,
+                          self.batch_sharding,
                           name=f"stage{s}")(x, deterministic)
       x = blocks[-1]
     norm = nn.LayerNorm(epsilon=self.norm_eps, name="norm")
@@ -228,14 +235,13 @@ class Swin(nn.Module):
   # What the trainer and the tools ask of every backbone.
 
   @classmethod
-  def from_config(cls, m: ml_collections.ConfigDict, subsets: Optional[layers.Subsets] = None,
-                  batch_sharding=None) -> "Swin":
-    del batch_sharding  # only the ViT's blocks constrain it
+  def from_config(cls, m: ml_collections.ConfigDict, subset_groups: Optional[int] = None,
+                  batch_sharding: Optional[jax.sharding.NamedSharding] = None) -> "Swin":
     return cls(patch_size=m.patch_size, width=m.width, depths=tuple(m.depths), num_heads=tuple(m.num_heads),
                window_size=m.window_size, image_size=m.get("image_size", 224), mlp_ratio=m.mlp_ratio,
                drop_path_rate=m.drop_path_rate,
                norm_eps=m.norm_eps, dtype=layers.compute_dtype(m.dtype), remat=m.remat, attention=m.attention,
-               subsets=subsets)
+               subset_groups=subset_groups, batch_sharding=batch_sharding)
 
   @property
   def embed_dim(self) -> int:

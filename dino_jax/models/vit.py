@@ -89,7 +89,7 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"
-  subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth, else per sample
+  subset_groups: Optional[int] = None  # DINOv2's kept-subset stochastic depth in that many groups, else per sample
   packed_layout: Optional[packing.PackedLayout] = None  # x holds crops packed in rows (`segments`: their ids)
   batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's: x stays split by sample
 
@@ -128,7 +128,8 @@ class Block(nn.Module):
 
     packed = None if segments is None else (self.packed_layout, segments)
     for branch in (attention, feed_forward):
-      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.subsets, packed)
+      x = residual(x, branch, self.drop_path, deterministic, self.make_rng, self.subset_groups, packed,
+                   self.batch_sharding)
     return x
 
 
@@ -172,7 +173,7 @@ class ViT(nn.Module):
   remat: str = "none"  # rematerialize each block in the backward pass: "none", "full" or "dots"
   scan: bool = False  # the train step runs the blocks as one jax.lax.scan (`scan_blocks`)
   attention: str = "xla"  # layers.attention: "xla" or "cudnn" (GPU, bf16)
-  subsets: Optional[layers.Subsets] = None  # DINOv2's kept-subset stochastic depth (training), else per sample
+  subset_groups: Optional[int] = None  # DINOv2's kept-subset stochastic depth (training) in that many groups
   batch_sharding: Optional[jax.sharding.NamedSharding] = None  # the train step's: each block's input split by sample
 
   @nn.compact
@@ -223,7 +224,7 @@ class ViT(nn.Module):
       x = xs[0]
     intermediate = []
     block_args = lambda i: (self.num_heads, self.mlp_dim, self.ffn, self.layerscale, self.block_rate(i), self.dtype,
-                            self.attention, self.subsets, layout, self.batch_sharding)
+                            self.attention, self.subset_groups, layout, self.batch_sharding)
     if self.scan and not (self.is_initializing() or layers or inspected):
       x = self.scan_blocks(Block(*block_args(0), parent=None), x, deterministic, segments)
     else:
@@ -272,7 +273,7 @@ class ViT(nn.Module):
   # What the trainer and the tools ask of every backbone.
 
   @classmethod
-  def from_config(cls, m: ml_collections.ConfigDict, subsets: Optional[layers.Subsets] = None,
+  def from_config(cls, m: ml_collections.ConfigDict, subset_groups: Optional[int] = None,
                   batch_sharding: Optional[jax.sharding.NamedSharding] = None) -> "ViT":
     return cls(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                mlp_dim=m.mlp_dim, ffn=m.ffn, num_registers=m.num_registers, layerscale=m.layerscale,
@@ -280,7 +281,7 @@ class ViT(nn.Module):
                cls_token_std=m.get("cls_token_std", 1e-6), pos_embed_grid=m.pos_embed_grid,
                interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias,
                dtype=layers.compute_dtype(m.dtype), remat=m.remat, scan=m.get("scan", False), attention=m.attention,
-               subsets=subsets, batch_sharding=batch_sharding)
+               subset_groups=subset_groups, batch_sharding=batch_sharding)
 
   @property
   def embed_dim(self) -> int:
