@@ -1,7 +1,8 @@
 """Backbones by name (`model.name`) and the heads put on them.
 
 Every backbone is a Flax module built by
-`Backbone.from_config(model_config, subset_groups, batch_sharding)` whose call `(images, mask=None, deterministic=True, layers=0, final_norm=True)` returns
+`Backbone.from_config(model_config, subset_groups, batch_sharding)` whose call
+`(images, mask=None, deterministic=True, layers=0, final_norm=True)` returns
 
   "embedding"     [B, D]        the global embedding (CLS token, or pooled where there is none)
   "patch"         [B, h, w, D]  its patch / region tokens on their grid
