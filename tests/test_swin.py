@@ -244,7 +244,6 @@ def test_stochastic_depth_with_remat(tiny_params):
   assert np.isfinite(trained).all() and not np.allclose(trained, plain)
 
 
-
 def test_the_train_steps_swin_draws_kept_subsets_on_each_devices_own_samples():
   """With DINOv2's kept subsets (`model.drop_path_mode=subset`) the train step's Swin gets the
   groups and the step's batch sharding. One group spanning 8 devices then runs each device's
@@ -260,6 +259,7 @@ def test_the_train_steps_swin_draws_kept_subsets_on_each_devices_own_samples():
   train = jax.jit(lambda p, x, rng: module.apply(p, x, deterministic=False, rngs={"dropout": rng})["embedding"])
   hlo = train.lower(params, x, jax.random.PRNGKey(1)).compile().as_text()
   assert not re.search(r"all-reduce|all-gather|all-to-all|collective-permute", hlo)
+
 
 @pytest.mark.parametrize("size", [224, 96])
 def test_flops_formula_matches_xla_cost_analysis(size):
