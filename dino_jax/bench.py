@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import pathlib
+import platform
 import re
 import statistics
 import tempfile
@@ -103,6 +104,35 @@ def train_step_flops(cfg) -> float:
   return forward_flops(cfg, *teacher, with_local=False) + 3 * forward_flops(cfg, cfg.model, cfg.head, True)
 
 
+def host_cpu(cpuinfo: str | None = None) -> dict:
+  """This host's CPU, recorded beside every timing: its model, the cores the process may use,
+  the widest x86 vector extension (XLA's CPU kernels and their speed against PyTorch's differ
+  between AVX2 and AVX-512 machines: docs/performance.md), and the run's XLA_FLAGS.
+  `cpuinfo`: the text of /proc/cpuinfo (read here when None; absent off Linux)."""
+  if cpuinfo is None:
+    try:
+      cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+      cpuinfo = ""
+  fields = {}
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())  # the first processor's
+  features = set(fields.get("flags", "").split())
+  return {"host_cpu": fields.get("model name") or platform.processor() or platform.machine(),
+          "host_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+          "host_vector_isa": next((isa for isa in ("avx512f", "avx2", "avx") if isa in features), None),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def device_line(result: dict) -> str:
+  """"cpu x1 (AMD EPYC, 2 cores, avx2)": the devices and, on CPUs, the host `host_cpu` names."""
+  line = f"{result['device']} x{result['devices']}"
+  if result["device"] == "cpu":
+    line += f" ({result['host_cpu']}, {result['host_cores']} cores, {result['host_vector_isa'] or 'no AVX'})"
+  return line
+
+
 def peak_memory_bytes() -> int | None:
   stats = [d.memory_stats() for d in jax.local_devices()]
   return max((s or {}).get("peak_bytes_in_use", 0) for s in stats) or None
@@ -167,7 +197,7 @@ def benchmark(cfg: ml_collections.ConfigDict, steps: int, warmup: int, peak_tflo
       "images_per_s": cfg.batch_size / step_s, "compile_s": compile_s,
       "tflop_per_step": flops / 1e12, "tflops_per_s": achieved,
       "mfu": achieved / (peak * jax.device_count()) if peak else None,
-      "peak_memory_gib": (peak_memory_bytes() or 0) / 2 ** 30 or None,
+      "peak_memory_gib": (peak_memory_bytes() or 0) / 2 ** 30 or None, **host_cpu(),
       "compiled_memory": compiled_memory(compiled_step.compiled),
       "xla_cost": xla_cost(compiled_step.compiled),
       "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
@@ -293,7 +323,7 @@ def against_pytorch(cfg: ml_collections.ConfigDict, steps: int, warmup: int, pea
           "jax_mfu": mfu(jax_s), "torch_mfu": mfu(torch_s), "speedup": torch_s / jax_s,
           "matmul_shape": list(shape), "jax_matmul_tflops": matmul["jax"], "torch_matmul_tflops": matmul["torch"],
           "matmul_floor_s": floor_s, "speedup_ceiling": torch_s / floor_s,
-          "jax_loss": float(metrics["loss"]), "torch_loss": torch_loss}
+          "jax_loss": float(metrics["loss"]), "torch_loss": torch_loss, **host_cpu()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,7 +504,7 @@ def loader_benchmark(cfg: ml_collections.ConfigDict, images: int, workers: int, 
   return {"loader": what, "images": count, "workers": workers, "processes": processes, "cores_used": cores,
           "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
           "images_per_s": rate, "images_per_s_per_core": rate / cores, "windows": rates[1:],
-          "gil_held_share": meter.get()[0]["held"] if meter else None}
+          "gil_held_share": meter.get()[0]["held"] if meter else None, **host_cpu()}
 
 
 # --config (with --config.key=value overrides) is the flag dino_jax.train defines.
@@ -543,7 +573,7 @@ def main(argv):
         raise UsageError(f"--profile_dir {_PROFILE_DIR.value}: {e.strerror}") from e
     if _AGAINST_PYTORCH.value:
       result = against_pytorch(cli.CONFIG.value, _STEPS.value, _WARMUP.value, _PEAK.value)
-      print(f"{result['device']} x{result['devices']} (PyTorch on {result['torch_device']}, "
+      print(f"{device_line(result)}, PyTorch on {result['torch_device']} ("
             f"{result['torch_threads']} threads), batch {result['batch_size']} ({result['crops']}), "
             f"{result['dtype']}, median of {result['steps_timed']} alternating steps: JAX "
             f"{result['jax_step_s_median']:.3f} s/step = {result['jax_images_per_s']:.2f} images/s, PyTorch "
@@ -568,7 +598,8 @@ def main(argv):
       makers = f"{processes} processes x {result['workers']} threads" if processes else f"{result['workers']} threads"
       gil = result["gil_held_share"]
       print(f"{result['loader']}, crops {result['crops']}: {result['images_per_s']:.1f} images/s with {makers} on "
-            f"{result['cores_used']} cores = {result['images_per_s_per_core']:.1f} images/s per core"
+            f"{result['cores_used']} cores of {result['host_cpu']} = {result['images_per_s_per_core']:.1f} "
+            f"images/s per core"
             + ("" if gil is None else f"; this process held the GIL {100 * gil:.0f}% of the time"))
       write_json(result)
       return
@@ -595,7 +626,7 @@ def main(argv):
     return
   mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no peak for this device)"
   mem = f"{result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] else "n/a"
-  print(f"{result['device']} x{result['devices']}, batch {result['batch_size']} ({result['crops']}), "
+  print(f"{device_line(result)}, batch {result['batch_size']} ({result['crops']}), "
         f"{result['dtype']}: {result['step_s_median']:.3f} s/step (median of {result['steps_timed']}), "
         f"{result['images_per_s']:.2f} images/s, {result['tflops_per_s']:.3f} TFLOP/s, MFU {mfu}, "
         f"peak memory {mem}, compile {result['compile_s']:.1f} s")

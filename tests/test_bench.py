@@ -60,6 +60,7 @@ def test_bench_command_on_the_tiny_config(tmp_path):
   assert line["loss_finite"]
   assert set(line["compiled_memory"]) == {"argument", "output", "alias", "temp", "peak"}
   assert "images/s" in result.stdout
+  assert line["host_cpu"] and line["host_cores"] >= 1 and line["xla_flags"] == os.environ.get("XLA_FLAGS", "")
   # --profile_dir: the traced step's XLA ops, largest first, named after the model's JAX ops.
   assert line["profile"].endswith(".xplane.pb") and (tmp_path / "profile") in pathlib.Path(line["profile"]).parents
   ops = line["op_times"]
@@ -67,6 +68,47 @@ def test_bench_command_on_the_tiny_config(tmp_path):
   assert not any(op["op"].startswith("while") for op in ops) and sum(op["share"] for op in ops) <= 1 + 1e-6
   assert any("backbone/block" in op["source"] for op in ops[:20])
   assert "device time per XLA op" in result.stdout
+
+
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx fma avx2 bmi2
+
+processor\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx fma avx2 bmi2
+"""
+
+
+def test_host_cpu_names_the_model_and_its_widest_vector_extension(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  amd = bench.host_cpu(AMD_CPUINFO)
+  assert amd["host_cpu"] == "AMD EPYC" and amd["host_vector_isa"] == "avx2"
+  assert amd["xla_flags"] == "--xla_cpu_experimental_ynn_fusion_type=" and amd["host_cores"] >= 1
+  intel = bench.host_cpu("model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\nflags\t: avx avx2 avx512f avx512bw\n")
+  assert intel["host_cpu"].startswith("Intel(R) Xeon(R)") and intel["host_vector_isa"] == "avx512f"
+  assert bench.host_cpu("")["host_cpu"] and bench.host_cpu("")["host_vector_isa"] is None  # no /proc/cpuinfo
+  line = bench.device_line({"device": "cpu", "devices": 1, **amd})
+  assert line == "cpu x1 (AMD EPYC, %d cores, avx2)" % amd["host_cores"]
+  assert bench.device_line({"device": "NVIDIA H100 80GB HBM3", "devices": 8, **amd}) == "NVIDIA H100 80GB HBM3 x8"
+
+
+def test_loader_mode_times_the_configs_crops_on_generated_jpegs(tmp_path):
+  """`bench --loader`: steps of generated photos cut into the tiny config's crops by threads,
+  the rate per core and the host it ran on (no timing assertions)."""
+  out = tmp_path / "loader.jsonl"
+  result = subprocess.run([sys.executable, "-m", "dino_jax.bench", "--config", "configs/dinov2_vits14.py:tiny",
+                           "--loader", "--loader_images", "4", "--loader_workers", "2", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = json.loads(out.read_text())
+  assert line["loader"] == "4 generated 500x375 JPEGs" and line["images"] == 4 and line["processes"] == 0
+  assert line["workers"] == 2 and line["cores_used"] == min(2, os.cpu_count())
+  assert len(line["windows"]) == 3 and line["images_per_s"] == pytest.approx(np.median(line["windows"]))
+  assert line["images_per_s_per_core"] == pytest.approx(line["images_per_s"] / line["cores_used"])
+  assert line["host_cpu"] and line["gil_held_share"] is None  # not run under gil_load
+  assert f"cores of {line['host_cpu']} = " in result.stdout and "images/s per core" in result.stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -162,6 +204,7 @@ def test_against_pytorch_times_both_steps_on_the_tiny_config(module):
   assert result["jax_images_per_s"] == pytest.approx(16 / result["jax_step_s_median"])
   assert result["jax_mfu"] == pytest.approx(result["tflop_per_step"] / result["jax_step_s_median"])
   assert np.isfinite(result["jax_loss"]) and np.isfinite(result["torch_loss"])
+  assert result["host_cpu"] == bench.host_cpu()["host_cpu"] and result["xla_flags"] == os.environ.get("XLA_FLAGS", "")
   tokens = (cfg.aug.global_size // cfg.model.patch_size) ** 2 + 1 + cfg.model.num_registers
   assert result["matmul_shape"] == [2 * cfg.batch_size * tokens, cfg.model.width, cfg.model.mlp_dim]
   assert min(result["jax_matmul_tflops"], result["torch_matmul_tflops"]) > 0
