@@ -129,7 +129,8 @@ def device_line(result: dict) -> str:
   """"cpu x1 (AMD EPYC, 2 cores, avx2)": the devices and, on CPUs, the host `host_cpu` names."""
   line = f"{result['device']} x{result['devices']}"
   if result["device"] == "cpu":
-    line += f" ({result['host_cpu']}, {result['host_cores']} cores, {result['host_vector_isa'] or 'no AVX'})"
+    named = [result["host_cpu"], f"{result['host_cores']} cores", result["host_vector_isa"]]
+    line += f" ({', '.join(n for n in named if n)})"
   return line
 
 
@@ -500,11 +501,12 @@ def loader_benchmark(cfg: ml_collections.ConfigDict, images: int, workers: int, 
       if meter:
         meter.stop()
   rate = statistics.median(rates[1:])
-  cores = min(workers * max(processes, 1), os.cpu_count() or 1)
+  host = host_cpu()
+  cores = min(workers * max(processes, 1), host["host_cores"] or 1)
   return {"loader": what, "images": count, "workers": workers, "processes": processes, "cores_used": cores,
           "crops": f"2x{cfg.aug.global_size} + {cfg.aug.num_local}x{cfg.aug.local_size}",
           "images_per_s": rate, "images_per_s_per_core": rate / cores, "windows": rates[1:],
-          "gil_held_share": meter.get()[0]["held"] if meter else None, **host_cpu()}
+          "gil_held_share": meter.get()[0]["held"] if meter else None, **host}
 
 
 # --config (with --config.key=value overrides) is the flag dino_jax.train defines.
