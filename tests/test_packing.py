@@ -173,7 +173,10 @@ def test_kept_subset_drop_path_computes_only_the_kept_crops_and_equals_the_scale
   segments = jnp.asarray(layout.segment_ids())
   want = x + branch(x, (layout, segments)) * packing.token_scale(scale, segments)
   ids = layout.segment_ids()
-  np.testing.assert_allclose(np.asarray(got)[ids >= 0], np.asarray(want)[ids >= 0], atol=1e-6)
+  # float32 rounding only: the kept crops' attention sums in another layout (other row lengths,
+  # other padding), and the scale n / k (up to 2.5) multiplies those few-ulp differences; on
+  # AVX2 CPUs they reach 1.4e-6 on outputs near 1.5. A wrong crop or scale moves outputs by ~0.1.
+  np.testing.assert_allclose(np.asarray(got)[ids >= 0], np.asarray(want)[ids >= 0], rtol=1e-5, atol=1e-6)
   kept = [max(int(crops // groups * (1 - 0.4)), 1) * groups for crops, _ in layout.sizes]
   assert [crops for crops, _ in seen[0].sizes] == kept  # the branch ran on the kept crops alone
 
