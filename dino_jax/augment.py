@@ -82,11 +82,13 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 def jitter_draws(key, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
   """torchvision's ColorJitter.get_params: the order of its four ops, a permutation drawn for
   each image (`torch.randperm(4)`, `JITTER_OPS` indices), and their factors b, c, s ~ U(1 - x,
-  1 + x) and hue shift ~ U(-hue, hue)."""
-  kb, kc, ks, kh, order = jax.random.split(key, 5)
-  u = lambda k, m: jax.random.uniform(k, minval=1 - m, maxval=1 + m)
-  factors = (u(kb, brightness), u(kc, contrast), u(ks, saturation), jax.random.uniform(kh, minval=-hue, maxval=hue))
-  return jax.random.permutation(order, len(JITTER_OPS)), factors
+  1 + x) and hue shift ~ U(-hue, hue). The four factors are one mapped draw: the values of
+  four separate draws, compiled once."""
+  keys = jax.random.split(key, 5)
+  low = jnp.array([1 - brightness, 1 - contrast, 1 - saturation, -hue], jnp.float32)
+  high = jnp.array([1 + brightness, 1 + contrast, 1 + saturation, hue], jnp.float32)
+  factors = jax.vmap(lambda k, lo, hi: jax.random.uniform(k, minval=lo, maxval=hi))(keys[:4], low, high)
+  return jax.random.permutation(keys[4], len(JITTER_OPS)), factors
 
 
 def jitter_op(image, op: str, factor):
@@ -181,14 +183,17 @@ def solarize(image, threshold=0.5):
 
 def augment_view(key, image, spec: ViewSpec, cfg: ml_collections.ConfigDict):
   """The photometric ops of one DINO view, a float [H, W, 3] crop on the uint8 grid of [0, 1];
-  normalized with ImageNet statistics."""
+  normalized with ImageNet statistics. Each op is kept with its probability (the four coins are
+  one mapped draw); the spec's probabilities may be traced (`multicrop` maps this over views
+  of different specs)."""
   keys = jax.random.split(key, 7)
-  x = jnp.where(jax.random.bernoulli(keys[0], cfg.jitter_prob), color_jitter(keys[1], image, *cfg.jitter), image)
-  x = jnp.where(jax.random.bernoulli(keys[2], cfg.grayscale_prob), quantize(grayscale(x)), x)
-  if spec.blur_prob > 0:
-    x = jnp.where(jax.random.bernoulli(keys[3], spec.blur_prob), gaussian_blur(keys[4], x, cfg), x)
-  if spec.solarize_prob > 0:
-    x = jnp.where(jax.random.bernoulli(keys[5], spec.solarize_prob), solarize(x), x)
+  probs = jnp.stack([jnp.asarray(p, jnp.float32) for p in
+                     (cfg.jitter_prob, cfg.grayscale_prob, spec.blur_prob, spec.solarize_prob)])
+  jitter, gray, blur, solar = jax.vmap(jax.random.bernoulli)(keys[jnp.array([0, 2, 3, 5])], probs)
+  x = jnp.where(jitter, color_jitter(keys[1], image, *cfg.jitter), image)
+  x = jnp.where(gray, quantize(grayscale(x)), x)
+  x = jnp.where(blur, gaussian_blur(keys[4], x, cfg), x)
+  x = jnp.where(solar, solarize(x), x)
   return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
@@ -207,10 +212,12 @@ def multicrop(key, crops: dict, cfg: ml_collections.ConfigDict):
   keys = jax.random.split(key, (crops["global"].shape[0], len(globals_) + len(locals_)))
 
   def views(images, specs, offset):
-    images = images.astype(jnp.float32) / 255.0
-    per_view = [jax.vmap(lambda k, im, s=s: augment_view(k, im, s, cfg))(keys[:, offset + i], images[:, i])
-                for i, s in enumerate(specs)]
-    return jnp.stack(per_view, axis=1)
+    """One program for all views of a size: mapped over images and their views, each view
+    with its spec's probabilities (compiling one copy of the ops, not one per view)."""
+    probs = jnp.asarray([dataclasses.astuple(s) for s in specs], jnp.float32)  # [views, fields]
+    one = lambda k, image, p: augment_view(k, image.astype(jnp.float32) / 255.0, ViewSpec(*p), cfg)
+    over_views = jax.vmap(one)
+    return jax.vmap(over_views, in_axes=(0, 0, None))(keys[:, offset:offset + len(specs)], images, probs)
 
   out = {"global": views(crops["global"], globals_, 0)}
   if locals_:
