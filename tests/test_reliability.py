@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import demo_fashion_mnist
+from dino_jax import checkpoints
 from dino_jax import data
 from dino_jax import learner
 from dino_jax import sharding
@@ -53,6 +54,31 @@ def test_unfinished_checkpoint_is_ignored_with_a_warning(tmp_path, caplog):
     state = trainer.train(cfg, str(tmp_path))["state"]
   assert int(state["step"]) == 4
   assert "ignoring unfinished checkpoint" in caplog.text and "3.orbax-checkpoint-tmp-1234" in caplog.text
+
+
+def test_small_replicated_arrays_are_saved_whole_and_large_ones_in_per_device_slices(tmp_path):
+  """Orbax's replica-parallel save cuts a replicated array into one slice per device (a
+  compiled slice program per new shape); arrays whose slices would be smaller than
+  MIN_REPLICA_SLICE_BYTES are written whole instead. Both come back as saved."""
+  replicated = sharding.replicated(sharding.make_mesh())
+  small = jax.device_put(np.arange(40 * 11, dtype=np.float32).reshape(40, 11), replicated)
+  large = jax.device_put(np.arange(256 * 520, dtype=np.float32).reshape(256, 520), replicated)
+  assert large.nbytes // 8 >= checkpoints.MIN_REPLICA_SLICE_BYTES > small.nbytes
+  compiled = []
+  listener = lambda event, _, **kw: compiled.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+  mngr = checkpoints.checkpoint_manager(str(tmp_path), tiny())
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for step, state in enumerate([{"small": small}, {"large": large}]):
+      compiled.clear()
+      checkpoints.save(mngr, step, state, force=True)
+      checkpoints.wait_until_saved(mngr)
+      assert bool(compiled) == ("large" in state), (list(state), compiled)  # the (new) slice program is compiled for the large one only
+      restored = mngr.restore(step)
+      np.testing.assert_array_equal(*(next(iter(tree.values())) for tree in (restored, state)))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+    mngr.close()
 
 
 # ------------------------------------------------------------------------------------------
