@@ -2,7 +2,6 @@
 pipeline on a tiny demo pool, the manifest source, resuming (fingerprints, --restart), and bad
 input."""
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -21,7 +20,7 @@ from dino_jax import trainer
 from dino_jax.curation import demo
 from dino_jax.curation import search
 from dino_jax.errors import UsageError
-from tests.test_train import REPO, tiny
+from tests.test_train import REPO, device_env, tiny
 
 
 def unit_rows(n, d, seed):
@@ -263,7 +262,7 @@ def test_cli_rerun_with_another_threshold_is_one_line(curated, tmp_path):
   cfg, out = curated
   work = copy_of(out, tmp_path)
   summary = (work / "summary.json").read_text()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = device_env(2)
   proc = subprocess.run([sys.executable, "-m", "dino_jax.curate", "--config", "configs/curate_fashion_mnist.py:tiny",
                          "--workdir", str(work), f"--config.backbone={cfg.backbone}",
                          f"--config.demo_dir={cfg.demo_dir}", "--config.dedup.threshold=0.9",
@@ -297,7 +296,7 @@ def test_bad_input_is_one_clear_error(curated, mesh, tmp_path):
 
 def test_cli_threshold_outside_the_range(curated, tmp_path):
   cfg, out = curated
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = device_env(2)
   proc = subprocess.run([sys.executable, "-m", "dino_jax.curate", "--config", "configs/curate_fashion_mnist.py:tiny",
                          "--workdir", str(tmp_path), "--stages", "dedup", "--config.dedup.threshold=1.2"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

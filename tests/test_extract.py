@@ -1,5 +1,4 @@
 """Backbone restore from a training checkpoint and feature extraction."""
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from dino_jax import models
 from dino_jax import runs
 from dino_jax import trainer
 from dino_jax.errors import UsageError
-from tests.test_train import REPO, tiny
+from tests.test_train import REPO, device_env, tiny
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def test_restored_backbone_gives_the_in_memory_features(run):
 
 def test_extract_cli_on_a_different_device_count(run, tmp_path):
   workdir, state = run  # saved from 8 devices; restored on 2
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = device_env(2)
   out = tmp_path / "feats.npz"
   proc = subprocess.run([sys.executable, "-m", "dino_jax.extract", "--workdir", str(workdir), "--split", "test",
                          "--batch_size", "500", "--out", str(out)], cwd=REPO, env=env, capture_output=True,

@@ -14,7 +14,7 @@ import numpy as np
 from configs import dinov2_vits14
 from dino_jax import learner
 from dino_jax import sharding
-from tests.test_train import REPO, TRAIN_STEPS_PER_EPOCH, assert_trees_close, final_state, tiny
+from tests.test_train import REPO, TRAIN_STEPS_PER_EPOCH, assert_trees_close, device_env, final_state, tiny
 
 STEPS = 4
 FLAGS = ["--config", "configs/dinov2_vits14.py:tiny", "--config.data.source=fashion_mnist_demo",
@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def start(workdir, devices, *extra):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = device_env(devices)
   return subprocess.Popen([sys.executable, "-m", "dino_jax.train", "--workdir", str(workdir), *FLAGS, *extra],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

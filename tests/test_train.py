@@ -120,13 +120,20 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(module, tmp_path):
   assert_resume_is_exact(cfg, tmp_path, stop_at=3, end=6)
 
 
+def device_env(devices: int) -> dict:
+  """This process's environment for a subprocess on `devices` fake CPU devices (the tests'
+  compiler flags kept)."""
+  flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
+  return dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+
+
 def run_cli(*args, workdir, **kw):
   cmd = [sys.executable, "-m", "dino_jax.train", "--workdir", str(workdir), *args]
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def test_kill_9_at_three_random_steps_then_resume_equals_uninterrupted(tmp_path):
-  steps = 30
+  steps = 16
   flags = ["--config", "configs/demo_fashion_mnist.py:tiny", f"--config.epochs={steps / TRAIN_STEPS_PER_EPOCH}",
            f"--config.optim.warmup_epochs={2 / TRAIN_STEPS_PER_EPOCH}",
            "--config.checkpoint.every_steps=1", "--config.evals.knn.every_steps=-1"]
