@@ -68,7 +68,8 @@ def test_small_replicated_arrays_are_saved_whole_and_large_ones_in_per_device_sl
   large = jax.device_put(np.arange(256 * 520, dtype=np.float32).reshape(256, 520), replicated)
   assert large.nbytes // 8 >= checkpoints.MIN_REPLICA_SLICE_BYTES > small.nbytes
   compiled = []
-  listener = lambda event, _, **kw: compiled.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+  compile_event = "/jax/core/compile/backend_compile_duration"
+  listener = lambda event, _, **kw: compiled.append(event) if event == compile_event else None
   mngr = checkpoints.checkpoint_manager(str(tmp_path), tiny())
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
@@ -76,7 +77,7 @@ def test_small_replicated_arrays_are_saved_whole_and_large_ones_in_per_device_sl
       compiled.clear()
       checkpoints.save(mngr, step, state, force=True)
       checkpoints.wait_until_saved(mngr)
-      assert bool(compiled) == ("large" in state), (list(state), compiled)  # the (new) slice program is compiled for the large one only
+      assert bool(compiled) == ("large" in state), (list(state), compiled)  # slices compiled for the large one only
       restored = mngr.restore(step)
       np.testing.assert_array_equal(*(next(iter(tree.values())) for tree in (restored, state)))
   finally:
