@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from dino_jax import sharding
 from dino_jax.errors import UsageError
@@ -61,9 +62,10 @@ def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
       logging.warning("ignoring unfinished checkpoint %s (the run stopped while writing it): removed", unfinished)
       shutil.rmtree(unfinished)
   write = (lambda: [write_manifest(d) for d in directory.glob(UNFINISHED)]) if jax.process_index() == 0 else None
-  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-      array_metadata_store=array_metadata_store.Store()), override=True)  # as Orbax's default, but the bound
+  handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+                                           array_metadata_store=array_metadata_store.Store())  # Orbax's default + the bound
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, handler, override=True,
+                                                         ignore_warnings=True)  # no stderr line: tools print one on errors
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep,
                                          save_interval_steps=cfg.checkpoint.every_steps,
                                          enable_async_checkpointing=True,
