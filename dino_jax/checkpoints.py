@@ -38,9 +38,9 @@ UNFINISHED = "*.orbax-checkpoint-tmp*"  # Orbax's name of a checkpoint being wri
 # Orbax writes a replicated array in slices, one per replica, so that hosts share the writing.
 # Each slice is a dispatch (and, per new shape, a compile) on every local device: for the
 # state's hundreds of small arrays (biases, norms, statistics) that costs more than it saves
-# (1.1 s of every save's blocking part, and 8 s of compiles in the first, for the 2 MB tiny
-# ResNet state on 8 CPU devices). Arrays whose per-replica slice would be smaller than this are
-# written whole by one replica; the large matrices are still written in parallel.
+# (docs/operations.md, Checkpoints, has the figures). Arrays whose per-replica slice would be
+# smaller than this are written whole by one replica; the large matrices are still written in
+# parallel.
 MIN_REPLICA_SLICE_BYTES = 64 * 1024
 
 

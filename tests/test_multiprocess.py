@@ -30,9 +30,8 @@ def free_port() -> int:
 
 
 def start(workdir, devices, *extra):
-  env = device_env(devices)
   return subprocess.Popen([sys.executable, "-m", "dino_jax.train", "--workdir", str(workdir), *FLAGS, *extra],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=REPO, env=device_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_two_processes_train_like_one(tmp_path):
