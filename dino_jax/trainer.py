@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pathlib
+import sys
 import threading
 
 from absl import logging
@@ -103,6 +104,21 @@ def keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
     os.replace(path.with_name(path.name + ".tmp"), path)
 
 
+def summary_writer(logdir: str):
+  """A tensorboardX writer, imported without PyTorch: tensorboardX imports torch when it is
+  installed (only to name its tensor type), which costs a process seconds and, on GPU hosts,
+  loads PyTorch's CUDA libraries beside JAX's. A torch the process already imported is kept."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return tensorboardX.SummaryWriter(logdir)
+
+
 class MetricWriter:
   """Scalars to <workdir>/metrics.jsonl and TensorBoard (process 0 only), from `start_step` on
   (rows past it, from before a resume, are dropped); `tags` (e.g. the phase's name) go into
@@ -112,10 +128,9 @@ class MetricWriter:
     self.active = jax.process_index() == 0
     self.tags = tags or {}
     if self.active:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
       keep_metrics_up_to(pathlib.Path(workdir) / "metrics.jsonl", start_step)
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.tb = summary_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict):
     if not self.active:

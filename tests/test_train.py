@@ -174,6 +174,17 @@ def test_cli_tiny_config_end_to_end(tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["model"]["width"] == 32
 
 
+def test_metric_writer_leaves_torch_unimported_and_importable(tmp_path):
+  """tensorboardX imports PyTorch when it is installed; the trainer's writer does not let it."""
+  script = ("import sys; from dino_jax import trainer; w = trainer.MetricWriter(sys.argv[1]); w.write(1, {'loss': 2.5});"
+            "w.close(); assert 'torch' not in sys.modules, 'torch imported'; import torch; print(torch.ones(2).sum().item())")
+  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
+  assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.5}
+  assert any(f.stat().st_size > 0 for f in (tmp_path / "tensorboard").iterdir())
+
+
 # ------------------------------------------------------------------------------------------
 # Data paths.
 # ------------------------------------------------------------------------------------------
