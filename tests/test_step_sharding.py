@@ -14,7 +14,7 @@ from dino_jax import sharding
 from dino_jax.errors import UsageError
 from tests.test_train import TRAIN_STEPS_PER_EPOCH
 from tests.test_train import assert_trees_close
-from tests.test_train import one_step
+from tests.test_train import one_step as run_steps
 from tests.test_train import tiny
 
 
@@ -23,6 +23,18 @@ from tests.test_train import tiny
 # reduction order (devices, remat, bfloat16) changes. These comparisons of one computation laid
 # out differently start from a LayerScale that lets the images differ.
 DISTINCT = {"model.layerscale": 0.1}
+
+
+_RUNS = {}
+
+
+def one_step(cfg, devices, steps=1):
+  """test_train.one_step, each (config, devices, steps) run once per file: several tests here
+  compare with the same DINOv2 run on one device and on eight. The returned trees are shared."""
+  key = (cfg.to_json(), len(devices), steps)
+  if key not in _RUNS:
+    _RUNS[key] = run_steps(cfg, devices, steps)
+  return _RUNS[key]
 
 
 def conditioned(module, **overrides):
@@ -75,10 +87,10 @@ def test_fsdp_spec_rule():
 
 
 def test_remat_gives_the_same_step_and_bfloat16_stays_close():
-  base, m_base = one_step(conditioned(dinov2_vits14), jax.devices(), steps=1)
-  remat, m_remat = one_step(conditioned(dinov2_vits14, **{"model.remat": "full"}), jax.devices(), steps=1)
+  base, m_base = one_step(conditioned(dinov2_vits14), jax.devices(), steps=2)  # test_sharded_step_equals_unsharded's
+  remat, m_remat = one_step(conditioned(dinov2_vits14, **{"model.remat": "full"}), jax.devices(), steps=2)
   assert_trees_close(remat["params"], base["params"], atol=1e-6)
-  bf16, m_bf16 = one_step(conditioned(dinov2_vits14, **{"model.dtype": "bfloat16", "model.remat": "dots"}), jax.devices(), steps=1)
+  bf16, m_bf16 = one_step(conditioned(dinov2_vits14, **{"model.dtype": "bfloat16", "model.remat": "dots"}), jax.devices(), steps=2)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16["params"]))  # fp32 master weights
   assert np.isfinite(m_bf16["loss"]) and abs(m_bf16["loss"] - m_base["loss"]) < 0.05 * abs(m_base["loss"])
 
