@@ -4,6 +4,7 @@ The tests' programs, and those of the training runs they start as subprocesses (
 resumed runs compile the same step again), share one persistent XLA compilation cache, made
 fresh for each test session."""
 import atexit
+import functools
 import os
 import pathlib
 import shutil
@@ -37,3 +38,15 @@ def no_stop_request_left_over():
   train = sys.modules.get("dino_jax.trainer")
   if train is not None:
     train.stop_requested.clear()
+
+
+# XLA's defaults for the programs of the tests whose time goes to running them, not compiling
+# them (a ResNet-18 forward runs 5x faster than at level 0).
+XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+
+
+@pytest.fixture
+def optimized_xla(monkeypatch):
+  """This test's jax.jit programs compiled with XLA's defaults (`XLA_DEFAULTS`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=XLA_DEFAULTS))

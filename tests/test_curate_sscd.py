@@ -101,7 +101,7 @@ def sscd_config(cfg, weights: str, threshold: float = 0.99999):
   return cfg
 
 
-def test_dedup_with_sscd_descriptors(curated, mesh, tmp_path):  # noqa: F811
+def test_dedup_with_sscd_descriptors(curated, mesh, tmp_path, optimized_xla):  # noqa: F811
   cfg, out = curated
   work = pathlib.Path(shutil.copytree(out, tmp_path / "out"))
   weights, model = sscd_file(tmp_path / "sscd.torchvision.pt")
