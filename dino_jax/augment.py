@@ -105,12 +105,12 @@ def jitter_op(image, op: str, factor):
 
 def color_jitter(key, image, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
   """torchvision's ColorJitter on a uint8-grid image: the four ops in the order drawn for this
-  image (`jitter_draws`), each rounded to uint8."""
+  image (`jitter_draws`), each rounded to uint8: a scan over the four positions, so each op is
+  traced and compiled once, not once per position."""
   order, factors = jitter_draws(key, brightness, contrast, saturation, hue)
   branches = [lambda x, i=i, op=op: jitter_op(x, op, factors[i]) for i, op in enumerate(JITTER_OPS)]
-  for op in order:
-    image = quantize(jax.lax.switch(op, branches, image))
-  return image
+  step = lambda x, op: (quantize(jax.lax.switch(op, branches, x)), None)
+  return jax.lax.scan(step, image, order)[0]
 
 
 def _filter(image, taps, axis: int, mode: str):
