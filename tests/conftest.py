@@ -41,12 +41,14 @@ def no_stop_request_left_over():
 
 
 # XLA's defaults for the programs of the tests whose time goes to running them, not compiling
-# them (a ResNet-18 forward runs 5x faster than at level 0).
+# them (SSCD's ResNet-18 on 256 images of 16 px, 8 devices: 0.9 s a batch against 4.9 s at the
+# tests' level 0).
 XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
 
 
 @pytest.fixture
 def optimized_xla(monkeypatch):
-  """This test's jax.jit programs compiled with XLA's defaults (`XLA_DEFAULTS`)."""
+  """Programs that the code under test wraps in jax.jit while this test runs are compiled with
+  XLA's defaults (`XLA_DEFAULTS`); those jitted when a module was imported are not."""
   import jax  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(jax, "jit", functools.partial(jax.jit, compiler_options=XLA_DEFAULTS))
