@@ -394,6 +394,6 @@ def test_dino_resnet_step_matches_official():
   assert cfg.optim.name == "sgd" and cfg.model.depth == 18
   # Batch norm over 32 values per channel in the last stages (1 x 1 maps) amplifies float
   # rounding: dino_jax alone on 1 and on 8 devices (replicated or FSDP alike) ends 1.6e-4 apart
-  # in relative loss at step 5 and ~26% of the largest update apart in some kernels' updates.
-  # The bounds take that floor.
+  # in relative loss at the fifth step (step 4 in the assertions) and ~26% of the largest update
+  # apart in some kernels' updates. The bounds take that floor.
   assert_equivalent(cfg, "dino_resnet", noise_floor=True)
