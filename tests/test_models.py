@@ -170,6 +170,37 @@ def test_dino_head_scales_output_or_weight_alike(norm_last_layer):
   np.testing.assert_allclose(few, many[:4], rtol=1e-5, atol=1e-6)
 
 
+def test_column_sums_are_the_columns_sums():
+  a = jax.random.normal(jax.random.key(0), (37, 300)) ** 2 * jnp.linspace(0.1, 100.0, 300)  # squares, as the norms sum
+  np.testing.assert_allclose(layers.column_sums(a), np.sum(np.asarray(a, np.float64), axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale_shape", [(300,), (1, 300)])
+def test_scale_columns_has_the_products_gradients(scale_shape):
+  """The custom gradient (the scale's as column sums) equals autodiff's of a * s."""
+  a, w = (jax.random.normal(k, (37, 300)) for k in jax.random.split(jax.random.key(0), 2))
+  s = jax.random.uniform(jax.random.key(1), scale_shape, minval=0.5, maxval=2.0)
+  loss = lambda f: lambda a, s: jnp.sum(jnp.sin(f(a, s)) * w)
+  got = jax.grad(loss(layers.scale_columns), argnums=(0, 1))(a, s)
+  want = jax.grad(loss(lambda a, s: a * s), argnums=(0, 1))(a, s)
+  np.testing.assert_allclose(layers.scale_columns(a, s), a * s)
+  for g, e in zip(got, want):
+    assert g.shape == e.shape
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_has_the_products_gradients():
+  x, w, g = (jax.random.normal(k, shape) for k, shape in
+             zip(jax.random.split(jax.random.key(0), 3), [(37, 16), (16, 300), (37, 300)]))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)) * g)
+  got = jax.grad(loss(layers.matmul), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(layers.matmul(x, w), x @ w, rtol=1e-6, atol=1e-6)
+  for a, e in zip(got, want):
+    assert a.shape == e.shape
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
 def test_dino_head_param_shapes():
   head = models.DINOHead(out_dim=10, hidden_dim=16, bottleneck_dim=8, num_layers=3)
   params = head.init(jax.random.key(1), jnp.zeros((1, WIDTH)))["params"]
