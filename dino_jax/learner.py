@@ -175,7 +175,7 @@ def train_step(state, batch, frozen_params=None, *, model, tx, schedules, cfg, b
   stats = state.get("batch_stats")
   t_out, t_stats = apply_in_train_mode(t_model, t_params, stats and stats["teacher"], glob, patch_index=index)
   t_out = per_image(jax.lax.stop_gradient(t_out), b)
-  teacher |= objectives.teacher_targets(t_out, state, temp, cfg, valid)
+  teacher |= objectives.teacher_targets(t_out, state, temp, cfg, valid, models.max_logits(t_params))
   if "regions" in t_out:
     teacher["regions"] = t_out["regions"]
 

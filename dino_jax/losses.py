@@ -14,7 +14,7 @@ def centered_softmax(teacher_logits, center, temp):
   return jax.nn.softmax((teacher_logits - center) / temp, axis=-1)
 
 
-def sinkhorn_knopp(teacher_logits, temp, num_iters=3, weights=None):
+def sinkhorn_knopp(teacher_logits, temp, num_iters=3, weights=None, max_logit=None):
   """Sinkhorn-Knopp teacher targets (SwAV, Caron et al. 2020, Eq. 3; used by DINOv2).
 
   Finds Q = diag(u) exp(S / temp) diag(v) over the [n, K] score matrix S whose prototype
@@ -26,16 +26,25 @@ def sinkhorn_knopp(teacher_logits, temp, num_iters=3, weights=None):
   the same Q, from two passes over E per iteration that read it without writing an [n, K]
   array.
 
+  Any constant subtracted from S / temp cancels in the normalizations; it keeps exp in range.
+  That constant is the largest score, or `max_logit` / temp where the scores are known to be at
+  most `max_logit` (a DINO head's: `models.max_logits`). The bound spares the pass that
+  finds the maximum: XLA's CPU backend fused that pass into the head's matmul, and the
+  teacher's iBOT head with its targets took 0.75-0.80 s against 0.40-0.42 s with the bound
+  (ViT-S/14, 663 rows, K = 65,536). The official code subtracts nothing.
+
   Args:
     teacher_logits: [n, K] scores.
     temp: teacher temperature.
     num_iters: number of alternating normalizations.
     weights: optional [n] row validity.
+    max_logit: optional scalar at least every score.
   Returns:
     [n, K] targets; each valid row sums to 1, invalid rows are 0.
   """
   logits = teacher_logits.astype(jnp.float32) / temp
-  e = jnp.exp(logits - jnp.max(logits))  # the shift cancels in the normalizations
+  shift = jnp.max(logits) if max_logit is None else max_logit / temp
+  e = jnp.exp(logits - shift)
   if weights is None:
     weights = jnp.ones(e.shape[0], e.dtype)
   n, k = jnp.sum(weights), e.shape[1]

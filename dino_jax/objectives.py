@@ -81,10 +81,11 @@ def centers(cfg: ml_collections.ConfigDict) -> list[str]:
   return ["center", "ibot_center"] + (["region_center"] if weight(cfg, "region") > 0 else [])
 
 
-def teacher_targets(teacher_out: dict, state: dict, temp, cfg, weights=None) -> dict:
+def teacher_targets(teacher_out: dict, state: dict, temp, cfg, weights=None, max_logits=None) -> dict:
   """Teacher probabilities for each head output present: centering + sharpening (DINO,
   Eq. 4) or Sinkhorn-Knopp over all rows of the global batch (DINOv2). `weights` marks the
-  valid (non-padding) rows of "patch_logits"."""
+  valid (non-padding) rows of "patch_logits"; `max_logits` bounds each output's logits
+  (`models.max_logits`), which Sinkhorn-Knopp then shifts by."""
   out = {}
   for logits_key, (probs_key, center_key) in TARGETS.items():
     if logits_key not in teacher_out:
@@ -93,7 +94,8 @@ def teacher_targets(teacher_out: dict, state: dict, temp, cfg, weights=None) -> 
     row_weights = weights if logits_key == "patch_logits" else None
     if cfg.loss.centering == "sinkhorn":
       flat = logits.reshape(-1, logits.shape[-1])
-      out[probs_key] = losses.sinkhorn_knopp(flat, temp, 3, row_weights).reshape(logits.shape)
+      bound = (max_logits or {}).get(logits_key)
+      out[probs_key] = losses.sinkhorn_knopp(flat, temp, 3, row_weights, bound).reshape(logits.shape)
     else:
       out[probs_key] = losses.centered_softmax(logits, state[center_key].value, temp)
   return out

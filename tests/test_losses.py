@@ -112,6 +112,21 @@ def test_sinkhorn_weights_exclude_padding_rows():
   np.testing.assert_allclose(got[valid].sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("high", [1.0, 0.2])
+def test_sinkhorn_shifted_by_a_bound_is_unchanged(high):
+  """Shifting by a bound on the scores instead of their maximum gives the same targets, also
+  where the bound is far above every score (cosine scores in [-1, high], temperature 0.04)."""
+  rng = np.random.default_rng(6)
+  n, k, temp = 9, 40, 0.04
+  scores = rng.uniform(-1.0, high, size=(n, k)).astype(np.float32)
+  weights = np.ones(n, np.float32)
+  weights[3] = 0.0
+  got = np.asarray(losses.sinkhorn_knopp(jnp.asarray(scores), temp, weights=jnp.asarray(weights), max_logit=1.0))
+  plain = np.asarray(losses.sinkhorn_knopp(jnp.asarray(scores), temp, weights=jnp.asarray(weights)))
+  np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[weights > 0], _np_sinkhorn(scores[weights > 0], temp), rtol=1e-5, atol=1e-7)
+
+
 def test_ibot_patch_loss_matches_numpy():
   rng = np.random.default_rng(6)
   m, k, temp, num_images = 6, 5, 0.1, 4

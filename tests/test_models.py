@@ -170,6 +170,24 @@ def test_dino_head_scales_output_or_weight_alike(norm_last_layer):
   np.testing.assert_allclose(few, many[:4], rtol=1e-5, atol=1e-6)
 
 
+def test_max_logits_bound_each_heads_logits():
+  """A head's bound is its largest |gain| (1 without a gain), its logits never exceed it, and
+  the iBOT logits take the iBOT head's bound (the DINO head's where the head is shared)."""
+  x = jax.random.normal(jax.random.key(0), (64, WIDTH)) * 3.0
+  fixed = models.DINOHead(out_dim=10, hidden_dim=16, bottleneck_dim=8, num_layers=3)
+  gained = models.DINOHead(out_dim=10, hidden_dim=16, bottleneck_dim=8, num_layers=3, norm_last_layer=False)
+  p_fixed = fixed.init(jax.random.key(1), x)["params"]
+  p_gained = flax.core.copy(gained.init(jax.random.key(2), x)["params"],
+                            {"last_layer_gain": jnp.linspace(-3.0, 2.0, 10)[None, :]})
+  bounds = models.max_logits({"backbone": {}, "head": p_fixed, "ibot_head": p_gained})
+  assert set(bounds) == {"logits", "patch_logits"}
+  np.testing.assert_allclose([bounds["logits"], bounds["patch_logits"]], [1.0, 3.0])
+  assert np.max(np.abs(fixed.apply({"params": p_fixed}, x))) <= bounds["logits"] * (1 + 1e-6)
+  assert np.max(np.abs(gained.apply({"params": p_gained}, x))) <= bounds["patch_logits"] * (1 + 1e-6)
+  shared = models.max_logits({"head": p_gained})
+  np.testing.assert_allclose([shared["logits"], shared["patch_logits"]], [3.0, 3.0])
+
+
 def test_column_sums_are_the_columns_sums():
   a = jax.random.normal(jax.random.key(0), (37, 300)) ** 2 * jnp.linspace(0.1, 100.0, 300)  # squares, as the norms sum
   np.testing.assert_allclose(layers.column_sums(a), np.sum(np.asarray(a, np.float64), axis=0), rtol=1e-6)

@@ -22,7 +22,7 @@ import ml_collections
 
 from dino_jax.errors import UsageError
 
-from dino_jax.models.heads import DINOHead, DINOModel
+from dino_jax.models.heads import DINOHead, DINOModel, max_logits
 from dino_jax.models import layers
 from dino_jax.models.layers import REMAT_POLICIES, compute_dtype
 from dino_jax.models.resnet import ResNet

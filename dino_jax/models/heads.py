@@ -49,6 +49,18 @@ class DINOHead(nn.Module):
     return logits.reshape(x.shape[:-1] + (self.out_dim,))
 
 
+def max_logits(params: dict) -> dict:
+  """For each logits output of a `DINOModel` with `params`, the largest value it can take: a
+  `DINOHead`'s logits are cosine similarities times the gain, so the largest |gain| (1 with
+  `norm_last_layer`)."""
+  def bound(head):
+    gain = head.get("last_layer_gain")
+    return jnp.ones([], jnp.float32) if gain is None else jnp.max(jnp.abs(gain)).astype(jnp.float32)
+  heads = {"logits": "head", "patch_logits": "ibot_head" if "ibot_head" in params else "head",
+           "region_logits": "region_head"}
+  return {key: bound(params[name]) for key, name in heads.items() if name in params}
+
+
 class DINOModel(nn.Module):
   """A backbone (any of `models.BACKBONES`) with the heads its objectives need.
 
